@@ -1,0 +1,55 @@
+"""The attention backend interface.
+
+A batch is a list of requests, each contributing a contiguous run of query tokens at positions
+[start, end) and attending to every cached key at positions [0, end). The engine describes the batch
+once (BatchLayout); the backend turns it into whatever metadata its kernels want (prepare), and then
+runs every layer with it (forward).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from minisgl.core.kv_pool import KVPool
+
+
+@dataclass
+class BatchLayout:
+    """Device tensors describing one batch. Token tensors are in batch order, request by request."""
+
+    # (num_tokens,) position of each query token, and the KV slot its K and V are written to.
+    positions: torch.Tensor
+    out_slots: torch.Tensor
+    # (batch,) query start offsets into the token dimension (batch + 1 entries) and KV lengths.
+    query_starts: torch.Tensor
+    kv_lens: torch.Tensor
+    # (batch, max_pages) page ids of each request, from the page table.
+    page_table: torch.Tensor
+    # Host copies, so that backends can size things without a device sync.
+    query_lens_host: list[int]
+    kv_lens_host: list[int]
+    is_decode: bool
+
+
+class AttentionMetadata:
+    """Whatever a backend precomputes per batch; shared by all layers."""
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def prepare(self, layout: BatchLayout, kv_pool: KVPool) -> AttentionMetadata: ...
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int,
+        kv_pool: KVPool,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q: (tokens, heads, d); k, v: (tokens, kv_heads, d). Stores k and v, returns (tokens, heads * d)."""

@@ -1,0 +1,85 @@
+"""The reference attention backend in plain torch: gathers each request's keys from the paged pool into
+a padded (batch, max_kv, kv_heads, d) tensor and runs scaled_dot_product_attention with a causal mask
+offset by the cached prefix. One SDPA call per layer for the whole batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
+from minisgl.core.kv_pool import KVPool
+
+
+@dataclass
+class TorchAttentionMetadata(AttentionMetadata):
+    out_slots: torch.Tensor
+    # (batch, max_kv) slot of each key position; padding points at slot 0 and is masked out.
+    kv_slots: torch.Tensor
+    # (num_tokens,) index of each query token in the flattened (batch * max_q) padded layout.
+    padded_index: torch.Tensor
+    # (batch, 1, max_q, max_kv) True where a query may attend to a key.
+    mask: torch.Tensor
+    batch_size: int
+    max_q: int
+
+
+class TorchAttentionBackend(AttentionBackend):
+    def prepare(self, layout: BatchLayout, kv_pool: KVPool) -> AttentionMetadata:
+        device = layout.positions.device
+        page_size = kv_pool.page_size
+        batch = len(layout.kv_lens_host)
+        max_q = max(layout.query_lens_host)
+        max_kv = max(layout.kv_lens_host)
+        kv_positions = torch.arange(max_kv, device=device)
+        pages = layout.page_table[:, kv_positions // page_size].long()
+        kv_slots = pages * page_size + kv_positions % page_size
+
+        query_lens = torch.tensor(layout.query_lens_host, device=device)
+        row_of_token = torch.repeat_interleave(torch.arange(batch, device=device), query_lens)
+        offset_in_row = torch.arange(len(layout.positions), device=device) - layout.query_starts[row_of_token]
+        padded_index = row_of_token * max_q + offset_in_row
+
+        # Query positions in the padded layout; padding gets -1 so it sees nothing.
+        q_pos = torch.full((batch * max_q,), -1, dtype=torch.long, device=device)
+        q_pos[padded_index] = layout.positions.long()
+        q_pos = q_pos.view(batch, max_q, 1)
+        mask = (kv_positions.view(1, 1, -1) <= q_pos) & (kv_positions.view(1, 1, -1) < layout.kv_lens.view(-1, 1, 1))
+        kv_slots = torch.where(kv_positions.view(1, -1) < layout.kv_lens.view(-1, 1), kv_slots, 0)
+        return TorchAttentionMetadata(
+            out_slots=layout.out_slots.long(),
+            kv_slots=kv_slots,
+            padded_index=padded_index,
+            mask=mask.unsqueeze(1),
+            batch_size=batch,
+            max_q=max_q,
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int,
+        kv_pool: KVPool,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        assert isinstance(metadata, TorchAttentionMetadata)
+        kv_pool.store(layer, metadata.out_slots, k, v)
+        keys = kv_pool.k_slots(layer)[metadata.kv_slots]  # (batch, max_kv, kv_heads, d)
+        values = kv_pool.v_slots(layer)[metadata.kv_slots]
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        padded_q = q.new_zeros(metadata.batch_size * metadata.max_q, num_heads, head_dim)
+        padded_q[metadata.padded_index] = q
+        padded_q = padded_q.view(metadata.batch_size, metadata.max_q, num_heads, head_dim)
+        out = F.scaled_dot_product_attention(
+            padded_q.transpose(1, 2),
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=metadata.mask,
+            enable_gqa=num_heads != keys.shape[2],
+        )
+        out = out.transpose(1, 2).reshape(metadata.batch_size * metadata.max_q, num_heads * head_dim)
+        return out[metadata.padded_index]

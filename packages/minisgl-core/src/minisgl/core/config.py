@@ -1,0 +1,193 @@
+"""Configuration: what the model is (ModelConfig, read from a Hugging Face config) and how the engine runs
+it (EngineConfig, chosen by the user)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope_settings(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
+    """Return (rope_theta, scaling dict or None) for transformers 4.x and 5.x configs alike.
+
+    transformers 5 folds theta and scaling into one `rope_parameters` dict; 4.x keeps `rope_theta` and an
+    optional `rope_scaling` dict whose type key is `rope_type` (or the legacy `type`).
+    """
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta = float(params["rope_theta"])
+        scaling: dict[str, Any] | None = dict(params)
+    else:
+        theta = float(getattr(hf_config, "rope_theta", 10000.0))
+        raw = getattr(hf_config, "rope_scaling", None)
+        scaling = dict(raw) if raw else None
+    if scaling is not None:
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
+        scaling["rope_type"] = rope_type
+        if rope_type == "default":
+            scaling = None
+        elif rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+    return theta, scaling
+
+
+def _as_id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture facts the engine needs, independent of the transformers version."""
+
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    eos_token_ids: tuple[int, ...]
+    checkpoint_dtype: torch.dtype | None
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, extra_eos_ids: tuple[int, ...] = ()) -> ModelConfig:
+        architectures = getattr(hf_config, "architectures", None) or []
+        if not architectures:
+            model_type = getattr(hf_config, "model_type", "")
+            architectures = [_ARCH_BY_MODEL_TYPE.get(model_type, f"<unknown model_type {model_type!r}>")]
+        architecture = architectures[0]
+        num_heads = int(hf_config.num_attention_heads)
+        hidden_size = int(hf_config.hidden_size)
+        head_dim = getattr(hf_config, "head_dim", None) or hidden_size // num_heads
+        theta, scaling = _rope_settings(hf_config)
+        model_type = getattr(hf_config, "model_type", "")
+        eos = _as_id_tuple(getattr(hf_config, "eos_token_id", None))
+        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        return cls(
+            architecture=architecture,
+            hidden_size=hidden_size,
+            intermediate_size=int(hf_config.intermediate_size),
+            num_layers=int(hf_config.num_hidden_layers),
+            num_heads=num_heads,
+            num_kv_heads=int(getattr(hf_config, "num_key_value_heads", None) or num_heads),
+            head_dim=int(head_dim),
+            vocab_size=int(hf_config.vocab_size),
+            rms_norm_eps=float(hf_config.rms_norm_eps),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama-family configs say so with `attention_bias`.
+            qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            eos_token_ids=tuple(dict.fromkeys(eos + extra_eos_ids)),
+            checkpoint_dtype=dtype if isinstance(dtype, torch.dtype) else None,
+        )
+
+
+_ARCH_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Resolve a user dtype. "auto" takes the checkpoint's dtype on a GPU and float32 on the CPU."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but CUDA is not available; use device='cpu'")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device {name!r} is not one of: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs a model. Every field has a keyword of the same name on `LLM(...)`."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    page_size: int = 1
+    max_running_requests: int = 256
+    # Token budget of one prefill batch; longer prompts are prefilled in chunks of at most this size.
+    max_prefill_tokens: int = 8192
+    # KV pool size in pages; None sizes it from memory (memory_ratio of free GPU memory after the weights,
+    # or cpu_kv_cache_gib on the CPU).
+    num_kv_pages: int | None = None
+    memory_ratio: float = 0.9
+    cpu_kv_cache_gib: float = 2.0
+    # Context length; None takes the model's max_position_embeddings.
+    max_seq_len: int | None = None
+    load_format: str = "auto"
+    seed: int = 0
+    tp_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 1, got {self.page_size}")
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+        if self.num_kv_pages is not None and self.num_kv_pages < 1:
+            raise ValueError(f"num_kv_pages must be >= 1, got {self.num_kv_pages}")
+        if not 0.0 < self.memory_ratio <= 1.0:
+            raise ValueError(f"memory_ratio must be in (0, 1], got {self.memory_ratio}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
+        if self.tp_size != 1:
+            raise ValueError("tp_size > 1 is not supported by the offline engine yet")
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    return math.ceil(num_tokens / page_size)

@@ -1,0 +1,116 @@
+"""The model runner: turns a scheduled Batch into device tensors, runs the model, samples, and writes
+the sampled tokens back into the device token table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from minisgl.core.attention import AttentionBackend, BatchLayout
+from minisgl.core.batch import Batch, Chunk
+from minisgl.core.forward_context import ForwardContext, forward_context
+from minisgl.core.kv_pool import KVPool
+from minisgl.core.models.decoder import DecoderForCausalLM
+from minisgl.core.sampler import sample
+from minisgl.core.tables import RequestTables
+
+
+@dataclass
+class StepOutput:
+    """Per chunk of the batch (None where the chunk sampled nothing)."""
+
+    tokens: list[int | None]
+    logprobs: list[float | None]
+    top_logprobs: list[dict[int, float] | None]
+    # Logprobs of prompt tokens start+1 .. end (where known) for chunks that asked for them.
+    prompt_logprobs: list[list[float]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: DecoderForCausalLM,
+        kv_pool: KVPool,
+        tables: RequestTables,
+        backend: AttentionBackend,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_pool = kv_pool
+        self.tables = tables
+        self.backend = backend
+        self.device = device
+
+    @torch.inference_mode()
+    def step(self, batch: Batch) -> StepOutput:
+        layout = self._layout(batch)
+        metadata = self.backend.prepare(layout, self.kv_pool)
+        rows = self._token_rows(batch.chunks)
+        input_ids = self.tables.token_table[rows, layout.positions]
+        with forward_context(ForwardContext(self.kv_pool, self.backend, metadata)):
+            hidden = self.model(input_ids, layout.positions)
+        return self._sample(batch.chunks, hidden, layout)
+
+    def _token_rows(self, chunks: list[Chunk]) -> torch.Tensor:
+        rows = [c.req.table_row for c in chunks for _ in range(c.end - c.start)]
+        return torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def _layout(self, batch: Batch) -> BatchLayout:
+        chunks = batch.chunks
+        page_size = self.kv_pool.page_size
+        positions_host = [p for c in chunks for p in range(c.start, c.end)]
+        query_lens = [c.end - c.start for c in chunks]
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        positions = torch.tensor(positions_host, dtype=torch.int64).to(self.device, non_blocking=True)
+        request_rows = torch.tensor([c.req.table_row for c in chunks], dtype=torch.int64).to(self.device)
+        page_table = self.tables.page_table[request_rows]
+        token_request = torch.repeat_interleave(
+            torch.arange(len(chunks), device=self.device), torch.tensor(query_lens, device=self.device)
+        )
+        pages = page_table[token_request, positions // page_size].long()
+        return BatchLayout(
+            positions=positions,
+            out_slots=pages * page_size + positions % page_size,
+            query_starts=torch.tensor(starts, dtype=torch.int64).to(self.device),
+            kv_lens=torch.tensor([c.end for c in chunks], dtype=torch.int64).to(self.device),
+            page_table=page_table,
+            query_lens_host=query_lens,
+            kv_lens_host=[c.end for c in chunks],
+            is_decode=batch.is_decode,
+        )
+
+    def _sample(self, chunks: list[Chunk], hidden: torch.Tensor, layout: BatchLayout) -> StepOutput:
+        ends = torch.tensor(layout.query_lens_host).cumsum(0) - 1
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        output = StepOutput([None] * len(chunks), [None] * len(chunks), [None] * len(chunks))
+        output.prompt_logprobs = [self._prompt_logprobs(c, hidden, int(end) + 1 - (c.end - c.start))
+                                  if c.req.params.prompt_logprobs and c.req.is_prefilling else []
+                                  for c, end in zip(chunks, ends.tolist())]
+        if not sampling:
+            return output
+        logits = self.model.compute_logits(hidden[ends[sampling].to(self.device)])
+        result = sample(logits, [chunks[i].req for i in sampling])
+        # The next step reads its input ids from the token table: write the new tokens there on the device.
+        rows = torch.tensor([chunks[i].req.table_row for i in sampling], device=self.device)
+        columns = torch.tensor([chunks[i].end for i in sampling], device=self.device)
+        self.tables.token_table[rows, columns] = result.tokens
+        for j, token in enumerate(result.tokens.tolist()):
+            i = sampling[j]
+            output.tokens[i] = token
+            output.logprobs[i] = result.logprobs[j]
+            output.top_logprobs[i] = result.top_logprobs[j]
+        return output
+
+    def _prompt_logprobs(self, chunk: Chunk, hidden: torch.Tensor, first_row: int) -> list[float]:
+        """Logprob of each prompt token at positions start+1 .. min(end, prompt_len - 1)."""
+        prompt = chunk.req.prompt_ids
+        last = min(chunk.end, len(prompt) - 1)
+        if last <= chunk.start:
+            return []
+        targets = torch.tensor(prompt[chunk.start + 1 : last + 1], device=self.device)
+        rows = hidden[first_row : first_row + len(targets)]
+        logprobs = self.model.compute_logits(rows).float().log_softmax(dim=-1)
+        return logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()

@@ -1,0 +1,1 @@
+"""Building blocks of the models: TP-ready linears and embeddings, norms, rotary embedding, attention."""

@@ -1,0 +1,124 @@
+"""Loading a model: its Hugging Face config, its tokenizer and its weights (safetensors, GGUF through
+transformers' GGUF reader, or random "dummy" weights for benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from minisgl.core.config import ModelConfig, _as_id_tuple
+from minisgl.core.model_source import ModelSource
+from minisgl.core.models import create_model
+from minisgl.core.models.decoder import DecoderForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def load_hf_config(source: ModelSource) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot read the config of model {source.name!r}: {exc}") from None
+
+
+def load_model_config(source: ModelSource, hf_config: Any) -> ModelConfig:
+    return ModelConfig.from_hf(hf_config, extra_eos_ids=_generation_eos_ids(source))
+
+
+def _generation_eos_ids(source: ModelSource) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (often a list: Llama 3 stops on several tokens)."""
+    path = source.directory / "generation_config.json"
+    if source.is_gguf or not path.is_file():
+        return ()
+    return _as_id_tuple(json.loads(path.read_text()).get("eos_token_id"))
+
+
+def load_tokenizer(source: ModelSource) -> Any | None:
+    """The model's tokenizer, or None when the model directory has none (token-id prompts still work)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+    except (OSError, ValueError, TypeError) as exc:
+        logger.warning("model %s has no usable tokenizer (%s); only token-id prompts will work", source.name, exc)
+        return None
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(
+    source: ModelSource,
+    hf_config: Any,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str,
+) -> DecoderForCausalLM:
+    with _default_dtype(dtype), torch.device(device):
+        model = create_model(config)
+    if load_format == "auto":
+        load_format = "gguf" if source.is_gguf else "safetensors"
+    if load_format == "dummy":
+        _init_dummy(model)
+    else:
+        tensors = _gguf_tensors(source, hf_config) if load_format == "gguf" else _safetensors(source)
+        unused = model.load_weights(tensors)
+        if unused:
+            logger.warning("ignored %d checkpoint tensors, e.g. %s", len(unused), unused[:3])
+    return model.eval()
+
+
+def _safetensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(source.directory.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model {source.name!r}: no *.safetensors files in {source.directory}")
+    for path in tqdm(files, desc="Loading safetensors", disable=len(files) < 2):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                yield name, handle.get_tensor(name)
+
+
+def _gguf_tensors(source: ModelSource, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantized tensors with Hugging Face names. transformers' reader maps GGUF names by looking at an
+    instance of the HF model, so we give it one on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    assert source.gguf_file is not None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    checkpoint = load_gguf_checkpoint(
+        str(source.directory / source.gguf_file), return_tensors=True, model_to_load=skeleton
+    )
+    yield from checkpoint["tensors"].items()
+
+
+@torch.no_grad()
+def _init_dummy(model: DecoderForCausalLM) -> None:
+    """Random weights with a realistic scale, for benchmarks on real configs without real checkpoints."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.uniform_(-0.02, 0.02, generator=generator)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight

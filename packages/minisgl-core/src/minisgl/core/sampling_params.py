@@ -1,0 +1,51 @@
+"""SamplingParams: how one request's tokens are chosen and when it stops (names follow SGLang and vLLM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    # 0.0 means greedy decoding.
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # -1 disables top-k.
+    top_k: int = -1
+    # A per-request seed: the same seed gives the same tokens whatever else is in the batch.
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    # None: no logprobs. k >= 0: the chosen token's logprob plus the k most likely alternatives.
+    logprobs: int | None = None
+    # Logprob of every prompt token given the tokens before it (the first is None).
+    prompt_logprobs: bool = False
+    stop_token_id_set: frozenset[int] = field(init=False, repr=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        self.validate()
+        self.stop_token_id_set = frozenset(self.stop_token_ids or ())
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
+            raise ValueError(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
+        for token_id in self.stop_token_ids or ():
+            if not isinstance(token_id, int) or token_id < 0:
+                raise ValueError(f"stop_token_ids must be non-negative integers, got {token_id!r}")

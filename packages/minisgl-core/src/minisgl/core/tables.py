@@ -1,0 +1,39 @@
+"""The device-resident token table and page table. Row r belongs to one running request:
+token_table[r, p] is its token at position p, page_table[r, i] its i-th KV page. Sampled tokens are
+written into the token table on the device, and the next step reads its input ids from there, so the
+CPU never has to wait for a token before launching the next step."""
+
+from __future__ import annotations
+
+import torch
+
+
+class RequestTables:
+    def __init__(self, max_rows: int, max_seq_len: int, page_size: int, device: torch.device) -> None:
+        self.max_seq_len = max_seq_len
+        self.page_size = page_size
+        max_pages = -(-max_seq_len // page_size)
+        # +1 column: a request that reaches max_seq_len still gets its final sampled token written.
+        self.token_table = torch.zeros(max_rows, max_seq_len + 1, dtype=torch.int64, device=device)
+        self.page_table = torch.zeros(max_rows, max_pages, dtype=torch.int32, device=device)
+        self._free_rows = list(range(max_rows - 1, -1, -1))
+
+    @property
+    def num_free_rows(self) -> int:
+        return len(self._free_rows)
+
+    def acquire_row(self, prompt_ids: list[int]) -> int:
+        row = self._free_rows.pop()
+        ids = torch.tensor(prompt_ids, dtype=torch.int64)
+        self.token_table[row, : len(prompt_ids)].copy_(ids, non_blocking=True)
+        return row
+
+    def release_row(self, row: int) -> None:
+        assert row not in self._free_rows, f"table row {row} released twice"
+        self._free_rows.append(row)
+
+    def set_pages(self, row: int, first_index: int, pages: list[int]) -> None:
+        """Record pages [first_index, first_index + len(pages)) of the request in `row`."""
+        if pages:
+            values = torch.tensor(pages, dtype=torch.int32)
+            self.page_table[row, first_index : first_index + len(pages)].copy_(values, non_blocking=True)
