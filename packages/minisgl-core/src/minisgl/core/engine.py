@@ -3,6 +3,7 @@ the sampled tokens back into the device token table."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -83,15 +84,17 @@ class Engine:
         )
 
     def _sample(self, chunks: list[Chunk], hidden: torch.Tensor, layout: BatchLayout) -> StepOutput:
-        ends = torch.tensor(layout.query_lens_host).cumsum(0) - 1
-        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        first_rows = list(itertools.accumulate(layout.query_lens_host, initial=0))
+        last_rows = [first_rows[i + 1] - 1 for i in range(len(chunks))]
         output = StepOutput([None] * len(chunks), [None] * len(chunks), [None] * len(chunks))
-        output.prompt_logprobs = [self._prompt_logprobs(c, hidden, int(end) + 1 - (c.end - c.start))
-                                  if c.req.params.prompt_logprobs and c.req.is_prefilling else []
-                                  for c, end in zip(chunks, ends.tolist())]
+        output.prompt_logprobs = [
+            self._prompt_logprobs(c, hidden, first_rows[i]) if c.req.params.prompt_logprobs else []
+            for i, c in enumerate(chunks)
+        ]
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
         if not sampling:
             return output
-        logits = self.model.compute_logits(hidden[ends[sampling].to(self.device)])
+        logits = self.model.compute_logits(hidden[[last_rows[i] for i in sampling]])
         result = sample(logits, [chunks[i].req for i in sampling])
         # The next step reads its input ids from the token table: write the new tokens there on the device.
         rows = torch.tensor([chunks[i].req.table_row for i in sampling], device=self.device)

@@ -1,0 +1,71 @@
+"""Pure-torch reference implementations of minisgl's kernels.
+
+Each function here defines what its fused kernel must compute. They run on any device, are used where no
+compiled kernel is available (CPU, unsupported arch) and are what the kernel tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def store_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Write `k[i]` and `v[i]` into row `slots[i]` of `k_cache` and `v_cache`, in place.
+
+    The caches are (num_slots, kv_heads, head_dim) views of the KV pool; `k` and `v` are
+    (num_tokens, kv_heads, head_dim); `slots` is a 1-D integer tensor of num_tokens distinct rows.
+    """
+    if slots.dim() != 1 or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slots must be a 1-D int32/int64 tensor, got {tuple(slots.shape)} {slots.dtype}")
+    for name, cache, new in (("k", k_cache, k), ("v", v_cache, v)):
+        if new.shape != (slots.shape[0], *cache.shape[1:]):
+            raise ValueError(
+                f"{name} has shape {tuple(new.shape)}, expected {(slots.shape[0], *cache.shape[1:])}"
+            )
+    index = slots.long()
+    k_cache[index] = k.to(k_cache.dtype)
+    v_cache[index] = v.to(v_cache.dtype)
+
+
+def gather_rows(
+    table: torch.Tensor,
+    ids: torch.Tensor,
+    vocab_start: int = 0,
+    vocab_end: int | None = None,
+) -> torch.Tensor:
+    """Embedding lookup on one vocab shard: row `ids[j] - vocab_start` of `table` for each id.
+
+    `table` holds the rows of the vocab range [vocab_start, vocab_end) (vocab_end defaults to
+    vocab_start + len(table)). Ids outside that range give zero rows, so that summing the shards of a
+    vocab-parallel embedding over the TP ranks yields the full lookup. The result has shape
+    ids.shape + (hidden,).
+    """
+    if table.dim() != 2:
+        raise ValueError(f"table must be 2-D (rows, hidden), got shape {tuple(table.shape)}")
+    end = vocab_start + table.shape[0] if vocab_end is None else vocab_end
+    if not 0 <= end - vocab_start <= table.shape[0]:
+        raise ValueError(f"vocab range [{vocab_start}, {end}) does not fit a table of {table.shape[0]} rows")
+    in_range = (ids >= vocab_start) & (ids < end)
+    if table.shape[0] == 0:
+        return table.new_zeros((*ids.shape, table.shape[1]))
+    # Out-of-range ids read row 0 and are zeroed afterwards (masked_fill, not a multiply: inf * 0 is nan).
+    local = torch.where(in_range, ids.long() - vocab_start, 0)
+    return table[local].masked_fill_(~in_range.unsqueeze(-1), 0)
+
+
+def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Index of the first position where two 1-D integer tensors differ, over their common length.
+
+    Returns the common length when the common prefix is identical (the radix cache's match length).
+    """
+    if a.dim() != 1 or b.dim() != 1:
+        raise ValueError(f"expected 1-D tensors, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    n = min(a.shape[0], b.shape[0])
+    differs = torch.nonzero(a[:n] != b[:n].to(a.device))
+    return int(differs[0, 0]) if differs.numel() else n

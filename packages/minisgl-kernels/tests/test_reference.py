@@ -1,0 +1,128 @@
+"""The torch references against plain Python loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import minisgl.kernels
+from minisgl.kernels.reference import first_mismatch, gather_rows, store_kv
+
+
+def test_version() -> None:
+    assert minisgl.kernels.__version__ == "0.1.0"
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_store_kv_matches_loop(slot_dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    num_pages, page_size, heads, head_dim, num_tokens = 6, 4, 2, 8, 9
+    # The caches are views of a paged pool, as the engine passes them; writes must land in the pool.
+    k_pool = torch.zeros(num_pages, page_size, heads, head_dim)
+    v_pool = torch.zeros(num_pages, page_size, heads, head_dim)
+    k = torch.randn(num_tokens, heads, head_dim, generator=gen)
+    v = torch.randn(num_tokens, heads, head_dim, generator=gen)
+    slots = torch.randperm(num_pages * page_size, generator=gen)[:num_tokens].to(slot_dtype)
+
+    store_kv(k_pool.view(-1, heads, head_dim), v_pool.view(-1, heads, head_dim), k, v, slots)
+
+    k_expected = torch.zeros(num_pages * page_size, heads, head_dim)
+    v_expected = torch.zeros(num_pages * page_size, heads, head_dim)
+    for i, slot in enumerate(slots.tolist()):
+        k_expected[slot] = k[i]
+        v_expected[slot] = v[i]
+    assert torch.equal(k_pool.view(-1, heads, head_dim), k_expected)
+    assert torch.equal(v_pool.view(-1, heads, head_dim), v_expected)
+
+
+def test_store_kv_casts_to_cache_dtype() -> None:
+    k_cache = torch.zeros(4, 1, 2, dtype=torch.bfloat16)
+    v_cache = torch.zeros(4, 1, 2, dtype=torch.bfloat16)
+    k = torch.full((1, 1, 2), 1.5)
+    store_kv(k_cache, v_cache, k, -k, torch.tensor([3]))
+    assert k_cache[3].float().tolist() == [[1.5, 1.5]]
+    assert v_cache[3].float().tolist() == [[-1.5, -1.5]]
+    assert k_cache[:3].abs().sum().item() == 0
+
+
+def test_store_kv_rejects_bad_shapes() -> None:
+    cache = torch.zeros(4, 2, 8)
+    with pytest.raises(ValueError, match="expected"):
+        store_kv(cache, cache.clone(), torch.zeros(2, 2, 4), torch.zeros(2, 2, 8), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="slots"):
+        store_kv(cache, cache.clone(), torch.zeros(2, 2, 8), torch.zeros(2, 2, 8), torch.tensor([0.0, 1.0]))
+
+
+def _gather_loop(table: torch.Tensor, ids: list[int], start: int, end: int) -> torch.Tensor:
+    out = torch.zeros(len(ids), table.shape[1], dtype=table.dtype)
+    for j, token in enumerate(ids):
+        if start <= token < end:
+            out[j] = table[token - start]
+    return out
+
+
+@pytest.mark.parametrize(("start", "end"), [(0, None), (10, 20), (10, 16), (25, None)])
+def test_gather_rows_matches_loop(start: int, end: int | None) -> None:
+    gen = torch.Generator().manual_seed(1)
+    table = torch.randn(10, 6, generator=gen)
+    ids = torch.randint(0, 40, (32,), generator=gen, dtype=torch.int32)
+    expected = _gather_loop(table, ids.tolist(), start, start + 10 if end is None else end)
+    assert torch.equal(gather_rows(table, ids, start, end), expected)
+
+
+def test_gather_rows_keeps_id_shape_and_ignores_nonfinite_rows() -> None:
+    table = torch.tensor([[float("inf"), 1.0], [2.0, 3.0]])
+    ids = torch.tensor([[5, 6], [7, 5]])
+    out = gather_rows(table, ids, vocab_start=5, vocab_end=7)
+    assert out.shape == (2, 2, 2)
+    assert out.tolist() == [[[float("inf"), 1.0], [2.0, 3.0]], [[0.0, 0.0], [float("inf"), 1.0]]]
+
+
+def test_gather_rows_rejects_range_larger_than_table() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        gather_rows(torch.zeros(4, 2), torch.tensor([0]), vocab_start=0, vocab_end=5)
+
+
+def _first_mismatch_loop(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def test_first_mismatch_matches_loop() -> None:
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(200):
+        n, m = torch.randint(0, 12, (2,), generator=gen).tolist()
+        # A small alphabet makes long common prefixes likely.
+        a = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int32)
+        b = torch.randint(0, 2, (m,), generator=gen, dtype=torch.int32)
+        assert first_mismatch(a, b) == _first_mismatch_loop(a.tolist(), b.tolist())
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [([], [], 0), ([1, 2, 3], [1, 2, 3], 3), ([1, 2, 3], [1, 2], 2), ([1, 2], [1, 9, 3], 1), ([4], [5], 0)],
+)
+def test_first_mismatch_cases(a: list[int], b: list[int], expected: int) -> None:
+    assert first_mismatch(torch.tensor(a, dtype=torch.int64), torch.tensor(b, dtype=torch.int64)) == expected
+
+
+@pytest.mark.gpu
+def test_references_agree_on_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(16, 8, generator=gen)
+    ids = torch.randint(0, 24, (40,), generator=gen)
+    assert torch.equal(gather_rows(table.cuda(), ids.cuda(), 4, 20).cpu(), gather_rows(table, ids, 4, 20))
+
+    k_cache, v_cache = torch.zeros(32, 2, 4, device="cuda"), torch.zeros(32, 2, 4, device="cuda")
+    k, v = torch.randn(5, 2, 4, generator=gen), torch.randn(5, 2, 4, generator=gen)
+    slots = torch.tensor([7, 0, 31, 12, 3], dtype=torch.int32)
+    store_kv(k_cache, v_cache, k.cuda(), v.cuda(), slots.cuda())
+    assert torch.equal(k_cache[slots.long().cuda()].cpu(), k)
+    assert torch.equal(v_cache[slots.long().cuda()].cpu(), v)
+
+    a = torch.tensor([1, 2, 3, 4], device="cuda")
+    assert first_mismatch(a, torch.tensor([1, 2, 0], device="cuda")) == 2

@@ -1,0 +1,116 @@
+"""The `minisgl` command line.
+
+    minisgl generate --prompt "What is the capital of France?"   offline generation on one process
+    minisgl bench offline [ARGS...]                              the offline throughput benchmark
+    minisgl serve ...                                            the OpenAI-compatible server (issue 5)
+
+Heavy imports (torch, the engine) happen inside the subcommands, so that `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+DEFAULT_MODEL = "smollm2-135m"
+SERVE_NOT_READY = "`minisgl serve` is not implemented yet (see issue 5)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minisgl", description="minisgl: a compact LLM inference engine.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate chat replies offline, in this process",
+        description="Run each --prompt as a one-turn chat and print the replies, in order.",
+    )
+    generate.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a model name, a local HF directory or a .gguf file (default: {DEFAULT_MODEL}, the embedded model)",
+    )
+    generate.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        metavar="TEXT",
+        help="a user message; repeat the flag to generate for several prompts in one batch",
+    )
+    generate.add_argument("--max-tokens", type=int, default=128, help="tokens to generate per prompt")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    generate.add_argument(
+        "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
+    )
+    generate.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (float32 on CPU, the checkpoint's half type on GPU), float32, bfloat16 or float16",
+    )
+
+    bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks (commands, not tests).")
+    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
+    # add_help=False: every argument after `offline`, --help included, belongs to minisgl.core.bench.
+    bench_kinds.add_parser(
+        "offline",
+        add_help=False,
+        help="offline engine throughput; arguments are those of minisgl.core.bench (try --help)",
+    )
+
+    commands.add_parser(
+        "serve",
+        help="the OpenAI-compatible HTTP server (arrives with issue 5)",
+        description="Launch the OpenAI-compatible HTTP server. Not implemented yet: it arrives with issue 5.",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if args.command == "bench" and args.bench_kind == "offline":
+        return _bench_offline(rest)
+    if args.command == "serve":
+        print(SERVE_NOT_READY, file=sys.stderr)
+        return 2
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "generate":
+        return _generate(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2  # unreachable: parser.error exits
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from minisgl.core import LLM, SamplingParams
+
+    conversations = [[{"role": "user", "content": prompt}] for prompt in args.prompt]
+    try:
+        llm = LLM(args.model, device=args.device, dtype=args.dtype)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+        results = llm.chat(conversations, params)
+    except ValueError as error:
+        # The engine reports bad user input (unknown model, no CUDA, bad option) as ValueError.
+        print(f"minisgl generate: error: {error}", file=sys.stderr)
+        return 1
+    for result in results:
+        print(result.text)
+    return 0
+
+
+def _bench_offline(argv: list[str]) -> int:
+    try:
+        bench = importlib.import_module("minisgl.core.bench")
+    except ModuleNotFoundError as error:
+        if error.name not in ("minisgl.core", "minisgl.core.bench"):
+            raise
+        print(f"minisgl bench offline needs minisgl-core ({error})", file=sys.stderr)
+        return 2
+    status = bench.main(argv)
+    return status if isinstance(status, int) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
