@@ -12,6 +12,7 @@ import argparse
 import random
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 from minisgl.core.model_source import DEFAULT_MODEL
 
@@ -31,15 +32,19 @@ def make_workload(num_prompts: int, max_input_len: int, max_output_len: int, see
     random.seed(seed)
     min_len = min(100, max_input_len, max_output_len)
     prompts = [
-        [random.randint(0, 10000) for _ in range(random.randint(min_len, max_input_len))] for _ in range(num_prompts)
+        [random.randint(0, 10000) for _ in range(random.randint(min_len, max_input_len))]
+        for _ in range(num_prompts)
     ]
     output_lens = [random.randint(min_len, max_output_len) for _ in range(num_prompts)]
     return Workload(prompts, output_lens)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="minisgl bench offline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="minisgl bench offline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, HF directory or .gguf file")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--max-input-len", type=int, default=1024)
@@ -51,8 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
-    parser.add_argument("--engine", default="minisgl", choices=["minisgl", "hf"],
-                        help="hf runs the same workload through transformers' generate, for comparison")
+    parser.add_argument(
+        "--engine",
+        default="minisgl",
+        choices=["minisgl", "hf"],
+        help="hf runs the same workload through transformers' generate, for comparison",
+    )
     parser.add_argument("--hf-batch-size", type=int, default=32, help="batch size of the hf engine")
     args = parser.parse_args(argv)
     for flag in ("num_prompts", "max_input_len", "max_output_len", "page_size", "hf_batch_size"):
@@ -65,11 +74,18 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> float:
     from minisgl.core import LLM, SamplingParams
 
     llm = LLM(
-        args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
-        max_running_requests=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        page_size=args.page_size,
+        max_running_requests=args.max_running_requests,
+        max_prefill_tokens=args.max_prefill_tokens,
         load_format=args.load_format,
     )
-    params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n) for n in workload.output_lens]
+    params = [
+        SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n)
+        for n in workload.output_lens
+    ]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     started = time.perf_counter()
     llm.generate(workload.prompts, params)
@@ -89,8 +105,10 @@ def run_hf(args: argparse.Namespace, workload: Workload) -> float:
     source = resolve_model(args.model)
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype, None, device)
-    model = AutoModelForCausalLM.from_pretrained(str(source.directory), gguf_file=source.gguf_file, dtype=dtype)
-    model = model.to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(source.directory), gguf_file=source.gguf_file, dtype=dtype
+    )
+    model = cast(Any, model).to(device).eval()
     started = time.perf_counter()
     for i in range(0, len(workload.prompts), args.hf_batch_size):
         prompts = workload.prompts[i : i + args.hf_batch_size]
@@ -99,8 +117,17 @@ def run_hf(args: argparse.Namespace, workload: Workload) -> float:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         new = max(workload.output_lens[i : i + args.hf_batch_size])
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                           do_sample=True, temperature=args.temperature, top_p=1.0, top_k=0, pad_token_id=0)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=True,
+                temperature=args.temperature,
+                top_p=1.0,
+                top_k=0,
+                pad_token_id=0,
+            )
     return time.perf_counter() - started
 
 
@@ -109,8 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     workload = make_workload(args.num_prompts, args.max_input_len, args.max_output_len)
     elapsed = (run_hf if args.engine == "hf" else run_minisgl)(args, workload)
     tokens = workload.num_output_tokens
-    print(f"engine={args.engine} model={args.model} requests={args.num_prompts} "
-          f"prompt_tokens={sum(map(len, workload.prompts))} output_tokens={tokens}")
+    print(
+        f"engine={args.engine} model={args.model} requests={args.num_prompts} "
+        f"prompt_tokens={sum(map(len, workload.prompts))} output_tokens={tokens}"
+    )
     print(f"time={elapsed:.2f}s throughput={tokens / elapsed:.1f} output tok/s")
 
 

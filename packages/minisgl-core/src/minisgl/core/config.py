@@ -69,6 +69,10 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     checkpoint_dtype: torch.dtype | None
 
+    def local_kv_heads(self, tp_size: int) -> int:
+        """KV heads held by one rank: split evenly, or one replicated head when there are fewer than ranks."""
+        return max(1, self.num_kv_heads // tp_size)
+
     @classmethod
     def from_hf(cls, hf_config: Any, extra_eos_ids: tuple[int, ...] = ()) -> ModelConfig:
         architectures = getattr(hf_config, "architectures", None) or []
@@ -125,7 +129,9 @@ _DTYPES = {
 }
 
 
-def parse_dtype(name: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+def parse_dtype(
+    name: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: torch.device
+) -> torch.dtype:
     """Resolve a user dtype. "auto" takes the checkpoint's dtype on a GPU and float32 on the CPU."""
     if isinstance(name, torch.dtype):
         return name
@@ -184,7 +190,9 @@ class EngineConfig:
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
-            raise ValueError(f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
+            raise ValueError(
+                f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}"
+            )
         if self.tp_size != 1:
             raise ValueError("tp_size > 1 is not supported by the offline engine yet")
 

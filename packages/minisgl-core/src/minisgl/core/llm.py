@@ -47,13 +47,15 @@ class LLM:
         self.tokenizer = load_tokenizer(source)
         self.model_config = self._with_tokenizer_eos(self.model_config)
         self.max_seq_len = min(self.config.max_seq_len or 1 << 62, self.model_config.max_position_embeddings)
-        model_module = build_model(source, hf_config, self.model_config, self.dtype, self.device, self.config.load_format)
+        model_module = build_model(
+            source, hf_config, self.model_config, self.dtype, self.device, self.config.load_format
+        )
         num_pages = self._num_kv_pages()
         self.kv_pool = KVPool(
             self.model_config.num_layers,
             num_pages,
             self.config.page_size,
-            model_module.model.layers[0].self_attn.num_kv_heads,
+            self.model_config.local_kv_heads(self.config.tp_size),
             self.model_config.head_dim,
             self.dtype,
             self.device,
@@ -74,8 +76,14 @@ class LLM:
         self._rng = torch.Generator().manual_seed(self.config.seed)
         logger.info(
             "loaded %s (%s) on %s in %s: %d KV pages of %d tokens, context %d, in %.1f s",
-            source.name, self.model_config.architecture, self.device, self.dtype, num_pages,
-            self.config.page_size, self.max_seq_len, time.perf_counter() - started,
+            source.name,
+            self.model_config.architecture,
+            self.device,
+            self.dtype,
+            num_pages,
+            self.config.page_size,
+            self.max_seq_len,
+            time.perf_counter() - started,
         )
 
     def _with_tokenizer_eos(self, config: ModelConfig) -> ModelConfig:
@@ -90,7 +98,10 @@ class LLM:
         if self.config.num_kv_pages is not None:
             return self.config.num_kv_pages
         cfg = self.model_config
-        bytes_per_page = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype) * self.config.page_size
+        bytes_per_page = (
+            KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+            * self.config.page_size
+        )
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - (1.0 - self.config.memory_ratio) * total
@@ -114,11 +125,11 @@ class LLM:
         prompt_ids = [self._tokenize(p) for p in _as_prompt_list(prompts)]
         params = _as_params_list(sampling_params, len(prompt_ids))
         # Validate everything before queuing anything, so a bad prompt leaves the engine untouched.
-        for ids, p in zip(prompt_ids, params):
+        for ids, p in zip(prompt_ids, params, strict=True):
             p.validate()
             self._check_token_ids(ids)
             self.scheduler.check_fits(len(ids), p.max_tokens)
-        requests = [self._make_request(ids, p) for ids, p in zip(prompt_ids, params)]
+        requests = [self._make_request(ids, p) for ids, p in zip(prompt_ids, params, strict=True)]
         for req in requests:
             self.scheduler.add(req)
         self._run(len(requests), use_tqdm)
@@ -137,7 +148,9 @@ class LLM:
         for conversation in batch:
             if not isinstance(conversation, list) or not all(isinstance(m, dict) for m in conversation):
                 raise ValueError("a conversation must be a list of {'role': ..., 'content': ...} messages")
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True
+            )
             # The template already holds any BOS token: adding special tokens again would double it.
             prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
         return self.generate(prompts, sampling_params, use_tqdm)
@@ -160,7 +173,9 @@ class LLM:
                 raise ValueError(f"token id {token!r} is outside the vocabulary [0, {vocab})")
 
     def _make_request(self, ids: list[int], params: SamplingParams) -> Request:
-        seed = params.seed if params.seed is not None else int(torch.randint(1 << 62, (1,), generator=self._rng))
+        seed = (
+            params.seed if params.seed is not None else int(torch.randint(1 << 62, (1,), generator=self._rng))
+        )
         generator = None
         if not params.is_greedy:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -174,11 +189,11 @@ class LLM:
             if batch is None:
                 raise RuntimeError("scheduler has waiting requests but cannot run any (KV pool too small?)")
             output = self.engine.step(batch)
-            for chunk, prompt_logprobs in zip(batch.chunks, output.prompt_logprobs):
+            for chunk, prompt_logprobs in zip(batch.chunks, output.prompt_logprobs, strict=True):
                 if chunk.req.params.prompt_logprobs and chunk.start == 0:
                     chunk.req.prompt_logprobs.append(None)
                 chunk.req.prompt_logprobs.extend(prompt_logprobs)
-            for chunk, logprob, top in zip(batch.chunks, output.logprobs, output.top_logprobs):
+            for chunk, logprob, top in zip(batch.chunks, output.logprobs, output.top_logprobs, strict=True):
                 if logprob is not None:
                     chunk.req.output_logprobs.append(logprob)
                     chunk.req.output_top_logprobs.append(top or {})
@@ -212,13 +227,17 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
-        return [list(prompts)]  # type: ignore[arg-type]
+        return [list(prompts)]
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a string, a list of strings, or a list of token-id lists (non-empty)")
+        raise ValueError(
+            "prompts must be a string, a list of strings, or a list of token-id lists (non-empty)"
+        )
     return list(prompts)
 
 
-def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
     if params is None:
         return [SamplingParams() for _ in range(count)]
     if isinstance(params, SamplingParams):

@@ -49,7 +49,9 @@ def load_tokenizer(source: ModelSource) -> Any | None:
     try:
         return AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
     except (OSError, ValueError, TypeError) as exc:
-        logger.warning("model %s has no usable tokenizer (%s); only token-id prompts will work", source.name, exc)
+        logger.warning(
+            "model %s has no usable tokenizer (%s); only token-id prompts will work", source.name, exc
+        )
         return None
 
 

@@ -73,7 +73,7 @@ def _local_directory(name: str, path: Path) -> ModelSource:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep != "/" and os.sep in name
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or (os.sep != "/" and os.sep in name)
 
 
 def _from_hub(name: str) -> ModelSource:

@@ -68,7 +68,7 @@ def _logprobs(
         chosen[i] = picked[j]
         k = requests[i].params.logprobs or 0
         if k and top_values is not None and top_ids is not None:
-            tops[i] = dict(zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist()))
+            tops[i] = dict(zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist(), strict=True))
         else:
             tops[i] = {}
     return chosen, tops

@@ -72,7 +72,9 @@ class Scheduler:
         return min(prompt_len + max_tokens, self.max_seq_len)
 
     def _pages_still_reserved(self, req: Request) -> int:
-        return pages_for(self._final_len(len(req.prompt_ids), req.params.max_tokens), self.page_size) - len(req.pages)
+        return pages_for(self._final_len(len(req.prompt_ids), req.params.max_tokens), self.page_size) - len(
+            req.pages
+        )
 
     def _can_admit(self, req: Request) -> bool:
         if len(self.running) >= self.max_running_requests or self.tables.num_free_rows == 0:
@@ -126,7 +128,7 @@ class Scheduler:
     def process(self, batch: Batch, tokens: list[int | None]) -> list[Request]:
         """Advance every request of the batch; returns the requests that finished in this step."""
         finished: list[Request] = []
-        for chunk, token in zip(batch.chunks, tokens):
+        for chunk, token in zip(batch.chunks, tokens, strict=True):
             req = chunk.req
             req.num_computed = chunk.end
             if token is None:

@@ -46,7 +46,9 @@ class TorchAttentionBackend(AttentionBackend):
         q_pos = torch.full((batch * max_q,), -1, dtype=torch.long, device=device)
         q_pos[padded_index] = layout.positions.long()
         q_pos = q_pos.view(batch, max_q, 1)
-        mask = (kv_positions.view(1, 1, -1) <= q_pos) & (kv_positions.view(1, 1, -1) < layout.kv_lens.view(-1, 1, 1))
+        mask = (kv_positions.view(1, 1, -1) <= q_pos) & (
+            kv_positions.view(1, 1, -1) < layout.kv_lens.view(-1, 1, 1)
+        )
         kv_slots = torch.where(kv_positions.view(1, -1) < layout.kv_lens.view(-1, 1), kv_slots, 0)
         return TorchAttentionMetadata(
             out_slots=layout.out_slots.long(),

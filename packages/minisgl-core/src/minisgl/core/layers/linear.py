@@ -31,7 +31,9 @@ class ColumnParallelLinear(nn.Module):
             if size % tp.size:
                 raise ValueError(f"output size {size} is not divisible by tp size {tp.size}")
         self.weight = nn.Parameter(torch.empty(sum(self.local_out_sizes), in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(sum(self.local_out_sizes)), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(sum(self.local_out_sizes)), requires_grad=False) if bias else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -50,7 +52,9 @@ class ColumnParallelLinear(nn.Module):
 class QKVParallelLinear(ColumnParallelLinear):
     """The fused q, k, v projection. With fewer KV heads than ranks, KV heads are replicated."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool) -> None:
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
+    ) -> None:
         tp = get_tp()
         if num_heads % tp.size:
             raise ValueError(f"num_heads {num_heads} is not divisible by tp size {tp.size}")
@@ -64,10 +68,16 @@ class QKVParallelLinear(ColumnParallelLinear):
     def load_weight(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         if shard == 0 or self.num_kv_heads_total >= get_tp().size:
             if shard != 0:
-                _check_shape(name, torch.Size([self.num_kv_heads_total * self.head_dim, *tensor.shape[1:]]), tensor.shape)
+                _check_shape(
+                    name,
+                    torch.Size([self.num_kv_heads_total * self.head_dim, *tensor.shape[1:]]),
+                    tensor.shape,
+                )
             return super().load_weight(name, tensor, shard)
         # Replicated KV heads: rank r uses head r * kv_heads // tp.
-        _check_shape(name, torch.Size([self.num_kv_heads_total * self.head_dim, *tensor.shape[1:]]), tensor.shape)
+        _check_shape(
+            name, torch.Size([self.num_kv_heads_total * self.head_dim, *tensor.shape[1:]]), tensor.shape
+        )
         head = get_tp().rank * self.num_kv_heads_total // get_tp().size
         piece = tensor[head * self.head_dim : (head + 1) * self.head_dim]
         offset = sum(self.local_out_sizes[:shard])

@@ -18,12 +18,16 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
-    def forward_with_residual(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_residual(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the residual, then normalize; returns (normalized, new residual)."""
         residual = x + residual
         return self.forward(residual), residual
 
     def load_weight(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         if tensor.shape != self.weight.shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(self.weight.shape)}")
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(self.weight.shape)}"
+            )
         self.weight.data.copy_(tensor)

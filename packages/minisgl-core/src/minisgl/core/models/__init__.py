@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from minisgl.core.config import ModelConfig
 from minisgl.core.models.decoder import DecoderForCausalLM
 
@@ -16,7 +14,7 @@ ARCHITECTURES: dict[str, type[DecoderForCausalLM]] = {
 }
 
 
-def create_model(config: ModelConfig) -> nn.Module:
+def create_model(config: ModelConfig) -> DecoderForCausalLM:
     if config.architecture not in ARCHITECTURES:
         raise ValueError(
             f"architecture {config.architecture!r} is not supported (supported: {', '.join(ARCHITECTURES)})"

@@ -84,7 +84,9 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # One rotary table shared by all layers.
-        rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+        rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
         self.layers = nn.ModuleList(DecoderLayer(config, i, rotary) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -138,7 +140,7 @@ class DecoderForCausalLM(nn.Module):
                 unused.append(name)
                 continue
             module_name, shard, param = target
-            modules[module_name].load_weight(name, tensor, shard)  # type: ignore[operator]
+            modules[module_name].load_weight(name, tensor, shard)
             loaded.add(f"{module_name}.{param}#{shard}")
         if self.config.tie_word_embeddings and "model.embed_tokens.weight#0" in loaded:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -166,5 +168,6 @@ class DecoderForCausalLM(nn.Module):
                     expected.update(f"{module_name}.{param}#{s}" for s in range(shards))
         missing = sorted(expected - loaded)
         if missing:
-            raise ValueError(f"checkpoint is missing tensor(s) for: {', '.join(m.split('#')[0] for m in missing[:5])}")
-
+            raise ValueError(
+                f"checkpoint is missing tensor(s) for: {', '.join(m.split('#')[0] for m in missing[:5])}"
+            )
