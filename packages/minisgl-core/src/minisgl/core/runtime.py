@@ -1,0 +1,151 @@
+"""The runtime: one loaded model with its KV pool, tables, scheduler and engine, driven one step at a
+time. The offline `LLM` runs it to completion; a server's scheduler process steps it between messages."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from minisgl.core.attention import create_backend
+from minisgl.core.batch import Batch
+from minisgl.core.config import EngineConfig, ModelConfig, pages_for, parse_dtype, resolve_device
+from minisgl.core.engine import Engine, StepOutput
+from minisgl.core.kv_pool import KVPool
+from minisgl.core.loader import build_model, load_hf_config, load_model_config, load_tokenizer
+from minisgl.core.model_source import resolve_model
+from minisgl.core.page_allocator import PageAllocator
+from minisgl.core.request import Request
+from minisgl.core.sampling_params import SamplingParams
+from minisgl.core.scheduler import Scheduler
+from minisgl.core.tables import RequestTables
+
+logger = logging.getLogger("minisgl")
+
+
+@dataclass
+class StepResult:
+    batch: Batch
+    output: StepOutput
+    finished: list[Request]
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(token is not None for token in self.output.tokens)
+
+
+class Runtime:
+    def __init__(self, model: str, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        started = time.perf_counter()
+        source = resolve_model(model)
+        hf_config = load_hf_config(source)
+        self.device = resolve_device(config.device)
+        self.tokenizer: Any | None = load_tokenizer(source)
+        self.model_config = _with_tokenizer_eos(load_model_config(source, hf_config), self.tokenizer)
+        self.dtype = parse_dtype(config.dtype, self.model_config.checkpoint_dtype, self.device)
+        self.max_seq_len = min(config.max_seq_len or 1 << 62, self.model_config.max_position_embeddings)
+        model_module = build_model(source, hf_config, self.model_config, self.dtype, self.device, config.load_format)
+        num_pages = self._num_kv_pages()
+        self.kv_pool = KVPool(
+            self.model_config.num_layers,
+            num_pages,
+            config.page_size,
+            self.model_config.local_kv_heads(config.tp_size),
+            self.model_config.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.tables = RequestTables(config.max_running_requests, self.max_seq_len, config.page_size, self.device)
+        self.allocator = PageAllocator(num_pages)
+        self.engine = Engine(model_module, self.kv_pool, self.tables, create_backend("torch"), self.device)
+        self.scheduler = Scheduler(
+            self.allocator,
+            self.tables,
+            self.max_seq_len,
+            config.max_running_requests,
+            config.max_prefill_tokens,
+            self.model_config.eos_token_ids,
+        )
+        self._rids = itertools.count()
+        self._rng = torch.Generator().manual_seed(config.seed)
+        logger.info(
+            "loaded %s (%s) on %s in %s: %d KV pages of %d tokens, context %d, in %.1f s",
+            source.name,
+            self.model_config.architecture,
+            self.device,
+            self.dtype,
+            num_pages,
+            config.page_size,
+            self.max_seq_len,
+            time.perf_counter() - started,
+        )
+
+    def _num_kv_pages(self) -> int:
+        if self.config.num_kv_pages is not None:
+            return self.config.num_kv_pages
+        cfg = self.model_config
+        per_token = KVPool.bytes_per_token(
+            cfg.num_layers, cfg.local_kv_heads(self.config.tp_size), cfg.head_dim, self.dtype
+        )
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1.0 - self.config.memory_ratio) * total
+        else:
+            budget = self.config.cpu_kv_cache_gib * (1 << 30)
+        # More pages than every row filled to the context length can never be used.
+        useful = self.config.max_running_requests * pages_for(self.max_seq_len, self.config.page_size)
+        pages = min(int(budget // (per_token * self.config.page_size)), useful)
+        if pages < 1:
+            raise ValueError("not enough memory for a single KV page; free memory or raise memory_ratio")
+        return pages
+
+    # ---- driving ---------------------------------------------------------------------------------
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if this request is invalid or could never run; changes nothing."""
+        params.validate()
+        vocab = self.model_config.vocab_size
+        for token in prompt_ids:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise ValueError(f"token id {token!r} is outside the vocabulary [0, {vocab})")
+        self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        self.check_request(prompt_ids, params)
+        seed = params.seed if params.seed is not None else int(torch.randint(1 << 62, (1,), generator=self._rng))
+        generator = None if params.is_greedy else torch.Generator(device=self.device).manual_seed(seed)
+        req = Request(next(self._rids), list(prompt_ids), params, generator=generator)
+        self.scheduler.add(req)
+        return req
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> StepResult:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            raise RuntimeError("requests are waiting but none can run: the KV pool is too small for them")
+        output = self.engine.step(batch)
+        for chunk, prompt_logprobs in zip(batch.chunks, output.prompt_logprobs, strict=True):
+            if chunk.req.params.prompt_logprobs and chunk.start == 0:
+                chunk.req.prompt_logprobs.append(None)
+            chunk.req.prompt_logprobs.extend(prompt_logprobs)
+        for chunk, logprob, top in zip(batch.chunks, output.logprobs, output.top_logprobs, strict=True):
+            if logprob is not None:
+                chunk.req.output_logprobs.append(logprob)
+                chunk.req.output_top_logprobs.append(top or {})
+        finished = self.scheduler.process(batch, output.tokens)
+        return StepResult(batch, output, finished)
+
+
+def _with_tokenizer_eos(config: ModelConfig, tokenizer: Any | None) -> ModelConfig:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None or eos in config.eos_token_ids:
+        return config
+    return replace(config, eos_token_ids=(*config.eos_token_ids, int(eos)))
