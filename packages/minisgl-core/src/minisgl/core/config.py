@@ -172,6 +172,8 @@ class EngineConfig:
     # Context length; None takes the model's max_position_embeddings.
     max_seq_len: int | None = None
     load_format: str = "auto"
+    # "radix" reuses the KV of shared prefixes; "naive" computes every prompt in full.
+    cache: str = "radix"
     seed: int = 0
     tp_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
@@ -193,6 +195,8 @@ class EngineConfig:
             raise ValueError(
                 f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}"
             )
+        if self.cache not in ("radix", "naive"):
+            raise ValueError(f"cache must be radix or naive, got {self.cache!r}")
         if self.tp_size != 1:
             raise ValueError("tp_size > 1 is not supported by the offline engine yet")
 

@@ -40,9 +40,19 @@ class LLM:
         # Validate everything before queuing anything, so a bad prompt leaves the engine untouched.
         for ids, p in zip(prompt_ids, params, strict=True):
             self.runtime.check_request(ids, p)
-        requests = [self.runtime.add_request(ids, p) for ids, p in zip(prompt_ids, params, strict=True)]
-        self._run(len(requests), use_tqdm)
-        return [self._result(req) for req in requests]
+        # n samples of a prompt are n requests; the scheduler makes the later ones reuse the first's KV.
+        groups = [
+            [self.runtime.add_request(ids, p) for _ in range(p.n)]
+            for ids, p in zip(prompt_ids, params, strict=True)
+        ]
+        self._run(sum(len(g) for g in groups), use_tqdm)
+        results = []
+        for group in groups:
+            samples = [self._result(req) for req in group]
+            if len(samples) > 1:
+                samples[0].samples = samples
+            results.append(samples[0])
+        return results
 
     def chat(
         self,
@@ -88,13 +98,9 @@ class LLM:
 
     def _result(self, req: Request) -> GenerationResult:
         assert req.finish_reason is not None
-        text_ids = req.output_ids
-        if req.finish_reason == "stop" and text_ids:
-            text_ids = text_ids[:-1]  # the stop or EOS token is reported in token_ids, not in the text
-        text = self.tokenizer.decode(text_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
         wants_logprobs = req.params.logprobs is not None
         return GenerationResult(
-            text=text,
+            text=self._text(req),
             token_ids=list(req.output_ids),
             finish_reason=req.finish_reason,
             num_prompt_tokens=len(req.prompt_ids),
@@ -103,6 +109,15 @@ class LLM:
             top_logprobs=list(req.output_top_logprobs) if wants_logprobs else None,
             prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs else None,
         )
+
+    def _text(self, req: Request) -> str:
+        if self.tokenizer is None:
+            return ""
+        ids = req.output_ids
+        if req.finish_reason == "stop" and req.stop_text_offset is None and ids:
+            ids = ids[:-1]  # the EOS or stop token is reported in token_ids, not in the text
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text if req.stop_text_offset is None else text[: req.stop_text_offset]
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from minisgl.core.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from minisgl.core.radix_cache import RadixNode
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -24,9 +27,17 @@ class Request:
     num_cached: int = 0
     # Row of this request in the token and page tables; -1 while it has none.
     table_row: int = -1
-    # KV pages this request owns, in position order.
+    # KV pages of positions 0, page_size, 2 * page_size, ...: the first num_tree_pages belong to the prefix
+    # cache (on the path to cache_node, which this request keeps locked), the rest to this request.
     pages: list[int] = field(default_factory=list)
+    num_tree_pages: int = 0
+    cache_node: RadixNode | None = None
+    # Admission order; retraction takes the newest requests first.
+    admitted_at: int = -1
+    num_retractions: int = 0
     finish_reason: FinishReason | None = None
+    # Where a stop string starts in the decoded output text, when one ended the request.
+    stop_text_offset: int | None = None
     generator: torch.Generator | None = None
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
@@ -38,15 +49,15 @@ class Request:
 
     @property
     def is_prefilling(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        """More than the last token lacks KV: a prefill chunk (not a decode step) comes next."""
+        return self.num_computed < self.seq_len - 1
+
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-    def token_at(self, position: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
 
 
 @dataclass
@@ -61,3 +72,5 @@ class GenerationResult:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[float | None] | None = None
+    # With SamplingParams(n > 1): all n samples (this result is the first of them).
+    samples: list[GenerationResult] | None = None

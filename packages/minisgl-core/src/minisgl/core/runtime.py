@@ -11,17 +11,19 @@ from typing import Any
 
 import torch
 
+from minisgl.core import env
 from minisgl.core.attention import create_backend
 from minisgl.core.batch import Batch
 from minisgl.core.config import EngineConfig, ModelConfig, pages_for, parse_dtype, resolve_device
 from minisgl.core.engine import Engine, StepOutput
+from minisgl.core.kv_cache import KVCacheManager
 from minisgl.core.kv_pool import KVPool
 from minisgl.core.loader import build_model, load_hf_config, load_model_config, load_tokenizer
 from minisgl.core.model_source import resolve_model
-from minisgl.core.page_allocator import PageAllocator
 from minisgl.core.request import Request
 from minisgl.core.sampling_params import SamplingParams
 from minisgl.core.scheduler import Scheduler
+from minisgl.core.stop_strings import StopStringChecker
 from minisgl.core.tables import RequestTables
 
 logger = logging.getLogger("minisgl")
@@ -41,6 +43,7 @@ class StepResult:
 class Runtime:
     def __init__(self, model: str, config: EngineConfig) -> None:
         config.validate()
+        env.check_all()
         self.config = config
         started = time.perf_counter()
         source = resolve_model(model)
@@ -50,7 +53,9 @@ class Runtime:
         self.model_config = _with_tokenizer_eos(load_model_config(source, hf_config), self.tokenizer)
         self.dtype = parse_dtype(config.dtype, self.model_config.checkpoint_dtype, self.device)
         self.max_seq_len = min(config.max_seq_len or 1 << 62, self.model_config.max_position_embeddings)
-        model_module = build_model(source, hf_config, self.model_config, self.dtype, self.device, config.load_format)
+        model_module = build_model(
+            source, hf_config, self.model_config, self.dtype, self.device, config.load_format
+        )
         num_pages = self._num_kv_pages()
         self.kv_pool = KVPool(
             self.model_config.num_layers,
@@ -61,12 +66,15 @@ class Runtime:
             self.dtype,
             self.device,
         )
-        self.tables = RequestTables(config.max_running_requests, self.max_seq_len, config.page_size, self.device)
-        self.allocator = PageAllocator(num_pages)
+        self.tables = RequestTables(
+            config.max_running_requests, self.max_seq_len, config.page_size, self.device
+        )
+        self.kv = KVCacheManager(num_pages, self.tables, config.cache)
         self.engine = Engine(model_module, self.kv_pool, self.tables, create_backend("torch"), self.device)
+        self.stop_checker = StopStringChecker(self.tokenizer)
+        self.debug_checks = env.DEBUG_CHECKS.get()
         self.scheduler = Scheduler(
-            self.allocator,
-            self.tables,
+            self.kv,
             self.max_seq_len,
             config.max_running_requests,
             config.max_prefill_tokens,
@@ -75,13 +83,14 @@ class Runtime:
         self._rids = itertools.count()
         self._rng = torch.Generator().manual_seed(config.seed)
         logger.info(
-            "loaded %s (%s) on %s in %s: %d KV pages of %d tokens, context %d, in %.1f s",
+            "loaded %s (%s) on %s in %s: %d KV pages of %d tokens, %s cache, context %d, in %.1f s",
             source.name,
             self.model_config.architecture,
             self.device,
             self.dtype,
             num_pages,
             config.page_size,
+            config.cache,
             self.max_seq_len,
             time.perf_counter() - started,
         )
@@ -114,11 +123,15 @@ class Runtime:
         for token in prompt_ids:
             if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
                 raise ValueError(f"token id {token!r} is outside the vocabulary [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         self.check_request(prompt_ids, params)
-        seed = params.seed if params.seed is not None else int(torch.randint(1 << 62, (1,), generator=self._rng))
+        seed = (
+            params.seed if params.seed is not None else int(torch.randint(1 << 62, (1,), generator=self._rng))
+        )
         generator = None if params.is_greedy else torch.Generator(device=self.device).manual_seed(seed)
         req = Request(next(self._rids), list(prompt_ids), params, generator=generator)
         self.scheduler.add(req)
@@ -132,16 +145,66 @@ class Runtime:
         if batch is None:
             raise RuntimeError("requests are waiting but none can run: the KV pool is too small for them")
         output = self.engine.step(batch)
-        for chunk, prompt_logprobs in zip(batch.chunks, output.prompt_logprobs, strict=True):
-            if chunk.req.params.prompt_logprobs and chunk.start == 0:
-                chunk.req.prompt_logprobs.append(None)
-            chunk.req.prompt_logprobs.extend(prompt_logprobs)
-        for chunk, logprob, top in zip(batch.chunks, output.logprobs, output.top_logprobs, strict=True):
+        for chunk, prompt_logprobs, logprob, top in zip(
+            batch.chunks, output.prompt_logprobs, output.logprobs, output.top_logprobs, strict=True
+        ):
+            _record_prompt_logprobs(chunk.req, chunk.start, prompt_logprobs)
             if logprob is not None:
                 chunk.req.output_logprobs.append(logprob)
                 chunk.req.output_top_logprobs.append(top or {})
         finished = self.scheduler.process(batch, output.tokens)
+        finished += self._finish_on_stop_strings(batch)
+        if self.debug_checks:
+            self.scheduler.check_integrity()
         return StepResult(batch, output, finished)
+
+    def _finish_on_stop_strings(self, batch: Batch) -> list[Request]:
+        finished = []
+        for chunk in batch.chunks:
+            req = chunk.req
+            if req.params.stop and req.finish_reason is None and chunk.samples:
+                offset = self.stop_checker.find(req)
+                if offset is not None:
+                    req.stop_text_offset = offset
+                    req.finish_reason = "stop"
+                    self.scheduler.release(req)
+                    finished.append(req)
+        return finished
+
+    def abort(self, rid: int) -> Request | None:
+        """Stop a request wherever it is (waiting, mid-prefill, decoding); its KV pages are returned."""
+        req = self.scheduler.abort(rid)
+        if req is not None and self.debug_checks:
+            self.scheduler.check_integrity()
+        return req
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    def stats(self) -> dict[str, int | float]:
+        kv = self.kv
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "pages_total": kv.num_pages,
+            "pages_free": kv.allocator.num_free,
+            "pages_cached": kv.cached_pages,
+            "pages_used": kv.num_pages - kv.allocator.num_free,
+            "page_size": kv.page_size,
+            "num_retractions": self.scheduler.num_retractions,
+            "new_token_ratio": self.scheduler.new_token_ratio,
+        }
+
+
+def _record_prompt_logprobs(req: Request, start: int, values: list[float]) -> None:
+    """Append the logprobs of prompt tokens start+1 ... that the request does not have yet (a retracted
+    request recomputes positions it already reported)."""
+    if not req.params.prompt_logprobs:
+        return
+    if not req.prompt_logprobs:
+        req.prompt_logprobs.append(None)
+    already = len(req.prompt_logprobs) - (start + 1)
+    req.prompt_logprobs.extend(values[max(0, already) :])
 
 
 def _with_tokenizer_eos(config: ModelConfig, tokenizer: Any | None) -> ModelConfig:

@@ -20,13 +20,36 @@ class SampleOutput:
 
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
-    logits = logits.float()
+    """Logprobs are those of the model's distribution, before penalties and temperature."""
+    raw = logits.float()
+    logits = _apply_penalties(raw, requests)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, req in enumerate(requests) if not req.params.is_greedy]
     if random_rows:
         tokens[random_rows] = _sample_rows(logits[random_rows], [requests[i] for i in random_rows])
-    logprobs, top_logprobs = _logprobs(logits, tokens, requests)
+    logprobs, top_logprobs = _logprobs(raw, tokens, requests)
     return SampleOutput(tokens, logprobs, top_logprobs)
+
+
+def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    rows = [i for i, req in enumerate(requests) if req.params.has_penalties]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i in rows:
+        params, req = requests[i].params, requests[i]
+        if req.output_ids and (params.presence_penalty or params.frequency_penalty):
+            counts = torch.bincount(torch.tensor(req.output_ids, device=logits.device), minlength=vocab)[
+                :vocab
+            ]
+            logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(req.prompt_ids) | set(req.output_ids)), device=logits.device)
+            values = logits[i, seen]
+            penalty = params.repetition_penalty
+            logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
+    return logits
 
 
 def _sample_rows(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -35,6 +58,7 @@ def _sample_rows(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     temperature = torch.tensor([r.params.temperature for r in requests], device=device).unsqueeze(1)
     top_p = torch.tensor([r.params.top_p for r in requests], device=device).unsqueeze(1)
     top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in requests], device=device)
+    min_p = torch.tensor([r.params.min_p for r in requests], device=device).unsqueeze(1)
 
     sorted_logits, sorted_ids = (logits / temperature).sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
@@ -42,7 +66,8 @@ def _sample_rows(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
     outside_top_p = (probs.cumsum(dim=-1) - probs) > top_p
-    probs = probs.masked_fill(outside_top_p, 0.0)
+    below_min_p = probs < min_p * probs[:, :1]
+    probs = probs.masked_fill(outside_top_p | below_min_p, 0.0)
 
     # Exponential race: argmax(p / E) with E ~ Exp(1) picks index i with probability p_i / sum(p).
     noise = torch.empty_like(probs)

@@ -15,10 +15,21 @@ class SamplingParams:
     top_p: float = 1.0
     # -1 disables top-k.
     top_k: int = -1
+    # Drop tokens less likely than min_p times the most likely one (0 disables).
+    min_p: float = 0.0
     # A per-request seed: the same seed gives the same tokens whatever else is in the batch.
     seed: int | None = None
     stop_token_ids: list[int] | None = None
+    # Stop when the output text contains one of these; the string is not part of the returned text.
+    stop: list[str] | None = None
     ignore_eos: bool = False
+    # OpenAI's penalties on tokens already generated: logit -= presence * [count > 0] + frequency * count.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # The CTRL / Hugging Face penalty on tokens of the prompt and the output (1.0 disables).
+    repetition_penalty: float = 1.0
+    # Samples per prompt (offline API); they share the prompt's KV through the prefix cache.
+    n: int = 1
     # None: no logprobs. k >= 0: the chosen token's logprob plus the k most likely alternatives.
     logprobs: int | None = None
     # Logprob of every prompt token given the tokens before it (the first is None).
@@ -33,6 +44,10 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
@@ -42,6 +57,20 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
             raise ValueError(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        for text in self.stop or ():
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"stop strings must be non-empty strings, got {text!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:

@@ -1,24 +1,30 @@
 """The scheduler: decides what each engine step computes, and applies what the step produced.
 
 Policy (one step at a time):
-- Prefill first: requests still owing prompt tokens (chunked prefill in progress, then newly admitted
+- Prefill first: requests owing more than one token of KV (chunked prefill in progress, then waiting
   requests in FIFO order) share a budget of `max_prefill_tokens` tokens; the last one may be cut into a
-  chunk and continues next step.
+  chunk that continues next step. A waiting request reuses the longest cached prefix of its tokens.
 - Otherwise decode: every running request computes one token.
-- Admission reserves KV for the request's whole future (prompt + max_tokens), so a running request never
-  runs out of pages. A request that could never fit is rejected when it is added.
+- Admission does not reserve each request's whole max_tokens: it expects a running request to still
+  generate `new_token_ratio` of its remaining budget (the ratio decays while decoding goes well). When a
+  decode step finds too few pages, the newest requests are retracted: their computed KV goes to the prefix
+  cache, they return to the front of the queue and later resume where they stopped, outputs unchanged.
+- A request that could never fit (prompt + max_tokens beyond the pool or the context) is rejected when
+  it is added, never dropped or left waiting forever.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from collections import deque
 
+from minisgl.core import env
 from minisgl.core.batch import Batch, Chunk
 from minisgl.core.config import pages_for
-from minisgl.core.page_allocator import PageAllocator
+from minisgl.core.kv_cache import KVCacheManager
 from minisgl.core.request import FinishReason, Request
-from minisgl.core.tables import RequestTables
 
 logger = logging.getLogger(__name__)
 
@@ -26,22 +32,26 @@ logger = logging.getLogger(__name__)
 class Scheduler:
     def __init__(
         self,
-        allocator: PageAllocator,
-        tables: RequestTables,
+        kv: KVCacheManager,
         max_seq_len: int,
         max_running_requests: int,
         max_prefill_tokens: int,
         eos_token_ids: tuple[int, ...],
     ) -> None:
-        self.allocator = allocator
-        self.tables = tables
-        self.page_size = tables.page_size
+        self.kv = kv
+        self.page_size = kv.page_size
         self.max_seq_len = max_seq_len
         self.max_running_requests = max_running_requests
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.init_new_token_ratio = env.INIT_NEW_TOKEN_RATIO.get()
+        self.min_new_token_ratio = env.MIN_NEW_TOKEN_RATIO.get()
+        self.new_token_ratio_decay = env.NEW_TOKEN_RATIO_DECAY.get()
+        self.new_token_ratio = self.init_new_token_ratio
+        self.num_retractions = 0
+        self._admissions = itertools.count()
 
     # ---- admission -------------------------------------------------------------------------------
 
@@ -55,10 +65,10 @@ class Scheduler:
                 f"(prompt + at least one generated token must fit)"
             )
         needed = pages_for(self._final_len(prompt_len, max_tokens), self.page_size)
-        if needed > self.allocator.num_pages:
+        if needed > self.kv.num_pages:
             raise ValueError(
                 f"request needs {needed} KV pages (prompt {prompt_len} + max_tokens {max_tokens}) "
-                f"but the KV pool has only {self.allocator.num_pages}"
+                f"but the KV pool has only {self.kv.num_pages}"
             )
 
     def add(self, req: Request) -> None:
@@ -71,31 +81,44 @@ class Scheduler:
     def _final_len(self, prompt_len: int, max_tokens: int) -> int:
         return min(prompt_len + max_tokens, self.max_seq_len)
 
-    def _pages_still_reserved(self, req: Request) -> int:
-        return pages_for(self._final_len(len(req.prompt_ids), req.params.max_tokens), self.page_size) - len(
-            req.pages
-        )
+    def _expected_pages(self, req: Request) -> int:
+        """Pages req may still need: the rest of its known tokens, plus the expected share of the tokens
+        it may still generate."""
+        final = self._final_len(len(req.prompt_ids), req.params.max_tokens)
+        expected_new = math.ceil((final - req.seq_len) * self.new_token_ratio)
+        return max(0, pages_for(req.seq_len + expected_new, self.page_size) - len(req.pages))
 
-    def _can_admit(self, req: Request) -> bool:
-        if len(self.running) >= self.max_running_requests or self.tables.num_free_rows == 0:
+    def _try_admit(self, req: Request) -> bool:
+        if len(self.running) >= self.max_running_requests or self.kv.tables.num_free_rows == 0:
             return False
-        reserved = sum(self._pages_still_reserved(r) for r in self.running)
-        needed = pages_for(self._final_len(len(req.prompt_ids), req.params.max_tokens), self.page_size)
-        return self.allocator.num_free - reserved >= needed
-
-    def _admit(self, req: Request) -> None:
-        req.table_row = self.tables.acquire_row(req.prompt_ids)
+        self.kv.attach(req, use_cache=not req.params.prompt_logprobs)
+        reserved = sum(self._expected_pages(r) for r in self.running)
+        if self.kv.available_pages - reserved < self._expected_pages(req):
+            self.kv.detach(req)
+            req.num_computed = 0
+            return False
+        if req.admitted_at < 0:
+            req.num_cached = req.num_computed
+        req.admitted_at = next(self._admissions)
         self.running.append(req)
+        return True
 
     # ---- batch formation -------------------------------------------------------------------------
 
     def schedule(self) -> Batch | None:
         batch = self._schedule_prefill()
+        if batch is not None:
+            batch = self._fit(batch)
         if batch is None and self.running:
-            batch = Batch([Chunk(r, r.num_computed, r.seq_len) for r in self.running], is_decode=True)
+            batch = self._fit(
+                Batch([Chunk(r, r.num_computed, r.seq_len) for r in self.running], is_decode=True)
+            )
+            self.new_token_ratio = max(
+                self.min_new_token_ratio, self.new_token_ratio - self.new_token_ratio_decay
+            )
         if batch is not None:
             for chunk in batch.chunks:
-                self._ensure_pages(chunk.req, chunk.end)
+                self.kv.grow(chunk.req, chunk.end)
         return batch
 
     def _schedule_prefill(self) -> Batch | None:
@@ -105,23 +128,58 @@ class Scheduler:
             if req.is_prefilling and budget > 0:
                 chunks.append(self._prefill_chunk(req, budget))
                 budget -= chunks[-1].end - chunks[-1].start
-        while self.waiting and budget > 0 and self._can_admit(self.waiting[0]):
-            req = self.waiting.popleft()
-            self._admit(req)
+        fresh_prompts: set[tuple[int, ...]] = set()
+        while self.waiting and budget > 0:
+            req = self.waiting[0]
+            # An identical prompt admitted in this batch (n samples, repeated prompts) waits one step, so
+            # that it shares the first one's KV through the cache instead of computing it again.
+            if tuple(req.prompt_ids) in fresh_prompts:
+                break
+            if not self._try_admit(req):
+                break
+            self.waiting.popleft()
+            if req.num_computed == 0:
+                fresh_prompts.add(tuple(req.prompt_ids))
             chunks.append(self._prefill_chunk(req, budget))
             budget -= chunks[-1].end - chunks[-1].start
         return Batch(chunks, is_decode=False) if chunks else None
 
     @staticmethod
     def _prefill_chunk(req: Request, budget: int) -> Chunk:
-        return Chunk(req, req.num_computed, min(len(req.prompt_ids), req.num_computed + budget))
+        return Chunk(req, req.num_computed, min(req.seq_len, req.num_computed + budget))
 
-    def _ensure_pages(self, req: Request, num_tokens: int) -> None:
-        missing = pages_for(num_tokens, self.page_size) - len(req.pages)
-        if missing > 0:
-            new_pages = self.allocator.allocate(missing)
-            self.tables.set_pages(req.table_row, len(req.pages), new_pages)
-            req.pages.extend(new_pages)
+    def _pages_needed(self, batch: Batch) -> int:
+        return sum(max(0, pages_for(c.end, self.page_size) - len(c.req.pages)) for c in batch.chunks)
+
+    def _fit(self, batch: Batch) -> Batch | None:
+        """Retract the newest requests until the batch's new pages fit; None if nothing is left to run."""
+        retracted = 0
+        while self._pages_needed(batch) > self.kv.available_pages:
+            if len(self.running) <= 1:
+                raise RuntimeError(
+                    "a lone request does not fit the KV pool; check_fits should have refused it"
+                )
+            newest = max(self.running, key=lambda r: r.admitted_at)
+            self._retract(newest)
+            batch.chunks = [c for c in batch.chunks if c.req is not newest]
+            retracted += 1
+        if retracted:
+            self.num_retractions += retracted
+            # Admission was too optimistic: expect more of the remaining budgets to be used again.
+            self.new_token_ratio = self.init_new_token_ratio
+            logger.info(
+                "KV pool full: retracted %d request(s), %d still running", retracted, len(self.running)
+            )
+        return batch if batch.chunks else None
+
+    def _retract(self, req: Request) -> None:
+        """Send a running request back to the front of the queue. Its computed KV stays in the prefix cache
+        (until evicted), so resuming usually recomputes little; its outputs are kept."""
+        self.running.remove(req)
+        self.kv.detach(req)
+        req.num_computed = 0
+        req.num_retractions += 1
+        self.waiting.appendleft(req)
 
     # ---- applying a step's results ---------------------------------------------------------------
 
@@ -138,7 +196,11 @@ class Scheduler:
             if req.finish_reason is not None:
                 finished.append(req)
         for req in finished:
-            self._release(req)
+            self.release(req)
+        if not batch.is_decode:
+            for chunk in batch.chunks:
+                if chunk.req.finish_reason is None:
+                    self.kv.cache_progress(chunk.req)
         return finished
 
     def _finish_reason(self, req: Request, token: int) -> FinishReason | None:
@@ -150,9 +212,26 @@ class Scheduler:
             return "length"
         return None
 
-    def _release(self, req: Request) -> None:
+    def release(self, req: Request) -> None:
+        """Take a finished request out of the running set, caching its KV and freeing the rest."""
         self.running.remove(req)
-        self.allocator.free(req.pages)
-        req.pages = []
-        self.tables.release_row(req.table_row)
-        req.table_row = -1
+        self.kv.detach(req)
+
+    def abort(self, rid: int) -> Request | None:
+        """Stop request rid wherever it is; returns it (finish_reason "abort"), or None if unknown/done."""
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                req.finish_reason = "abort"
+                return req
+        for req in self.running:
+            if req.rid == rid:
+                self.release(req)
+                req.finish_reason = "abort"
+                return req
+        return None
+
+    def check_integrity(self) -> None:
+        for req in self.waiting:
+            assert not req.pages and req.table_row == -1, f"waiting request {req.rid} holds KV"
+        self.kv.check_integrity(self.running)

@@ -1,0 +1,242 @@
+"""The messages minisgl's processes exchange, and their one wire format.
+
+    API server --GenerateGroup/AbortRequests/StatsQuery--> tokenizer --TokenizedGroup/...--> scheduler
+    API server <--OutputBatch/RequestError/StatsReply-- detokenizer <--StepOutputs/...-- scheduler
+
+Every message is a dataclass listed in MESSAGE_TYPES, the one registry: a message travels as msgpack
+[type id, field values...], with the type id its position in that tuple. Token arrays are numpy arrays
+and travel as raw little-endian bytes. Nothing else can be sent (no pickle): an unregistered object is a
+TypeError at the sender, an unknown type id a ValueError at the receiver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from minisgl.core.sampling_params import SamplingParams
+
+# ---- API server -> tokenizer --------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateRequest:
+    """One sequence to generate. Exactly one of prompt (text), messages (a chat) or prompt_ids is set."""
+
+    uid: int
+    params: SamplingParams
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt_ids: np.ndarray | None = None
+    # True when the client gave no max_tokens: the scheduler fills the rest of the context.
+    max_tokens_auto: bool = False
+    # Stop strings the detokenizer trims from the text (the runtime also stops on them).
+    stop: list[str] = field(default_factory=list)
+    skip_special_tokens: bool = True
+
+
+@dataclass
+class GenerateGroup:
+    """Requests accepted or rejected together (the n samples and prompts of one HTTP request)."""
+
+    requests: list[GenerateRequest]
+
+
+@dataclass
+class AbortRequests:
+    uids: list[int]
+
+
+@dataclass
+class StatsQuery:
+    """Asks the scheduler for its counters; the reply proves every process on the path is alive."""
+
+    query_id: int
+
+
+# ---- tokenizer -> scheduler ---------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedRequest:
+    uid: int
+    prompt_ids: np.ndarray
+    params: SamplingParams
+    max_tokens_auto: bool = False
+
+
+@dataclass
+class TokenizedGroup:
+    requests: list[TokenizedRequest]
+
+
+# ---- scheduler -> detokenizer -------------------------------------------------------------------------
+
+
+@dataclass
+class TokenLogprobs:
+    uid: int
+    logprob: float
+    top_ids: np.ndarray
+    top_logprobs: list[float]
+
+
+@dataclass
+class FinishedRequest:
+    uid: int
+    reason: str  # "stop", "length" or "abort"
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    # The last token is the EOS or a stop token id: counted, but not part of the text.
+    last_token_is_stop: bool = False
+
+
+@dataclass
+class StepOutputs:
+    """What one scheduler step produced: one new token per request (column arrays), and the requests that
+    finished in the step or were aborted since the last one."""
+
+    uids: np.ndarray
+    tokens: np.ndarray
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finished: list[FinishedRequest] = field(default_factory=list)
+
+
+@dataclass
+class StatsReply:
+    query_id: int
+    stats: dict[str, Any]
+
+
+# ---- detokenizer -> API server ------------------------------------------------------------------------
+
+
+@dataclass
+class RequestOutput:
+    """New text of one request since its last output. logprobs: one [token text, logprob, [[alt text,
+    alt logprob], ...]] per new token, when the request asked for them."""
+
+    uid: int
+    text: str
+    num_new_tokens: int
+    logprobs: list[list[Any]] | None = None
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass
+class OutputBatch:
+    outputs: list[RequestOutput]
+
+
+@dataclass
+class RequestError:
+    """A group the tokenizer or scheduler refused; status is the HTTP status the API answers with."""
+
+    uids: list[int]
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+# ---- the registry and the codec -----------------------------------------------------------------------
+
+MESSAGE_TYPES: tuple[type, ...] = (
+    SamplingParams,
+    GenerateRequest,
+    GenerateGroup,
+    AbortRequests,
+    StatsQuery,
+    TokenizedRequest,
+    TokenizedGroup,
+    TokenLogprobs,
+    FinishedRequest,
+    StepOutputs,
+    StatsReply,
+    RequestOutput,
+    OutputBatch,
+    RequestError,
+)
+_TYPE_IDS = {cls: index for index, cls in enumerate(MESSAGE_TYPES)}
+_INIT_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls) if f.init) for cls in MESSAGE_TYPES}
+
+_EXT_MESSAGE = 1
+_EXT_INT32 = 2
+_EXT_INT64 = 3
+
+
+def int32_array(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.int32)
+
+
+def int64_array(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+def _pack_default(obj: Any) -> msgpack.ExtType:
+    type_id = _TYPE_IDS.get(type(obj))
+    if type_id is not None:
+        values = [getattr(obj, name) for name in _INIT_FIELDS[type(obj)]]
+        return msgpack.ExtType(_EXT_MESSAGE, _pack([type_id, *values]))
+    if isinstance(obj, np.ndarray):
+        if obj.ndim != 1:
+            raise TypeError(f"only 1-D token arrays can be sent, got shape {obj.shape}")
+        if obj.dtype == np.int32:
+            return msgpack.ExtType(_EXT_INT32, obj.astype("<i4", copy=False).tobytes())
+        if obj.dtype == np.int64:
+            return msgpack.ExtType(_EXT_INT64, obj.astype("<i8", copy=False).tobytes())
+        raise TypeError(f"arrays must be int32 or int64, got {obj.dtype}")
+    if isinstance(obj, np.integer):
+        return int(obj)  # type: ignore[return-value]
+    if isinstance(obj, np.floating):
+        return float(obj)  # type: ignore[return-value]
+    raise TypeError(f"{type(obj).__name__} is not a registered message type and cannot be sent")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_MESSAGE:
+        type_id, *values = _unpack(data)
+        if not isinstance(type_id, int) or not 0 <= type_id < len(MESSAGE_TYPES):
+            raise ValueError(f"unknown message type id {type_id!r}")
+        cls = MESSAGE_TYPES[type_id]
+        names = _INIT_FIELDS[cls]
+        if len(values) != len(names):
+            raise ValueError(f"{cls.__name__} has {len(names)} fields, got {len(values)}")
+        return cls(**dict(zip(names, values, strict=True)))
+    if code == _EXT_INT32:
+        return np.frombuffer(data, dtype="<i4")
+    if code == _EXT_INT64:
+        return np.frombuffer(data, dtype="<i8")
+    raise ValueError(f"unknown msgpack extension {code}")
+
+
+def _pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, default=_pack_default, use_bin_type=True)
+    return data
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+
+
+def encode(message: Any) -> bytes:
+    """The wire bytes of a registered message."""
+    if type(message) not in _TYPE_IDS:
+        raise TypeError(f"{type(message).__name__} is not a registered message type and cannot be sent")
+    return _pack(message)
+
+
+def decode(data: bytes) -> Any:
+    """The message that encode() turned into these bytes."""
+    message = _unpack(data)
+    if type(message) not in _TYPE_IDS:
+        raise ValueError(f"expected a message, got {type(message).__name__}")
+    return message
