@@ -91,7 +91,8 @@ class KVCacheManager:
         req.table_row = -1
 
     def _insert(self, req: Request) -> RadixNode | None:
-        ids = req.all_token_ids()[: req.num_computed]
+        # Never less than what the request already shares with the cache: those pages stay the cache's.
+        ids = req.all_token_ids()[: max(req.num_computed, req.num_tree_pages * self.page_size)]
         prefix_len, node = self.cache.insert(ids, req.pages)
         owned_pages = self.cache.path_pages(node)
         # Pages in [num_tree_pages, prefix pages) were computed privately while the cache got its own copy
