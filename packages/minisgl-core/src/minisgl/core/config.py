@@ -174,6 +174,10 @@ class EngineConfig:
     load_format: str = "auto"
     # "radix" reuses the KV of shared prefixes; "naive" computes every prompt in full.
     cache: str = "radix"
+    # Attention backend: "auto" (fi on CUDA, torch on CPU), "torch", "fi", or "prefill,decode".
+    attn: str = "auto"
+    # Decode CUDA graphs up to this batch size; None: min(256, max_running_requests); 0 disables them.
+    cuda_graph_max_bs: int | None = None
     seed: int = 0
     tp_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
@@ -195,6 +199,8 @@ class EngineConfig:
             raise ValueError(
                 f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}"
             )
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
+            raise ValueError(f"cuda_graph_max_bs must be >= 0, got {self.cuda_graph_max_bs}")
         if self.cache not in ("radix", "naive"):
             raise ValueError(f"cache must be radix or naive, got {self.cache!r}")
         if self.tp_size != 1:

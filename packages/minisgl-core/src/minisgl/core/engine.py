@@ -10,6 +10,7 @@ import torch
 
 from minisgl.core.attention import AttentionBackend, BatchLayout
 from minisgl.core.batch import Batch, Chunk
+from minisgl.core.cuda_graph import DecodeGraphRunner
 from minisgl.core.forward_context import ForwardContext, forward_context
 from minisgl.core.kv_pool import KVPool
 from minisgl.core.models.decoder import DecoderForCausalLM
@@ -36,22 +37,34 @@ class Engine:
         tables: RequestTables,
         backend: AttentionBackend,
         device: torch.device,
+        generator: torch.Generator,
+        graphs: DecodeGraphRunner | None = None,
     ) -> None:
         self.model = model
         self.kv_pool = kv_pool
         self.tables = tables
         self.backend = backend
         self.device = device
+        # Draws the noise of sampled requests that have no seed of their own.
+        self.generator = generator
+        self.graphs = graphs
 
     @torch.inference_mode()
     def step(self, batch: Batch) -> StepOutput:
         layout = self._layout(batch)
-        metadata = self.backend.prepare(layout, self.kv_pool)
         rows = self._token_rows(batch.chunks)
         input_ids = self.tables.token_table[rows, layout.positions]
+        if batch.is_decode and self.graphs is not None and self.graphs.fits(len(batch.chunks)):
+            logits = self.graphs.run(
+                input_ids, layout.positions, layout.out_slots, layout.page_table, layout.kv_lens_host
+            )
+            output = self._empty_output(len(batch.chunks))
+            self._sample(batch.chunks, list(range(len(batch.chunks))), logits, output)
+            return output
+        metadata = self.backend.prepare(layout, self.kv_pool)
         with forward_context(ForwardContext(self.kv_pool, self.backend, metadata)):
             hidden = self.model(input_ids, layout.positions)
-        return self._sample(batch.chunks, hidden, layout)
+        return self._sample_hidden(batch.chunks, hidden, layout)
 
     def _token_rows(self, chunks: list[Chunk]) -> torch.Tensor:
         rows = [c.req.table_row for c in chunks for _ in range(c.end - c.start)]
@@ -83,19 +96,26 @@ class Engine:
             is_decode=batch.is_decode,
         )
 
-    def _sample(self, chunks: list[Chunk], hidden: torch.Tensor, layout: BatchLayout) -> StepOutput:
+    @staticmethod
+    def _empty_output(size: int) -> StepOutput:
+        return StepOutput([None] * size, [None] * size, [None] * size, [[] for _ in range(size)])
+
+    def _sample_hidden(self, chunks: list[Chunk], hidden: torch.Tensor, layout: BatchLayout) -> StepOutput:
         first_rows = list(itertools.accumulate(layout.query_lens_host, initial=0))
-        last_rows = [first_rows[i + 1] - 1 for i in range(len(chunks))]
-        output = StepOutput([None] * len(chunks), [None] * len(chunks), [None] * len(chunks))
-        output.prompt_logprobs = [
-            self._prompt_logprobs(c, hidden, first_rows[i]) if c.req.params.prompt_logprobs else []
-            for i, c in enumerate(chunks)
-        ]
+        output = self._empty_output(len(chunks))
+        for i, chunk in enumerate(chunks):
+            if chunk.req.params.prompt_logprobs:
+                output.prompt_logprobs[i] = self._prompt_logprobs(chunk, hidden, first_rows[i])
         sampling = [i for i, c in enumerate(chunks) if c.samples]
-        if not sampling:
-            return output
-        logits = self.model.compute_logits(hidden[[last_rows[i] for i in sampling]])
-        result = sample(logits, [chunks[i].req for i in sampling])
+        if sampling:
+            logits = self.model.compute_logits(hidden[[first_rows[i + 1] - 1 for i in sampling]])
+            self._sample(chunks, sampling, logits, output)
+        return output
+
+    def _sample(
+        self, chunks: list[Chunk], sampling: list[int], logits: torch.Tensor, output: StepOutput
+    ) -> None:
+        result = sample(logits, [chunks[i].req for i in sampling], self.generator)
         # The next step reads its input ids from the token table: write the new tokens there on the device.
         rows = torch.tensor([chunks[i].req.table_row for i in sampling], device=self.device)
         columns = torch.tensor([chunks[i].end for i in sampling], device=self.device)
@@ -105,7 +125,6 @@ class Engine:
             output.tokens[i] = token
             output.logprobs[i] = result.logprobs[j]
             output.top_logprobs[i] = result.top_logprobs[j]
-        return output
 
     def _prompt_logprobs(self, chunk: Chunk, hidden: torch.Tensor, first_row: int) -> list[float]:
         """Logprob of each prompt token at positions start+1 .. min(end, prompt_len - 1)."""

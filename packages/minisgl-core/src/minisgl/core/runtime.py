@@ -12,14 +12,17 @@ from typing import Any
 import torch
 
 from minisgl.core import env
-from minisgl.core.attention import create_backend
+from minisgl.core.attention import SplitBackend, create_backend
+from minisgl.core.attention.flashinfer_backend import FlashInferBackend
 from minisgl.core.batch import Batch
 from minisgl.core.config import EngineConfig, ModelConfig, pages_for, parse_dtype, resolve_device
+from minisgl.core.cuda_graph import DecodeGraphRunner
 from minisgl.core.engine import Engine, StepOutput
 from minisgl.core.kv_cache import KVCacheManager
 from minisgl.core.kv_pool import KVPool
 from minisgl.core.loader import build_model, load_hf_config, load_model_config, load_tokenizer
 from minisgl.core.model_source import resolve_model
+from minisgl.core.models.decoder import DecoderForCausalLM
 from minisgl.core.request import Request
 from minisgl.core.sampling_params import SamplingParams
 from minisgl.core.scheduler import Scheduler
@@ -27,6 +30,9 @@ from minisgl.core.stop_strings import StopStringChecker
 from minisgl.core.tables import RequestTables
 
 logger = logging.getLogger("minisgl")
+
+# GPU memory kept out of the KV pool for activations, logits and CUDA graphs.
+ACTIVATION_RESERVE_BYTES = 3 << 30
 
 
 @dataclass
@@ -57,9 +63,10 @@ class Runtime:
             source, hf_config, self.model_config, self.dtype, self.device, config.load_format
         )
         num_pages = self._num_kv_pages()
+        # One page more than the allocator hands out: the dummy page that CUDA-graph padding writes to.
         self.kv_pool = KVPool(
             self.model_config.num_layers,
-            num_pages,
+            num_pages + 1,
             config.page_size,
             self.model_config.local_kv_heads(config.tp_size),
             self.model_config.head_dim,
@@ -70,7 +77,7 @@ class Runtime:
             config.max_running_requests, self.max_seq_len, config.page_size, self.device
         )
         self.kv = KVCacheManager(num_pages, self.tables, config.cache)
-        self.engine = Engine(model_module, self.kv_pool, self.tables, create_backend("torch"), self.device)
+        self.engine = self._build_engine(model_module, dummy_page=num_pages)
         self.stop_checker = StopStringChecker(self.tokenizer)
         self.debug_checks = env.DEBUG_CHECKS.get()
         self.scheduler = Scheduler(
@@ -81,7 +88,6 @@ class Runtime:
             self.model_config.eos_token_ids,
         )
         self._rids = itertools.count()
-        self._rng = torch.Generator().manual_seed(config.seed)
         logger.info(
             "loaded %s (%s) on %s in %s: %d KV pages of %d tokens, %s cache, context %d, in %.1f s",
             source.name,
@@ -95,6 +101,29 @@ class Runtime:
             time.perf_counter() - started,
         )
 
+    def _build_engine(self, model: DecoderForCausalLM, dummy_page: int) -> Engine:
+        cfg, tp = self.model_config, self.config.tp_size
+        backend = create_backend(
+            self.config.attn,
+            cfg.num_heads // tp,
+            cfg.local_kv_heads(tp),
+            cfg.head_dim,
+            self.dtype,
+            self.device,
+        )
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        engine = Engine(model, self.kv_pool, self.tables, backend, self.device, generator)
+        max_graph_bs = self.config.cuda_graph_max_bs
+        if max_graph_bs is None:
+            max_graph_bs = min(256, self.config.max_running_requests)
+        decode_backend = backend.decode if isinstance(backend, SplitBackend) else backend
+        if self.device.type == "cuda" and max_graph_bs > 0 and isinstance(decode_backend, FlashInferBackend):
+            engine.graphs = DecodeGraphRunner(
+                model, decode_backend, self.kv_pool, max_graph_bs, dummy_page, self.device
+            )
+            engine.graphs.capture()
+        return engine
+
     def _num_kv_pages(self) -> int:
         if self.config.num_kv_pages is not None:
             return self.config.num_kv_pages
@@ -104,7 +133,7 @@ class Runtime:
         )
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1.0 - self.config.memory_ratio) * total
+            budget = free - (1.0 - self.config.memory_ratio) * total - ACTIVATION_RESERVE_BYTES
         else:
             budget = self.config.cpu_kv_cache_gib * (1 << 30)
         # More pages than every row filled to the context length can never be used.
@@ -129,10 +158,9 @@ class Runtime:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         self.check_request(prompt_ids, params)
-        seed = (
-            params.seed if params.seed is not None else int(torch.randint(1 << 62, (1,), generator=self._rng))
-        )
-        generator = None if params.is_greedy else torch.Generator(device=self.device).manual_seed(seed)
+        generator = None
+        if params.seed is not None and not params.is_greedy:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
         req = Request(next(self._rids), list(prompt_ids), params, generator=generator)
         self.scheduler.add(req)
         return req

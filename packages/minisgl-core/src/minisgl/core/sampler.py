@@ -19,14 +19,14 @@ class SampleOutput:
     top_logprobs: list[dict[int, float] | None]
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
+def sample(logits: torch.Tensor, requests: list[Request], generator: torch.Generator) -> SampleOutput:
     """Logprobs are those of the model's distribution, before penalties and temperature."""
     raw = logits.float()
     logits = _apply_penalties(raw, requests)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, req in enumerate(requests) if not req.params.is_greedy]
     if random_rows:
-        tokens[random_rows] = _sample_rows(logits[random_rows], [requests[i] for i in random_rows])
+        tokens[random_rows] = _sample_rows(logits[random_rows], [requests[i] for i in random_rows], generator)
     logprobs, top_logprobs = _logprobs(raw, tokens, requests)
     return SampleOutput(tokens, logprobs, top_logprobs)
 
@@ -52,7 +52,7 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
     return logits
 
 
-def _sample_rows(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def _sample_rows(logits: torch.Tensor, requests: list[Request], generator: torch.Generator) -> torch.Tensor:
     device = logits.device
     vocab = logits.shape[-1]
     temperature = torch.tensor([r.params.temperature for r in requests], device=device).unsqueeze(1)
@@ -70,9 +70,12 @@ def _sample_rows(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     probs = probs.masked_fill(outside_top_p | below_min_p, 0.0)
 
     # Exponential race: argmax(p / E) with E ~ Exp(1) picks index i with probability p_i / sum(p).
-    noise = torch.empty_like(probs)
+    # Requests with a seed draw from their own generator (the same tokens whatever shares the batch);
+    # the others share one draw from the engine's generator.
+    noise = torch.empty_like(probs).exponential_(generator=generator)
     for row, req in enumerate(requests):
-        noise[row].exponential_(generator=req.generator)
+        if req.generator is not None:
+            noise[row].exponential_(generator=req.generator)
     choice = (probs / noise).argmax(dim=-1, keepdim=True)
     return sorted_ids.gather(1, choice).squeeze(1)
 

@@ -1,0 +1,135 @@
+"""Bad input raises ValueError with a message, and the same engine keeps generating correctly after it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from tiny_models import MAX_POSITIONS, VOCAB_SIZE
+
+MODEL = "llama"
+
+
+@pytest.fixture()
+def llm(engines: Any) -> Any:
+    return engines.get(MODEL, page_size=1, max_prefill_tokens=8192)
+
+
+@pytest.fixture()
+def still_works(llm: Any, reference: Callable[[str], Any]) -> Callable[[], None]:
+    """After an error the engine must still produce the exact greedy reference for a small batch."""
+    _, refs = reference(MODEL)
+
+    def check() -> None:
+        from minisgl.core import SamplingParams
+
+        results = llm.generate(
+            [refs[0].prompt, refs[3].prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        )
+        assert [r.token_ids for r in results] == [refs[0].output[:8], refs[3].output[:8]]
+
+    return check
+
+
+def _value_error(make_call: Callable[[], Any]) -> str:
+    """Runs a call that must raise ValueError (at SamplingParams construction or in generate)."""
+    with pytest.raises(ValueError) as info:
+        make_call()
+    assert str(info.value).strip(), "the ValueError carries no message"
+    return str(info.value)
+
+
+def _sp(**kwargs: Any) -> Any:
+    from minisgl.core import SamplingParams
+
+    return SamplingParams(**kwargs)
+
+
+def test_empty_prompt(llm: Any, still_works: Callable[[], None]) -> None:
+    _value_error(lambda: llm.generate([[]], _sp(max_tokens=4)))
+    still_works()
+    # one bad prompt among good ones rejects the call, and nothing of it leaks into the next one
+    _value_error(lambda: llm.generate([[5, 6, 7], [], [8, 9]], _sp(max_tokens=4)))
+    still_works()
+
+
+@pytest.mark.parametrize("max_tokens", [0, -3])
+def test_max_tokens_below_one(llm: Any, still_works: Callable[[], None], max_tokens: int) -> None:
+    _value_error(lambda: llm.generate([[5, 6, 7]], _sp(max_tokens=max_tokens)))
+    still_works()
+
+
+@pytest.mark.parametrize("length", [MAX_POSITIONS, MAX_POSITIONS + 50])
+def test_prompt_longer_than_context(llm: Any, still_works: Callable[[], None], length: int) -> None:
+    prompt = [3 + (i * 7) % (VOCAB_SIZE - 3) for i in range(length)]
+    message = _value_error(lambda: llm.generate([prompt], _sp(max_tokens=4)))
+    assert str(length) in message or "context" in message.lower() or "long" in message.lower(), message
+    still_works()
+
+
+def test_generation_stops_at_the_context_limit(llm: Any, reference: Callable[[str], Any]) -> None:
+    """prompt + 1 == max_position_embeddings is accepted; decoding stops when the context is full."""
+    import tiny_models
+
+    model, _ = reference(MODEL)
+    prompt = tiny_models.make_prompts(7, [MAX_POSITIONS - 6])[0]
+    want = tiny_models.greedy_reference(model, prompt, 6).output
+    result = llm.generate([prompt], _sp(temperature=0.0, max_tokens=16, ignore_eos=True))[0]
+    assert result.finish_reason == "length"
+    assert result.token_ids == want  # exactly 6 tokens: prompt + output fills the context
+    longest = llm.generate(
+        [prompt[:1] + prompt + prompt[:4]], _sp(temperature=0.0, max_tokens=16, ignore_eos=True)
+    )[0]
+    assert len(longest.token_ids) == 1 and longest.finish_reason == "length"
+
+
+def test_token_id_out_of_vocabulary(llm: Any, still_works: Callable[[], None]) -> None:
+    """Not in the written contract, but an id >= vocab_size must not reach the embedding."""
+    _value_error(lambda: llm.generate([[5, VOCAB_SIZE, 7]], _sp(max_tokens=4)))
+    still_works()
+    _value_error(lambda: llm.generate([[5, -1, 7]], _sp(max_tokens=4)))
+    still_works()
+
+
+def test_unknown_model_path(llm: Any, still_works: Callable[[], None], tmp_path: Any) -> None:
+    from minisgl.core import LLM
+
+    _value_error(lambda: LLM(str(tmp_path / "does-not-exist"), device="cpu", dtype="float32"))
+    _value_error(lambda: LLM("no-such-embedded-model-name", device="cpu", dtype="float32"))
+    still_works()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-0.5),
+        dict(top_p=0.0),
+        dict(top_p=-0.2),
+        dict(top_p=1.5),
+        dict(top_k=0),
+        dict(top_k=-2),
+    ],
+    ids=[
+        "temperature-negative",
+        "top_p-zero",
+        "top_p-negative",
+        "top_p-above-one",
+        "top_k-zero",
+        "top_k-minus-two",
+    ],
+)
+def test_bad_sampling_params(llm: Any, still_works: Callable[[], None], bad: dict[str, Any]) -> None:
+    _value_error(lambda: llm.generate([[5, 6, 7]], _sp(max_tokens=4, **bad)))
+    still_works()
+
+
+def test_sampling_params_list_of_wrong_length(llm: Any, still_works: Callable[[], None]) -> None:
+    _value_error(lambda: llm.generate([[5, 6, 7], [8, 9]], [_sp(max_tokens=4)]))
+    still_works()
+
+
+def test_valid_edge_sampling_params_are_accepted(llm: Any) -> None:
+    for good in (dict(top_p=1.0), dict(top_k=-1), dict(top_k=1), dict(temperature=0.0), dict(top_p=1e-6)):
+        result = llm.generate([[5, 6, 7]], _sp(max_tokens=2, ignore_eos=True, **good))[0]
+        assert len(result.token_ids) == 2, good
