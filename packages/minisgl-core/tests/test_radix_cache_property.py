@@ -64,8 +64,12 @@ operation = st.one_of(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(page_size=st.sampled_from([1, 2, 4]), num_pages=st.integers(12, 40), ops=st.lists(operation, max_size=60))
-def test_cache_matches_reference_and_keeps_ownership(page_size: int, num_pages: int, ops: list[tuple]) -> None:
+@given(
+    page_size=st.sampled_from([1, 2, 4]), num_pages=st.integers(12, 40), ops=st.lists(operation, max_size=60)
+)
+def test_cache_matches_reference_and_keeps_ownership(
+    page_size: int, num_pages: int, ops: list[tuple]
+) -> None:
     tables = RequestTables(max_rows=8, max_seq_len=16, page_size=page_size, device=torch.device("cpu"))
     kv = KVCacheManager(num_pages, tables, "radix")
     cache = kv.cache
@@ -84,7 +88,10 @@ def test_cache_matches_reference_and_keeps_ownership(page_size: int, num_pages: 
             kv.attach(req)
             assert req.pages == expected, "match disagrees with the reference"
             locked_pages = sum(len(n.pages) for n in cache.nodes() if n.lock_ref > 0)
-            if kv.available_pages < -(-len(ids) // page_size) - len(req.pages) or locked_pages > num_pages // 2:
+            if (
+                kv.available_pages < -(-len(ids) // page_size) - len(req.pages)
+                or locked_pages > num_pages // 2
+            ):
                 kv.detach(req)  # would not be admitted: too little memory
             else:
                 kv.grow(req, len(ids))
@@ -97,7 +104,7 @@ def test_cache_matches_reference_and_keeps_ownership(page_size: int, num_pages: 
                 req.num_computed = min(req.num_computed, op[2])
             kv.detach(req)
         elif op[0] == "match":
-            node, pages = cache.match(op[1])
+            _, pages = cache.match(op[1])
             assert pages == ref.match(op[1])
         elif op[0] == "evict":
             kv.allocator.free(cache.evict(op[1]))

@@ -55,7 +55,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, default=1)
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    parser.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "safetensors", "gguf", "dummy"],
+        help="dummy: random weights (bundled configs: qwen3-0.6b, qwen3-8b, llama-3.1-8b)",
+    )
+    parser.add_argument(
+        "--attn", default="auto", help="attention backend: auto, torch, fi, or PREFILL,DECODE"
+    )
+    parser.add_argument("--cache", default="radix", choices=["radix", "naive"])
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="0 disables decode CUDA graphs")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size (default: from memory)")
     parser.add_argument(
         "--engine",
         default="minisgl",
@@ -81,6 +93,11 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> float:
         max_running_requests=args.max_running_requests,
         max_prefill_tokens=args.max_prefill_tokens,
         load_format=args.load_format,
+        attn=args.attn,
+        cache=args.cache,
+        cuda_graph_max_bs=args.cuda_graph_max_bs,
+        max_seq_len=args.max_seq_len,
+        num_kv_pages=args.num_kv_pages,
     )
     params = [
         SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n)

@@ -46,6 +46,8 @@ def load_tokenizer(source: ModelSource) -> Any | None:
     """The model's tokenizer, or None when the model directory has none (token-id prompts still work)."""
     from transformers import AutoTokenizer
 
+    if source.config_only:
+        return None
     try:
         return AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
     except (OSError, ValueError, TypeError) as exc:
@@ -73,10 +75,14 @@ def build_model(
     device: torch.device,
     load_format: str,
 ) -> DecoderForCausalLM:
-    with _default_dtype(dtype), torch.device(device):
-        model = create_model(config)
     if load_format == "auto":
         load_format = "gguf" if source.is_gguf else "safetensors"
+    if source.config_only and load_format != "dummy":
+        raise ValueError(
+            f"model {source.name!r} is a bundled config without weights: use load_format='dummy'"
+        )
+    with _default_dtype(dtype), torch.device(device):
+        model = create_model(config)
     if load_format == "dummy":
         _init_dummy(model)
     else:

