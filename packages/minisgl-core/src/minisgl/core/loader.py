@@ -50,7 +50,8 @@ def load_tokenizer(source: ModelSource) -> Any | None:
         return None
     try:
         return AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
-    except (OSError, ValueError, TypeError) as exc:
+    # transformers 4.57 raises AttributeError from its slow-tokenizer converter when there is no tokenizer.
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
         logger.warning(
             "model %s has no usable tokenizer (%s); only token-id prompts will work", source.name, exc
         )
