@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from minisgl.core.request import Request
 
@@ -15,10 +15,12 @@ class Chunk:
     start: int
     end: int
 
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the request's last known token, so a new token is sampled after it."""
-        return self.end == self.req.seq_len
+    # Whether a token is sampled after this chunk, i.e. it reaches the request's last token. Fixed when the
+    # chunk is made: launching the batch appends a placeholder for that token to the request.
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.end == self.req.seq_len
 
 
 @dataclass

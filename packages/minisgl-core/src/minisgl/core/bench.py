@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from minisgl.core.model_source import DEFAULT_MODEL
+from minisgl.core.runtime import StepTiming
 
 
 @dataclass
@@ -104,9 +105,12 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> float:
         for n in workload.output_lens
     ]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    llm.runtime.timing = StepTiming()
     started = time.perf_counter()
     llm.generate(workload.prompts, params)
-    return time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    print(llm.runtime.timing.summary())
+    return elapsed
 
 
 def run_hf(args: argparse.Namespace, workload: Workload) -> float:

@@ -14,7 +14,7 @@ from minisgl.core.cuda_graph import DecodeGraphRunner
 from minisgl.core.forward_context import ForwardContext, forward_context
 from minisgl.core.kv_pool import KVPool
 from minisgl.core.models.decoder import DecoderForCausalLM
-from minisgl.core.sampler import sample
+from minisgl.core.sampler import SampleOutput, sample
 from minisgl.core.tables import RequestTables
 
 
@@ -27,6 +27,49 @@ class StepOutput:
     top_logprobs: list[dict[int, float] | None]
     # Logprobs of prompt tokens start+1 .. end (where known) for chunks that asked for them.
     prompt_logprobs: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class PendingStep:
+    """A launched step whose results are still on the way to the host."""
+
+    num_chunks: int
+    sampling: list[int]  # chunk index of each sampled row
+    result: SampleOutput | None
+    tokens_host: torch.Tensor | None
+    done: torch.cuda.Event | None
+    requested_logprobs: list[int]  # k asked for, per row of result.logprob_rows
+    prompt_logprobs: dict[int, torch.Tensor]
+
+    def wait(self) -> StepOutput:
+        """Block until the step has finished on the device; returns its results on the host."""
+        if self.done is not None:
+            self.done.synchronize()
+        n = self.num_chunks
+        output = StepOutput([None] * n, [None] * n, [None] * n, [[] for _ in range(n)])
+        for i, values in self.prompt_logprobs.items():
+            output.prompt_logprobs[i] = values.tolist()
+        if self.result is None or self.tokens_host is None:
+            return output
+        for row, token in zip(self.sampling, self.tokens_host.tolist(), strict=True):
+            output.tokens[row] = token
+        self._fill_logprobs(self.result, output)
+        return output
+
+    def _fill_logprobs(self, result: SampleOutput, output: StepOutput) -> None:
+        if result.chosen_logprobs is None:
+            return
+        chosen = result.chosen_logprobs.tolist()
+        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+        top_values = result.top_values.tolist() if result.top_values is not None else None
+        for j, row in enumerate(result.logprob_rows):
+            chunk = self.sampling[row]
+            output.logprobs[chunk] = chosen[j]
+            k = self.requested_logprobs[j]
+            tops = {}
+            if k and top_ids is not None and top_values is not None:
+                tops = dict(zip(top_ids[j][:k], top_values[j][:k], strict=True))
+            output.top_logprobs[chunk] = tops
 
 
 class Engine:
@@ -48,23 +91,49 @@ class Engine:
         # Draws the noise of sampled requests that have no seed of their own.
         self.generator = generator
         self.graphs = graphs
+        self._is_cuda = device.type == "cuda"
+        # Set once a step's host-to-device planning copies have run: FlashInfer's planner reuses pinned
+        # host buffers, so the next plan must not overwrite them before then.
+        self._planned: torch.cuda.Event | None = None
+
+    def step(self, batch: Batch) -> StepOutput:
+        return self.launch(batch).wait()
 
     @torch.inference_mode()
-    def step(self, batch: Batch) -> StepOutput:
+    def launch(self, batch: Batch) -> PendingStep:
+        """Enqueue one step on the device and return without waiting for it."""
+        if self._planned is not None:
+            self._planned.synchronize()
+        self.tables.flush()
         layout = self._layout(batch)
         rows = self._token_rows(batch.chunks)
         input_ids = self.tables.token_table[rows, layout.positions]
         if batch.is_decode and self.graphs is not None and self.graphs.fits(len(batch.chunks)):
-            logits = self.graphs.run(
+            graph_logits = self.graphs.run(
                 input_ids, layout.positions, layout.out_slots, layout.page_table, layout.kv_lens_host
             )
-            output = self._empty_output(len(batch.chunks))
-            self._sample(batch.chunks, list(range(len(batch.chunks))), logits, output)
-            return output
+            self._mark_planned()
+            return self._sample(batch.chunks, list(range(len(batch.chunks))), graph_logits, {})
         metadata = self.backend.prepare(layout, self.kv_pool)
+        self._mark_planned()
         with forward_context(ForwardContext(self.kv_pool, self.backend, metadata)):
             hidden = self.model(input_ids, layout.positions)
-        return self._sample_hidden(batch.chunks, hidden, layout)
+        first_rows = list(itertools.accumulate(layout.query_lens_host, initial=0))
+        prompt_logprobs = {
+            i: self._prompt_logprobs(c, hidden, first_rows[i])
+            for i, c in enumerate(batch.chunks)
+            if c.req.params.prompt_logprobs
+        }
+        sampling = [i for i, c in enumerate(batch.chunks) if c.samples]
+        logits = (
+            self.model.compute_logits(hidden[[first_rows[i + 1] - 1 for i in sampling]]) if sampling else None
+        )
+        return self._sample(batch.chunks, sampling, logits, prompt_logprobs)
+
+    def _mark_planned(self) -> None:
+        if self._is_cuda:
+            self._planned = torch.cuda.Event()
+            self._planned.record()
 
     def _token_rows(self, chunks: list[Chunk]) -> torch.Tensor:
         rows = [c.req.table_row for c in chunks for _ in range(c.end - c.start)]
@@ -96,43 +165,37 @@ class Engine:
             is_decode=batch.is_decode,
         )
 
-    @staticmethod
-    def _empty_output(size: int) -> StepOutput:
-        return StepOutput([None] * size, [None] * size, [None] * size, [[] for _ in range(size)])
-
-    def _sample_hidden(self, chunks: list[Chunk], hidden: torch.Tensor, layout: BatchLayout) -> StepOutput:
-        first_rows = list(itertools.accumulate(layout.query_lens_host, initial=0))
-        output = self._empty_output(len(chunks))
-        for i, chunk in enumerate(chunks):
-            if chunk.req.params.prompt_logprobs:
-                output.prompt_logprobs[i] = self._prompt_logprobs(chunk, hidden, first_rows[i])
-        sampling = [i for i, c in enumerate(chunks) if c.samples]
-        if sampling:
-            logits = self.model.compute_logits(hidden[[first_rows[i + 1] - 1 for i in sampling]])
-            self._sample(chunks, sampling, logits, output)
-        return output
-
     def _sample(
-        self, chunks: list[Chunk], sampling: list[int], logits: torch.Tensor, output: StepOutput
-    ) -> None:
-        result = sample(logits, [chunks[i].req for i in sampling], self.generator)
+        self,
+        chunks: list[Chunk],
+        sampling: list[int],
+        logits: torch.Tensor | None,
+        prompt_logprobs: dict[int, torch.Tensor],
+    ) -> PendingStep:
+        if logits is None:
+            return PendingStep(len(chunks), [], None, None, None, [], prompt_logprobs)
+        requests = [chunks[i].req for i in sampling]
+        result = sample(logits, requests, self.generator)
         # The next step reads its input ids from the token table: write the new tokens there on the device.
-        rows = torch.tensor([chunks[i].req.table_row for i in sampling], device=self.device)
-        columns = torch.tensor([chunks[i].end for i in sampling], device=self.device)
+        rows = torch.tensor([r.table_row for r in requests]).to(self.device, non_blocking=True)
+        columns = torch.tensor([chunks[i].end for i in sampling]).to(self.device, non_blocking=True)
         self.tables.token_table[rows, columns] = result.tokens
-        for j, token in enumerate(result.tokens.tolist()):
-            i = sampling[j]
-            output.tokens[i] = token
-            output.logprobs[i] = result.logprobs[j]
-            output.top_logprobs[i] = result.top_logprobs[j]
+        tokens_host = torch.empty(len(sampling), dtype=torch.int64, pin_memory=self._is_cuda)
+        tokens_host.copy_(result.tokens, non_blocking=True)
+        done = None
+        if self._is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        requested = [requests[row].params.logprobs or 0 for row in result.logprob_rows]
+        return PendingStep(len(chunks), sampling, result, tokens_host, done, requested, prompt_logprobs)
 
-    def _prompt_logprobs(self, chunk: Chunk, hidden: torch.Tensor, first_row: int) -> list[float]:
+    def _prompt_logprobs(self, chunk: Chunk, hidden: torch.Tensor, first_row: int) -> torch.Tensor:
         """Logprob of each prompt token at positions start+1 .. min(end, prompt_len - 1)."""
         prompt = chunk.req.prompt_ids
         last = min(chunk.end, len(prompt) - 1)
         if last <= chunk.start:
-            return []
+            return torch.empty(0)
         targets = torch.tensor(prompt[chunk.start + 1 : last + 1], device=self.device)
         rows = hidden[first_row : first_row + len(targets)]
         logprobs = self.model.compute_logits(rows).float().log_softmax(dim=-1)
-        return logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        return logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)

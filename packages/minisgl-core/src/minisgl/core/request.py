@@ -32,6 +32,9 @@ class Request:
     pages: list[int] = field(default_factory=list)
     num_tree_pages: int = 0
     cache_node: RadixNode | None = None
+    # Tokens appended to output_ids at launch whose values are still on the device (overlap scheduling):
+    # the last num_pending entries of output_ids are placeholders.
+    num_pending: int = 0
     # Admission order; retraction takes the newest requests first.
     admitted_at: int = -1
     num_retractions: int = 0
@@ -54,6 +57,15 @@ class Request:
 
     def all_token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def resolved_output_ids(self) -> list[int]:
+        """Generated tokens whose values are known on the host."""
+        return self.output_ids[: len(self.output_ids) - self.num_pending]
+
+    @property
+    def awaits_last_token(self) -> bool:
+        """Its final token is already in flight: nothing more to schedule for it."""
+        return len(self.output_ids) >= self.params.max_tokens
 
     @property
     def finished(self) -> bool:

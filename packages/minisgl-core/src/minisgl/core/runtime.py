@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,7 +18,7 @@ from minisgl.core.attention.flashinfer_backend import FlashInferBackend
 from minisgl.core.batch import Batch
 from minisgl.core.config import EngineConfig, ModelConfig, pages_for, parse_dtype, resolve_device
 from minisgl.core.cuda_graph import DecodeGraphRunner
-from minisgl.core.engine import Engine, StepOutput
+from minisgl.core.engine import Engine, PendingStep
 from minisgl.core.kv_cache import KVCacheManager
 from minisgl.core.kv_pool import KVPool
 from minisgl.core.loader import build_model, load_hf_config, load_model_config, load_tokenizer
@@ -36,14 +37,53 @@ ACTIVATION_RESERVE_BYTES = 3 << 30
 
 
 @dataclass
-class StepResult:
+class Launched:
     batch: Batch
-    output: StepOutput
+    pending: PendingStep
+
+
+@dataclass
+class StepResult:
+    """What one call of Runtime.step applied: the completed batch (None if it only launched one), the
+    tokens it gave each still-live request, and the requests that finished."""
+
+    batch: Batch | None
+    new_tokens: list[tuple[Request, int]]
     finished: list[Request]
 
     @property
     def num_new_tokens(self) -> int:
-        return sum(token is not None for token in self.output.tokens)
+        return len(self.new_tokens)
+
+
+@dataclass
+class StepTiming:
+    """Wall time of steps by kind (each step ends when its sampled tokens reach the host)."""
+
+    prefill_steps: int = 0
+    prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
+
+    def record(self, batch: Batch, seconds: float) -> None:
+        if batch.is_decode:
+            self.decode_steps += 1
+            self.decode_seconds += seconds
+            self.decode_tokens += batch.num_tokens
+        else:
+            self.prefill_steps += 1
+            self.prefill_seconds += seconds
+            self.prefill_tokens += batch.num_tokens
+
+    def summary(self) -> str:
+        decode_bs = self.decode_tokens / max(1, self.decode_steps)
+        return (
+            f"prefill: {self.prefill_steps} steps, {self.prefill_tokens} tokens, {self.prefill_seconds:.2f} s; "
+            f"decode: {self.decode_steps} steps, mean batch {decode_bs:.1f}, {self.decode_seconds:.2f} s "
+            f"({1000 * self.decode_seconds / max(1, self.decode_steps):.2f} ms/step)"
+        )
 
 
 class Runtime:
@@ -88,6 +128,11 @@ class Runtime:
             self.model_config.eos_token_ids,
         )
         self._rids = itertools.count()
+        self.timing = StepTiming()
+        # Overlap scheduling keeps up to two batches in flight: one running, one being prepared.
+        overlap = not (config.disable_overlap or env.DISABLE_OVERLAP_SCHEDULING.get())
+        self.max_in_flight = 2 if overlap else 1
+        self.in_flight: deque[Launched] = deque()
         logger.info(
             "loaded %s (%s) on %s in %s: %d KV pages of %d tokens, %s cache, context %d, in %.1f s",
             source.name,
@@ -166,25 +211,51 @@ class Runtime:
         return req
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.in_flight)
 
     def step(self) -> StepResult:
-        batch = self.scheduler.schedule()
-        if batch is None:
+        """Launch the next batch and apply the results of the oldest one in flight. With overlap
+        scheduling, batch N+1 is launched before batch N's results are applied, so the host prepares
+        the next step while the device runs the current one; a step may then apply nothing."""
+        started = time.perf_counter()
+        if self.in_flight and self.scheduler.needs_latest_tokens():
+            return self._complete(self.in_flight.popleft(), started)
+        launched = False
+        if len(self.in_flight) < self.max_in_flight:
+            batch = self.scheduler.schedule(allow_retract=not self.in_flight)
+            if batch is not None:
+                self.in_flight.append(Launched(batch, self.engine.launch(batch)))
+                self.scheduler.on_launch(batch)
+                launched = True
+        if not self.in_flight:
             raise RuntimeError("requests are waiting but none can run: the KV pool is too small for them")
-        output = self.engine.step(batch)
-        for chunk, prompt_logprobs, logprob, top in zip(
-            batch.chunks, output.prompt_logprobs, output.logprobs, output.top_logprobs, strict=True
+        if launched and len(self.in_flight) < self.max_in_flight:
+            return StepResult(None, [], [])
+        return self._complete(self.in_flight.popleft(), started)
+
+    def _complete(self, launched: Launched, started: float) -> StepResult:
+        batch, output = launched.batch, launched.pending.wait()
+        live = [c.req.finish_reason is None for c in batch.chunks]
+        for chunk, alive, prompt_logprobs, logprob, top in zip(
+            batch.chunks, live, output.prompt_logprobs, output.logprobs, output.top_logprobs, strict=True
         ):
+            if not alive:
+                continue
             _record_prompt_logprobs(chunk.req, chunk.start, prompt_logprobs)
             if logprob is not None:
                 chunk.req.output_logprobs.append(logprob)
                 chunk.req.output_top_logprobs.append(top or {})
         finished = self.scheduler.process(batch, output.tokens)
         finished += self._finish_on_stop_strings(batch)
-        if self.debug_checks:
+        new_tokens = [
+            (chunk.req, token)
+            for chunk, alive, token in zip(batch.chunks, live, output.tokens, strict=True)
+            if alive and token is not None
+        ]
+        if self.debug_checks and not self.in_flight:
             self.scheduler.check_integrity()
-        return StepResult(batch, output, finished)
+        self.timing.record(batch, time.perf_counter() - started)
+        return StepResult(batch, new_tokens, finished)
 
     def _finish_on_stop_strings(self, batch: Batch) -> list[Request]:
         finished = []
@@ -195,7 +266,7 @@ class Runtime:
                 if offset is not None:
                     req.stop_text_offset = offset
                     req.finish_reason = "stop"
-                    self.scheduler.release(req)
+                    self.scheduler.finish(req)
                     finished.append(req)
         return finished
 

@@ -13,10 +13,15 @@ from minisgl.core.request import Request
 
 @dataclass
 class SampleOutput:
-    tokens: torch.Tensor  # (batch,) int64, on the device
-    # Host lists, only filled for requests that asked for logprobs.
-    logprobs: list[float | None]
-    top_logprobs: list[dict[int, float] | None]
+    """Device tensors; nothing here forces a synchronisation."""
+
+    tokens: torch.Tensor  # (batch,) int64
+    # Rows (into the batch) of the requests that asked for logprobs, their chosen-token logprob and
+    # their top alternatives (k = the largest k asked for; each request keeps its own k).
+    logprob_rows: list[int]
+    chosen_logprobs: torch.Tensor | None
+    top_ids: torch.Tensor | None
+    top_values: torch.Tensor | None
 
 
 def sample(logits: torch.Tensor, requests: list[Request], generator: torch.Generator) -> SampleOutput:
@@ -27,8 +32,7 @@ def sample(logits: torch.Tensor, requests: list[Request], generator: torch.Gener
     random_rows = [i for i, req in enumerate(requests) if not req.params.is_greedy]
     if random_rows:
         tokens[random_rows] = _sample_rows(logits[random_rows], [requests[i] for i in random_rows], generator)
-    logprobs, top_logprobs = _logprobs(raw, tokens, requests)
-    return SampleOutput(tokens, logprobs, top_logprobs)
+    return _with_logprobs(raw, tokens, requests)
 
 
 def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -39,13 +43,12 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
     vocab = logits.shape[-1]
     for i in rows:
         params, req = requests[i].params, requests[i]
-        if req.output_ids and (params.presence_penalty or params.frequency_penalty):
-            counts = torch.bincount(torch.tensor(req.output_ids, device=logits.device), minlength=vocab)[
-                :vocab
-            ]
+        outputs = req.resolved_output_ids()
+        if outputs and (params.presence_penalty or params.frequency_penalty):
+            counts = torch.bincount(torch.tensor(outputs, device=logits.device), minlength=vocab)[:vocab]
             logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
         if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(req.prompt_ids) | set(req.output_ids)), device=logits.device)
+            seen = torch.tensor(sorted(set(req.prompt_ids) | set(outputs)), device=logits.device)
             values = logits[i, seen]
             penalty = params.repetition_penalty
             logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
@@ -54,13 +57,32 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
 
 def _sample_rows(logits: torch.Tensor, requests: list[Request], generator: torch.Generator) -> torch.Tensor:
     device = logits.device
-    vocab = logits.shape[-1]
     temperature = torch.tensor([r.params.temperature for r in requests], device=device).unsqueeze(1)
+    scaled = logits / temperature
+    # Exponential race: argmax_i(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i; in log space
+    # that is argmax(logit_i / T - log E_i), which needs no softmax. Requests with a seed draw their noise
+    # from their own generator (the same tokens whatever shares the batch); the others share one draw.
+    noise = torch.empty_like(scaled).exponential_(generator=generator)
+    for row, req in enumerate(requests):
+        if req.generator is not None:
+            noise[row].exponential_(generator=req.generator)
+    if not any(_filters(r) for r in requests):
+        return (scaled - noise.log()).argmax(dim=-1)
+    return _sample_filtered(scaled, noise, requests)
+
+
+def _filters(req: Request) -> bool:
+    return req.params.top_k > 0 or req.params.top_p < 1.0 or req.params.min_p > 0.0
+
+
+def _sample_filtered(scaled: torch.Tensor, noise: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Top-k, top-p and min-p in one sort of the vocabulary."""
+    device = scaled.device
+    vocab = scaled.shape[-1]
     top_p = torch.tensor([r.params.top_p for r in requests], device=device).unsqueeze(1)
     top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in requests], device=device)
     min_p = torch.tensor([r.params.min_p for r in requests], device=device).unsqueeze(1)
-
-    sorted_logits, sorted_ids = (logits / temperature).sort(dim=-1, descending=True)
+    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
@@ -68,35 +90,19 @@ def _sample_rows(logits: torch.Tensor, requests: list[Request], generator: torch
     outside_top_p = (probs.cumsum(dim=-1) - probs) > top_p
     below_min_p = probs < min_p * probs[:, :1]
     probs = probs.masked_fill(outside_top_p | below_min_p, 0.0)
-
-    # Exponential race: argmax(p / E) with E ~ Exp(1) picks index i with probability p_i / sum(p).
-    # Requests with a seed draw from their own generator (the same tokens whatever shares the batch);
-    # the others share one draw from the engine's generator.
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    for row, req in enumerate(requests):
-        if req.generator is not None:
-            noise[row].exponential_(generator=req.generator)
-    choice = (probs / noise).argmax(dim=-1, keepdim=True)
+    sorted_noise = noise.gather(1, sorted_ids)
+    choice = (probs / sorted_noise).argmax(dim=-1, keepdim=True)
     return sorted_ids.gather(1, choice).squeeze(1)
 
 
-def _logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, requests: list[Request]
-) -> tuple[list[float | None], list[dict[int, float] | None]]:
-    wanted = [i for i, req in enumerate(requests) if req.params.logprobs is not None]
-    chosen: list[float | None] = [None] * len(requests)
-    tops: list[dict[int, float] | None] = [None] * len(requests)
-    if not wanted:
-        return chosen, tops
-    logprobs = logits[wanted].log_softmax(dim=-1)
-    picked = logprobs.gather(1, tokens[wanted].unsqueeze(1)).squeeze(1).tolist()
-    max_k = max(requests[i].params.logprobs or 0 for i in wanted)
-    top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
-    for j, i in enumerate(wanted):
-        chosen[i] = picked[j]
-        k = requests[i].params.logprobs or 0
-        if k and top_values is not None and top_ids is not None:
-            tops[i] = dict(zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist(), strict=True))
-        else:
-            tops[i] = {}
-    return chosen, tops
+def _with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, requests: list[Request]) -> SampleOutput:
+    rows = [i for i, req in enumerate(requests) if req.params.logprobs is not None]
+    if not rows:
+        return SampleOutput(tokens, [], None, None, None)
+    logprobs = logits[rows].log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[rows].unsqueeze(1)).squeeze(1)
+    max_k = max(requests[i].params.logprobs or 0 for i in rows)
+    if max_k == 0:
+        return SampleOutput(tokens, rows, chosen, None, None)
+    top_values, top_ids = logprobs.topk(max_k, dim=-1)
+    return SampleOutput(tokens, rows, chosen, top_ids, top_values)

@@ -26,6 +26,9 @@ from minisgl.core.config import pages_for
 from minisgl.core.kv_cache import KVCacheManager
 from minisgl.core.request import FinishReason, Request
 
+# Stands in output_ids for a token that is sampled on the device but not yet copied to the host.
+PLACEHOLDER = -1
+
 logger = logging.getLogger(__name__)
 
 
@@ -105,21 +108,43 @@ class Scheduler:
 
     # ---- batch formation -------------------------------------------------------------------------
 
-    def schedule(self) -> Batch | None:
+    def schedule(self, allow_retract: bool = True) -> Batch | None:
+        """The next batch, or None if nothing can run now. Without allow_retract (a batch is in flight,
+        and retraction needs every request's tokens on the host) a batch that would need a retraction is
+        not formed: the caller completes the batch in flight and asks again."""
         batch = self._schedule_prefill()
         if batch is not None:
-            batch = self._fit(batch)
-        if batch is None and self.running:
-            batch = self._fit(
-                Batch([Chunk(r, r.num_computed, r.seq_len) for r in self.running], is_decode=True)
-            )
-            self.new_token_ratio = max(
-                self.min_new_token_ratio, self.new_token_ratio - self.new_token_ratio_decay
-            )
+            batch = self._fit(batch, allow_retract)
+        if batch is None:
+            decoding = [r for r in self.running if not self._fully_scheduled(r)]
+            if decoding:
+                batch = self._fit(
+                    Batch([Chunk(r, r.num_computed, r.seq_len) for r in decoding], True), allow_retract
+                )
+                ratio = self.new_token_ratio - self.new_token_ratio_decay
+                self.new_token_ratio = max(self.min_new_token_ratio, ratio)
         if batch is not None:
             for chunk in batch.chunks:
                 self.kv.grow(chunk.req, chunk.end)
         return batch
+
+    def _fully_scheduled(self, req: Request) -> bool:
+        """Its last token is already in flight (max_tokens or the context reached)."""
+        return req.awaits_last_token or req.seq_len >= self.max_seq_len
+
+    def on_launch(self, batch: Batch) -> None:
+        """The batch is on the device: its positions count as computed, and every sampling chunk gets a
+        placeholder token, so the next batch can be scheduled before the tokens reach the host."""
+        for chunk in batch.chunks:
+            chunk.req.num_computed = chunk.end
+            if chunk.samples:
+                chunk.req.output_ids.append(PLACEHOLDER)
+                chunk.req.num_pending += 1
+
+    def needs_latest_tokens(self) -> bool:
+        """Whether a running request's next step depends on its previous token's value on the host
+        (penalties count generated tokens), so the step in flight must complete first."""
+        return any(r.params.has_penalties for r in self.running)
 
     def _schedule_prefill(self) -> Batch | None:
         budget = self.max_prefill_tokens
@@ -151,10 +176,12 @@ class Scheduler:
     def _pages_needed(self, batch: Batch) -> int:
         return sum(max(0, pages_for(c.end, self.page_size) - len(c.req.pages)) for c in batch.chunks)
 
-    def _fit(self, batch: Batch) -> Batch | None:
+    def _fit(self, batch: Batch, allow_retract: bool) -> Batch | None:
         """Retract the newest requests until the batch's new pages fit; None if nothing is left to run."""
         retracted = 0
         while self._pages_needed(batch) > self.kv.available_pages:
+            if not allow_retract:
+                return None
             if len(self.running) <= 1:
                 raise RuntimeError(
                     "a lone request does not fit the KV pool; check_fits should have refused it"
@@ -175,6 +202,7 @@ class Scheduler:
     def _retract(self, req: Request) -> None:
         """Send a running request back to the front of the queue. Its computed KV stays in the prefix cache
         (until evicted), so resuming usually recomputes little; its outputs are kept."""
+        assert req.num_pending == 0, "retracting a request whose tokens are still in flight"
         self.running.remove(req)
         self.kv.detach(req)
         req.num_computed = 0
@@ -184,33 +212,42 @@ class Scheduler:
     # ---- applying a step's results ---------------------------------------------------------------
 
     def process(self, batch: Batch, tokens: list[int | None]) -> list[Request]:
-        """Advance every request of the batch; returns the requests that finished in this step."""
+        """Apply a completed batch's tokens; returns the requests that finished with them. Requests that
+        finished or were aborted while the batch was in flight are skipped."""
         finished: list[Request] = []
         for chunk, token in zip(batch.chunks, tokens, strict=True):
             req = chunk.req
-            req.num_computed = chunk.end
-            if token is None:
+            if token is None or req.finish_reason is not None:
                 continue
-            req.output_ids.append(token)
-            req.finish_reason = self._finish_reason(req, token)
+            index = chunk.end - len(req.prompt_ids)  # this token's place among the outputs
+            req.output_ids[index] = token
+            req.num_pending -= 1
+            req.finish_reason = self._finish_reason(req, token, index + 1)
             if req.finish_reason is not None:
+                self.finish(req)
                 finished.append(req)
-        for req in finished:
-            self.release(req)
         if not batch.is_decode:
             for chunk in batch.chunks:
-                if chunk.req.finish_reason is None:
+                if chunk.req.finish_reason is None and chunk.req in self.running:
                     self.kv.cache_progress(chunk.req)
         return finished
 
-    def _finish_reason(self, req: Request, token: int) -> FinishReason | None:
+    def _finish_reason(self, req: Request, token: int, num_outputs: int) -> FinishReason | None:
         if not req.params.ignore_eos and token in self.eos_token_ids:
             return "stop"
         if token in req.params.stop_token_id_set:
             return "stop"
-        if len(req.output_ids) >= req.params.max_tokens or req.seq_len >= self.max_seq_len:
+        if num_outputs >= req.params.max_tokens or len(req.prompt_ids) + num_outputs >= self.max_seq_len:
             return "length"
         return None
+
+    def finish(self, req: Request) -> None:
+        """Drop any token launched after the final one (it is discarded) and release the request."""
+        keep = len(req.output_ids) - req.num_pending
+        del req.output_ids[keep:]
+        req.num_pending = 0
+        req.num_computed = min(req.num_computed, req.seq_len)
+        self.release(req)
 
     def release(self, req: Request) -> None:
         """Take a finished request out of the running set, caching its KV and freeing the rest."""
@@ -226,8 +263,8 @@ class Scheduler:
                 return req
         for req in self.running:
             if req.rid == rid:
-                self.release(req)
                 req.finish_reason = "abort"
+                self.finish(req)
                 return req
         return None
 

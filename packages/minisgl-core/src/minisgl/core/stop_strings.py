@@ -21,11 +21,12 @@ class StopStringChecker:
         stops = req.params.stop or []
         if not stops or self.tokenizer is None:
             return None
+        outputs = req.resolved_output_ids()
         window = max(len(s) for s in stops) + _MARGIN_TOKENS
-        tail = self.tokenizer.decode(req.output_ids[-window:], skip_special_tokens=True)
+        tail = self.tokenizer.decode(outputs[-window:], skip_special_tokens=True)
         if not any(s in tail for s in stops):
             return None
         # Found in the tail: locate it exactly in the whole output (rare, so the full decode is fine).
-        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(outputs, skip_special_tokens=True)
         offsets = [text.find(s) for s in stops if s in text]
         return min(offsets) if offsets else None

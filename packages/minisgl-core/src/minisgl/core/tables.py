@@ -17,6 +17,8 @@ class RequestTables:
         self.token_table = torch.zeros(max_rows, max_seq_len + 1, dtype=torch.int64, device=device)
         self.page_table = torch.zeros(max_rows, max_pages, dtype=torch.int32, device=device)
         self._free_rows = list(range(max_rows - 1, -1, -1))
+        # Page-table writes are collected on the host and applied in one scatter per step.
+        self._pending: tuple[list[int], list[int], list[int]] = ([], [], [])
 
     @property
     def num_free_rows(self) -> int:
@@ -33,7 +35,20 @@ class RequestTables:
         self._free_rows.append(row)
 
     def set_pages(self, row: int, first_index: int, pages: list[int]) -> None:
-        """Record pages [first_index, first_index + len(pages)) of the request in `row`."""
-        if pages:
-            values = torch.tensor(pages, dtype=torch.int32)
-            self.page_table[row, first_index : first_index + len(pages)].copy_(values, non_blocking=True)
+        """Record pages [first_index, first_index + len(pages)) of the request in `row` (applied by flush)."""
+        rows, columns, values = self._pending
+        rows.extend([row] * len(pages))
+        columns.extend(range(first_index, first_index + len(pages)))
+        values.extend(pages)
+
+    def flush(self) -> None:
+        """Apply the recorded page-table writes; the engine calls this before each step."""
+        rows, columns, values = self._pending
+        if not rows:
+            return
+        device = self.page_table.device
+        self.page_table[
+            torch.tensor(rows).to(device, non_blocking=True),
+            torch.tensor(columns).to(device, non_blocking=True),
+        ] = torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+        self._pending = ([], [], [])
