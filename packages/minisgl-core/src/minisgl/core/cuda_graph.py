@@ -18,7 +18,6 @@ import torch
 from minisgl.core.attention.flashinfer_backend import (
     FlashInferBackend,
     FlashInferMetadata,
-    PagedIndex,
     paged_index,
 )
 from minisgl.core.forward_context import ForwardContext, forward_context
@@ -78,7 +77,10 @@ class DecodeGraphRunner:
                 paged_kv_last_page_len_buffer=self.last_page_len[:size],
             )
             self.wrappers[size] = wrapper
-            self.backend.plan_decode(wrapper, self._padded(None, size), self.page_size)
+            empty = self.indptr.new_zeros((0, 1))
+            self.backend.plan_decode(
+                wrapper, paged_index(empty, [], self.page_size, size, self.dummy_page), self.page_size
+            )
             metadata = FlashInferMetadata(wrapper, self.out_slots[:size])
             with forward_context(ForwardContext(self.kv_pool, self.backend, metadata)):
                 side = torch.cuda.Stream()
@@ -104,25 +106,6 @@ class DecodeGraphRunner:
         hidden = self.model(self.input_ids[:size], self.positions[:size])
         return self.model.compute_logits(hidden)
 
-    def _padded(self, index: PagedIndex | None, size: int) -> PagedIndex:
-        """Extend a batch's page index with padding rows that each read the dummy page."""
-        real = 0 if index is None else len(index.last_page_len)
-        pad = size - real
-        if index is None:
-            indptr, indices, last = (
-                torch.zeros(1, dtype=torch.int32),
-                self.indices[:0],
-                torch.ones(0, dtype=torch.int32),
-            )
-        else:
-            indptr, indices, last = index.indptr, index.indices, index.last_page_len
-        dummy = torch.full((pad,), self.dummy_page, dtype=torch.int32, device=self.indices.device)
-        return PagedIndex(
-            indptr=torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=torch.int32)]),
-            indices=torch.cat([indices, dummy]),
-            last_page_len=torch.cat([last, torch.ones(pad, dtype=torch.int32)]),
-        )
-
     def run(
         self,
         input_ids: torch.Tensor,
@@ -140,7 +123,7 @@ class DecodeGraphRunner:
         self.input_ids[real:size].zero_()
         self.positions[real:size].zero_()
         self.out_slots[real:size].fill_(self.dummy_page * self.page_size)
-        index = self._padded(paged_index(page_table, kv_lens, self.page_size), size)
+        index = paged_index(page_table, kv_lens, self.page_size, size - real, self.dummy_page)
         self.backend.plan_decode(self.wrappers[size], index, self.page_size)
         self.graphs[size].replay()
         return self.logits[size][:real]

@@ -16,6 +16,7 @@ from minisgl.core.kv_pool import KVPool
 from minisgl.core.models.decoder import DecoderForCausalLM
 from minisgl.core.sampler import SampleOutput, sample
 from minisgl.core.tables import RequestTables
+from minisgl.core.transfer import to_device
 
 
 @dataclass
@@ -126,7 +127,11 @@ class Engine:
         }
         sampling = [i for i, c in enumerate(batch.chunks) if c.samples]
         logits = (
-            self.model.compute_logits(hidden[[first_rows[i + 1] - 1 for i in sampling]]) if sampling else None
+            self.model.compute_logits(
+                hidden[to_device([first_rows[i + 1] - 1 for i in sampling], torch.int64, self.device)]
+            )
+            if sampling
+            else None
         )
         return self._sample(batch.chunks, sampling, logits, prompt_logprobs)
 
@@ -137,7 +142,7 @@ class Engine:
 
     def _token_rows(self, chunks: list[Chunk]) -> torch.Tensor:
         rows = [c.req.table_row for c in chunks for _ in range(c.end - c.start)]
-        return torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        return to_device(rows, torch.int64, self.device)
 
     def _layout(self, batch: Batch) -> BatchLayout:
         chunks = batch.chunks
@@ -147,18 +152,20 @@ class Engine:
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
-        positions = torch.tensor(positions_host, dtype=torch.int64).to(self.device, non_blocking=True)
-        request_rows = torch.tensor([c.req.table_row for c in chunks], dtype=torch.int64).to(self.device)
+        positions = to_device(positions_host, torch.int64, self.device)
+        request_rows = to_device([c.req.table_row for c in chunks], torch.int64, self.device)
         page_table = self.tables.page_table[request_rows]
         token_request = torch.repeat_interleave(
-            torch.arange(len(chunks), device=self.device), torch.tensor(query_lens, device=self.device)
+            torch.arange(len(chunks), device=self.device),
+            to_device(query_lens, torch.int64, self.device),
+            output_size=len(positions_host),
         )
         pages = page_table[token_request, positions // page_size].long()
         return BatchLayout(
             positions=positions,
             out_slots=pages * page_size + positions % page_size,
-            query_starts=torch.tensor(starts, dtype=torch.int64).to(self.device),
-            kv_lens=torch.tensor([c.end for c in chunks], dtype=torch.int64).to(self.device),
+            query_starts=to_device(starts, torch.int64, self.device),
+            kv_lens=to_device([c.end for c in chunks], torch.int64, self.device),
             page_table=page_table,
             query_lens_host=query_lens,
             kv_lens_host=[c.end for c in chunks],
@@ -177,8 +184,8 @@ class Engine:
         requests = [chunks[i].req for i in sampling]
         result = sample(logits, requests, self.generator)
         # The next step reads its input ids from the token table: write the new tokens there on the device.
-        rows = torch.tensor([r.table_row for r in requests]).to(self.device, non_blocking=True)
-        columns = torch.tensor([chunks[i].end for i in sampling]).to(self.device, non_blocking=True)
+        rows = to_device([r.table_row for r in requests], torch.int64, self.device)
+        columns = to_device([chunks[i].end for i in sampling], torch.int64, self.device)
         self.tables.token_table[rows, columns] = result.tokens
         tokens_host = torch.empty(len(sampling), dtype=torch.int64, pin_memory=self._is_cuda)
         tokens_host.copy_(result.tokens, non_blocking=True)
@@ -195,7 +202,7 @@ class Engine:
         last = min(chunk.end, len(prompt) - 1)
         if last <= chunk.start:
             return torch.empty(0)
-        targets = torch.tensor(prompt[chunk.start + 1 : last + 1], device=self.device)
+        targets = to_device(prompt[chunk.start + 1 : last + 1], torch.int64, self.device)
         rows = hidden[first_row : first_row + len(targets)]
         logprobs = self.model.compute_logits(rows).float().log_softmax(dim=-1)
         return logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)

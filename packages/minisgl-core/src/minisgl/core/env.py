@@ -58,6 +58,9 @@ INIT_NEW_TOKEN_RATIO = EnvVar(
 )
 MIN_NEW_TOKEN_RATIO = EnvVar("MINISGL_MIN_NEW_TOKEN_RATIO", 0.1, "the floor the ratio decays to")
 NEW_TOKEN_RATIO_DECAY = EnvVar("MINISGL_NEW_TOKEN_RATIO_DECAY", 0.001, "ratio decrease per decode step")
+DISABLE_FUSED_OPS = EnvVar(
+    "MINISGL_DISABLE_FUSED_OPS", False, "use plain torch instead of FlashInfer's fused norm/activation/RoPE"
+)
 LOG_LEVEL = EnvVar("MINISGL_LOG_LEVEL", "INFO", "logging level of the minisgl loggers")
 KERNEL_CACHE = EnvVar("MINISGL_KERNEL_CACHE", "", "directory of JIT-built kernels (read by minisgl-kernels)")
 
@@ -67,6 +70,7 @@ ALL = (
     INIT_NEW_TOKEN_RATIO,
     MIN_NEW_TOKEN_RATIO,
     NEW_TOKEN_RATIO_DECAY,
+    DISABLE_FUSED_OPS,
     LOG_LEVEL,
     KERNEL_CACHE,
 )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from minisgl.kernels import store_kv
+
 
 class KVPool:
     def __init__(
@@ -44,5 +46,6 @@ class KVPool:
         return self._v[layer].flatten(0, 1)
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k_slots(layer).index_copy_(0, slots, k)
-        self.v_slots(layer).index_copy_(0, slots, v)
+        """Write k[i], v[i] (tokens, kv_heads, head_dim) to token slot slots[i] of the layer: one fused
+        minisgl-kernels kernel on CUDA, its torch reference elsewhere."""
+        store_kv(self.k_slots(layer), self.v_slots(layer), k, v, slots)

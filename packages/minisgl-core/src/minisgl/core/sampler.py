@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from minisgl.core.request import Request
+from minisgl.core.transfer import to_device
 
 
 @dataclass
@@ -31,7 +32,8 @@ def sample(logits: torch.Tensor, requests: list[Request], generator: torch.Gener
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, req in enumerate(requests) if not req.params.is_greedy]
     if random_rows:
-        tokens[random_rows] = _sample_rows(logits[random_rows], [requests[i] for i in random_rows], generator)
+        index = to_device(random_rows, torch.int64, logits.device)
+        tokens[index] = _sample_rows(logits[index], [requests[i] for i in random_rows], generator)
     return _with_logprobs(raw, tokens, requests)
 
 
@@ -57,7 +59,7 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
 
 def _sample_rows(logits: torch.Tensor, requests: list[Request], generator: torch.Generator) -> torch.Tensor:
     device = logits.device
-    temperature = torch.tensor([r.params.temperature for r in requests], device=device).unsqueeze(1)
+    temperature = to_device([r.params.temperature for r in requests], torch.float32, device).unsqueeze(1)
     scaled = logits / temperature
     # Exponential race: argmax_i(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i; in log space
     # that is argmax(logit_i / T - log E_i), which needs no softmax. Requests with a seed draw their noise
@@ -79,9 +81,11 @@ def _sample_filtered(scaled: torch.Tensor, noise: torch.Tensor, requests: list[R
     """Top-k, top-p and min-p in one sort of the vocabulary."""
     device = scaled.device
     vocab = scaled.shape[-1]
-    top_p = torch.tensor([r.params.top_p for r in requests], device=device).unsqueeze(1)
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in requests], device=device)
-    min_p = torch.tensor([r.params.min_p for r in requests], device=device).unsqueeze(1)
+    top_p = to_device([r.params.top_p for r in requests], torch.float32, device).unsqueeze(1)
+    top_k = to_device(
+        [r.params.top_k if r.params.top_k > 0 else vocab for r in requests], torch.int64, device
+    )
+    min_p = to_device([r.params.min_p for r in requests], torch.float32, device).unsqueeze(1)
     sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
@@ -99,8 +103,9 @@ def _with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, requests: list[Re
     rows = [i for i, req in enumerate(requests) if req.params.logprobs is not None]
     if not rows:
         return SampleOutput(tokens, [], None, None, None)
-    logprobs = logits[rows].log_softmax(dim=-1)
-    chosen = logprobs.gather(1, tokens[rows].unsqueeze(1)).squeeze(1)
+    index = to_device(rows, torch.int64, logits.device)
+    logprobs = logits[index].log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1)
     max_k = max(requests[i].params.logprobs or 0 for i in rows)
     if max_k == 0:
         return SampleOutput(tokens, rows, chosen, None, None)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from minisgl.core.transfer import pinned, to_device
+
 
 class RequestTables:
     def __init__(self, max_rows: int, max_seq_len: int, page_size: int, device: torch.device) -> None:
@@ -26,7 +28,7 @@ class RequestTables:
 
     def acquire_row(self, prompt_ids: list[int]) -> int:
         row = self._free_rows.pop()
-        ids = torch.tensor(prompt_ids, dtype=torch.int64)
+        ids = pinned(prompt_ids, torch.int64)
         self.token_table[row, : len(prompt_ids)].copy_(ids, non_blocking=True)
         return row
 
@@ -47,8 +49,6 @@ class RequestTables:
         if not rows:
             return
         device = self.page_table.device
-        self.page_table[
-            torch.tensor(rows).to(device, non_blocking=True),
-            torch.tensor(columns).to(device, non_blocking=True),
-        ] = torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+        rows_dev, columns_dev = to_device(rows, torch.int64, device), to_device(columns, torch.int64, device)
+        self.page_table[rows_dev, columns_dev] = to_device(values, torch.int32, device)
         self._pending = ([], [], [])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
 from minisgl.core.kv_pool import KVPool
+from minisgl.core.transfer import to_device
 
 
 @dataclass
@@ -37,7 +38,7 @@ class TorchAttentionBackend(AttentionBackend):
         pages = layout.page_table[:, kv_positions // page_size].long()
         kv_slots = pages * page_size + kv_positions % page_size
 
-        query_lens = torch.tensor(layout.query_lens_host, device=device)
+        query_lens = to_device(layout.query_lens_host, torch.int64, device)
         row_of_token = torch.repeat_interleave(torch.arange(batch, device=device), query_lens)
         offset_in_row = torch.arange(len(layout.positions), device=device) - layout.query_starts[row_of_token]
         padded_index = row_of_token * max_q + offset_in_row

@@ -1,10 +1,5 @@
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from minisgl.core.fused_ops import silu_and_mul
 
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU: silu(gate) * up, where gate and up are the two halves of the last dimension."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+__all__ = ["silu_and_mul"]

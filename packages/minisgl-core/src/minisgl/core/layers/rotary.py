@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from minisgl.core.fused_ops import rotate_half_rope
+
 
 def _inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -39,8 +41,7 @@ def _llama3_scale(inv_freq: torch.Tensor, scaling: dict[str, Any], factor: float
 
 
 class RotaryEmbedding(nn.Module):
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos_sin: torch.Tensor
 
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
@@ -48,21 +49,11 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = _inverse_frequencies(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        # Kept in float32: casting the tables to bf16 would round the angles of long positions.
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # Kept in float32 whatever the model dtype: bf16 angles would be wrong for long positions.
+        self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim)."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+        return rotate_half_rope(positions, q, k, self.cos_sin)
