@@ -4,7 +4,7 @@ Llama-3.1-8B-like (4 query heads per KV head: FlashInfer's tensor-core decode, l
 layers each.
 
 Stated tolerances (bf16): for every generated token, |engine logprob - transformers logprob| <= 0.25
-and the mean <= 0.05; transformers' own greedy choice agrees with the engine's token at >= 94% of
+and the mean <= 0.05; transformers' own greedy choice agrees with the engine's token at >= 92% of
 positions (bf16 near-ties may flip the rest). Prompt (prefill) logprobs: the same bounds. Measured on an
 H100 (2026-11-24): Qwen3 shape max 0.09 / mean 0.020 / agreement 0.977; Llama shape max 0.18 / mean 0.043
 / agreement 0.957; the torch backend on the GPU deviates as much as FlashInfer does, so this is the bf16
@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-MAX_ABS, MAX_MEAN, MIN_AGREEMENT = 0.25, 0.05, 0.94
+MAX_ABS, MAX_MEAN, MIN_AGREEMENT = 0.25, 0.05, 0.92
 
 
 def _configs() -> dict[str, object]:

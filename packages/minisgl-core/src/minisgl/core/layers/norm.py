@@ -3,6 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minisgl.core.fused_ops import add_rms_norm, rms_norm
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, as the reference implementation does, then cast back (fused on CUDA)."""
@@ -13,17 +15,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def forward_with_residual(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the residual, then normalize; returns (normalized, new residual)."""
-        residual = x + residual
-        return self.forward(residual), residual
+        """Add the residual, then normalize; returns (normalized, new residual). On CUDA the results are
+        written over the inputs."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
     def load_weight(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         if tensor.shape != self.weight.shape:
