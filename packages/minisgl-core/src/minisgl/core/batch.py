@@ -14,6 +14,8 @@ class Chunk:
     req: Request
     start: int
     end: int
+    # False for a one-token decode step (also when it rides along in a prefill batch).
+    is_prefill: bool = True
 
     # Whether a token is sampled after this chunk, i.e. it reaches the request's last token. Fixed when the
     # chunk is made: launching the batch appends a placeholder for that token to the request.

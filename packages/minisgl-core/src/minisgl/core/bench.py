@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="0 disables decode CUDA graphs")
     parser.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size (default: from memory)")
+    parser.add_argument("--disable-overlap", action="store_true", help="no overlap scheduling (ablation)")
+    parser.add_argument("--no-mixed-batches", action="store_true", help="decode waits for prefill batches")
     parser.add_argument(
         "--engine",
         default="minisgl",
@@ -99,6 +101,8 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> float:
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         max_seq_len=args.max_seq_len,
         num_kv_pages=args.num_kv_pages,
+        disable_overlap=args.disable_overlap,
+        mix_decode_into_prefill=not args.no_mixed_batches,
     )
     params = [
         SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n)

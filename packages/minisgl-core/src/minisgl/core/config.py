@@ -176,6 +176,8 @@ class EngineConfig:
     cache: str = "radix"
     # Attention backend: "auto" (fi on CUDA, torch on CPU), "torch", "fi", or "prefill,decode".
     attn: str = "auto"
+    # Decode steps of running requests ride along in prefill batches instead of waiting for them.
+    mix_decode_into_prefill: bool = True
     # Overlap scheduling (prepare step N+1 while step N runs); also off with MINISGL_DISABLE_OVERLAP_SCHEDULING=1.
     disable_overlap: bool = False
     # Decode CUDA graphs up to this batch size; None: min(256, max_running_requests); 0 disables them.

@@ -126,6 +126,7 @@ class Runtime:
             config.max_running_requests,
             config.max_prefill_tokens,
             self.model_config.eos_token_ids,
+            config.mix_decode_into_prefill,
         )
         self._rids = itertools.count()
         self.timing = StepTiming()

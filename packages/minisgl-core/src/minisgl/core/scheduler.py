@@ -40,8 +40,12 @@ class Scheduler:
         max_running_requests: int,
         max_prefill_tokens: int,
         eos_token_ids: tuple[int, ...],
+        mix_decode_into_prefill: bool = True,
     ) -> None:
         self.kv = kv
+        # Decode steps of running requests join prefill batches: while prompts are being prefilled, the
+        # requests already generating keep going (prefill is compute-bound, decode memory-bound).
+        self.mix_decode_into_prefill = mix_decode_into_prefill
         self.page_size = kv.page_size
         self.max_seq_len = max_seq_len
         self.max_running_requests = max_running_requests
@@ -118,15 +122,17 @@ class Scheduler:
         if batch is None:
             decoding = [r for r in self.running if not self._fully_scheduled(r)]
             if decoding:
-                batch = self._fit(
-                    Batch([Chunk(r, r.num_computed, r.seq_len) for r in decoding], True), allow_retract
-                )
+                batch = self._fit(Batch([self._decode_chunk(r) for r in decoding], True), allow_retract)
                 ratio = self.new_token_ratio - self.new_token_ratio_decay
                 self.new_token_ratio = max(self.min_new_token_ratio, ratio)
         if batch is not None:
             for chunk in batch.chunks:
                 self.kv.grow(chunk.req, chunk.end)
         return batch
+
+    @staticmethod
+    def _decode_chunk(req: Request) -> Chunk:
+        return Chunk(req, req.num_computed, req.seq_len, is_prefill=False)
 
     def _fully_scheduled(self, req: Request) -> bool:
         """Its last token is already in flight (max_tokens or the context reached)."""
@@ -167,7 +173,17 @@ class Scheduler:
                 fresh_prompts.add(tuple(req.prompt_ids))
             chunks.append(self._prefill_chunk(req, budget))
             budget -= chunks[-1].end - chunks[-1].start
-        return Batch(chunks, is_decode=False) if chunks else None
+        if not chunks:
+            return None
+        if self.mix_decode_into_prefill:
+            prefilling = {id(c.req) for c in chunks}
+            decoding = [
+                self._decode_chunk(r)
+                for r in self.running
+                if id(r) not in prefilling and not r.is_prefilling and not self._fully_scheduled(r)
+            ]
+            chunks = decoding + chunks
+        return Batch(chunks, is_decode=False)
 
     @staticmethod
     def _prefill_chunk(req: Request, budget: int) -> Chunk:
@@ -226,10 +242,9 @@ class Scheduler:
             if req.finish_reason is not None:
                 self.finish(req)
                 finished.append(req)
-        if not batch.is_decode:
-            for chunk in batch.chunks:
-                if chunk.req.finish_reason is None and chunk.req in self.running:
-                    self.kv.cache_progress(chunk.req)
+        for chunk in batch.chunks:
+            if chunk.is_prefill and chunk.req.finish_reason is None and chunk.req in self.running:
+                self.kv.cache_progress(chunk.req)
         return finished
 
     def _finish_reason(self, req: Request, token: int, num_outputs: int) -> FinishReason | None:
