@@ -181,7 +181,8 @@ def int64_array(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
-def _pack_default(obj: Any) -> msgpack.ExtType:
+def _pack_default(obj: Any) -> Any:
+    """msgpack's hook for what it cannot pack itself: registered messages and token arrays."""
     type_id = _TYPE_IDS.get(type(obj))
     if type_id is not None:
         values = [getattr(obj, name) for name in _INIT_FIELDS[type(obj)]]
@@ -195,9 +196,9 @@ def _pack_default(obj: Any) -> msgpack.ExtType:
             return msgpack.ExtType(_EXT_INT64, obj.astype("<i8", copy=False).tobytes())
         raise TypeError(f"arrays must be int32 or int64, got {obj.dtype}")
     if isinstance(obj, np.integer):
-        return int(obj)  # type: ignore[return-value]
+        return int(obj)
     if isinstance(obj, np.floating):
-        return float(obj)  # type: ignore[return-value]
+        return float(obj)
     raise TypeError(f"{type(obj).__name__} is not a registered message type and cannot be sent")
 
 

@@ -140,12 +140,16 @@ class Scheduler:
 
     def on_launch(self, batch: Batch) -> None:
         """The batch is on the device: its positions count as computed, and every sampling chunk gets a
-        placeholder token, so the next batch can be scheduled before the tokens reach the host."""
+        placeholder token, so the next batch can be scheduled before the tokens reach the host.
+        Prefilled prefixes go to the prefix cache now, not when the results arrive, so that the next
+        batch can already share them: any batch reading them runs after this one on the device."""
         for chunk in batch.chunks:
             chunk.req.num_computed = chunk.end
             if chunk.samples:
                 chunk.req.output_ids.append(PLACEHOLDER)
                 chunk.req.num_pending += 1
+            if chunk.is_prefill:
+                self.kv.cache_progress(chunk.req)
 
     def needs_latest_tokens(self) -> bool:
         """Whether a running request's next step depends on its previous token's value on the host
@@ -242,9 +246,6 @@ class Scheduler:
             if req.finish_reason is not None:
                 self.finish(req)
                 finished.append(req)
-        for chunk in batch.chunks:
-            if chunk.is_prefill and chunk.req.finish_reason is None and chunk.req in self.running:
-                self.kv.cache_progress(chunk.req)
         return finished
 
     def _finish_reason(self, req: Request, token: int, num_outputs: int) -> FinishReason | None:
