@@ -40,6 +40,14 @@ class EnvVar(Generic[T]):
             if raw.lower() in _FALSE:
                 return False  # type: ignore[return-value]
             raise ValueError("expected 1/0, true/false, yes/no or on/off")
+        if self.name == "MINISGL_LOG_LEVEL" and raw.upper() not in (
+            "DEBUG",
+            "INFO",
+            "WARNING",
+            "ERROR",
+            "CRITICAL",
+        ):
+            raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
         if kind is float:
             return float(raw)  # type: ignore[return-value]
         if kind is int:

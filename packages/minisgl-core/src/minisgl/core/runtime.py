@@ -90,6 +90,7 @@ class Runtime:
     def __init__(self, model: str, config: EngineConfig) -> None:
         config.validate()
         env.check_all()
+        logging.getLogger("minisgl").setLevel(env.LOG_LEVEL.get().upper())
         self.config = config
         started = time.perf_counter()
         source = resolve_model(model)
