@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisgl.core.distributed import all_gather_last_dim, all_reduce, get_tp
+from minisgl.kernels import gather_rows
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -21,13 +22,10 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden_size), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if get_tp().size == 1:
-            return F.embedding(ids, self.weight)
-        # Ids outside this rank's slice look up row 0 and are zeroed; the all-reduce sums the slices.
-        in_range = (ids >= self.vocab_start) & (ids < self.vocab_end)
-        local = torch.where(in_range, ids - self.vocab_start, 0)
-        out = F.embedding(local, self.weight) * in_range.unsqueeze(-1).to(self.weight.dtype)
-        return all_reduce(out)
+        # minisgl-kernels' row gather: ids outside this rank's slice give zero rows (a fused kernel on
+        # CUDA, its torch reference elsewhere); the all-reduce then sums the ranks' slices.
+        rows = gather_rows(self.weight, ids, self.vocab_start, self.vocab_end)
+        return rows if get_tp().size == 1 else all_reduce(rows)
 
     def load_weight(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
         if tensor.shape != (self.vocab_size, self.hidden_size):
