@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import minisgl.server
-from minisgl.server.cli import DEFAULT_MODEL, SERVE_NOT_READY, main
+from minisgl.server.cli import DEFAULT_MODEL, main
 
 
 def _exit_code(argv: list[str]) -> int | str | None:
@@ -29,8 +29,8 @@ def test_version() -> None:
     [
         ([], ["generate", "bench", "serve"]),
         (["generate"], ["--model", "--prompt", "--max-tokens", "--temperature", "--device", "--dtype"]),
-        (["bench"], ["offline"]),
-        (["serve"], ["issue 5"]),
+        (["bench"], ["offline", "serve"]),
+        (["serve"], ["--model", "--host", "--port", "--device", "--dtype", "--tp", "--attn", "--cache"]),
     ],
 )
 def test_help(argv: list[str], expected: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,9 +61,42 @@ def test_unknown_option_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_serve_is_not_implemented(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--port", "8000"]) == 2
-    assert SERVE_NOT_READY in capsys.readouterr().err
+def test_serve_passes_checked_args(monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[Any] = []
+    import minisgl.server.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "serve", lambda args: received.append(args) or 0)
+    assert main(["serve", "--port", "8000", "--device", "cpu", "--max-queued-requests", "3"]) == 0
+    (args,) = received
+    assert (args.port, args.device, args.max_queued_requests, args.host) == (8000, "cpu", 3, "127.0.0.1")
+
+
+def test_mini_sglang_spelling_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    received: list[Any] = []
+    import minisgl.server.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "serve", lambda args: received.append(args) or 0)
+    assert main(["--model", "some/dir", "--tp", "1"]) == 0
+    assert received[0].model == "some/dir"
+
+
+def test_mini_sglang_spelling_opens_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    import minisgl.server.cli as cli
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(cli, "_find_shell", lambda: lambda argv: calls.append(argv) or 0)
+    assert main(["--model", "m", "--shell", "--device", "cpu"]) == 0
+    assert calls == [["--model", "m", "--device", "cpu"]]
+
+
+def test_shell_flag_without_the_shell_package(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import minisgl.server.cli as cli
+
+    monkeypatch.setattr(cli, "_find_shell", lambda: None)
+    assert main(["--model", "m", "--shell"]) == 2
+    assert "pip install minisgl-shell" in capsys.readouterr().err
 
 
 @dataclass

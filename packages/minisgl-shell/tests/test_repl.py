@@ -1,11 +1,17 @@
-"""The shell's command syntax and its placeholder entry point."""
+"""The shell: command syntax, and the REPL loop over a fake backend (no engine)."""
 
 from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 import minisgl.shell
-from minisgl.shell.repl import COMMANDS, NOT_READY, help_text, main, parse_command
+from minisgl.shell.client import ChatSettings, EngineLost, ShellError
+from minisgl.shell.repl import COMMANDS, Repl, build_parser, help_text, parse_command
 
 
 def test_version() -> None:
@@ -43,6 +49,132 @@ def test_help_lists_every_command() -> None:
         assert parse_command(f"/{name}") == (name, "")
 
 
-def test_main_says_not_ready(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 2
-    assert NOT_READY in capsys.readouterr().err
+class FakeBackend:
+    """Replies "echo: <last user message>" in pieces; records every conversation it was sent."""
+
+    name = "fake"
+
+    def __init__(self, fail: Exception | None = None, hang_on: str | None = None) -> None:
+        self.seen: list[list[dict[str, str]]] = []
+        self.fail = fail
+        self.hang_on = hang_on
+
+    async def start(self) -> None:
+        pass
+
+    async def stream_chat(self, messages: list[dict[str, str]], settings: ChatSettings) -> AsyncIterator[str]:
+        self.seen.append(messages)
+        if self.fail is not None:
+            raise self.fail
+        text = messages[-1]["content"]
+        yield "echo: "
+        if text == self.hang_on:
+            await asyncio.sleep(3600)
+        yield text
+
+    async def close(self) -> None:
+        pass
+
+
+def run_lines(backend: Any, lines: list[str], system: str | None = None) -> tuple[int, str]:
+    out = io.StringIO()
+    pending = list(lines)
+
+    async def read() -> str:
+        if not pending:
+            raise EOFError
+        return pending.pop(0)
+
+    status = asyncio.run(Repl(backend, ChatSettings(), system, out).run(read))
+    return status, out.getvalue()
+
+
+def test_two_turns_keep_the_conversation_and_reset_forgets_it() -> None:
+    backend = FakeBackend()
+    status, out = run_lines(backend, ["first", "second", "/reset", "third", "/exit", "never read"])
+    assert status == 0
+    assert "echo: first\n" in out and "echo: second\n" in out and "(conversation reset)" in out
+    assert backend.seen[1] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "echo: first"},
+        {"role": "user", "content": "second"},
+    ]
+    assert backend.seen[2] == [{"role": "user", "content": "third"}]
+
+
+def test_system_message_starts_every_conversation() -> None:
+    backend = FakeBackend()
+    run_lines(backend, ["hi"], system="be brief")
+    assert backend.seen[0][0] == {"role": "system", "content": "be brief"}
+
+
+def test_unknown_command_prints_help_and_goes_on() -> None:
+    status, out = run_lines(FakeBackend(), ["/frobnicate now", "/help", "", "hello"])
+    assert status == 0  # end of input leaves like /exit
+    assert "unknown command /frobnicate" in out
+    assert out.count(help_text()) == 2 and "echo: hello" in out
+
+
+def test_a_failed_reply_is_reported_and_the_shell_goes_on() -> None:
+    status, out = run_lines(FakeBackend(fail=ShellError("HTTP 400: too long")), ["hi", "/exit"])
+    assert status == 0 and "error: HTTP 400: too long" in out
+
+
+def test_a_lost_engine_ends_the_shell() -> None:
+    status, out = run_lines(FakeBackend(fail=EngineLost("scheduler died")), ["hi", "never"])
+    assert status == 1 and "error: scheduler died" in out
+
+
+def test_an_interrupted_reply_is_forgotten() -> None:
+    backend = FakeBackend(hang_on="long story")
+    out = io.StringIO()
+    repl = Repl(backend, ChatSettings(), None, out)
+
+    async def scenario() -> None:
+        turn = asyncio.ensure_future(repl.turn("long story"))
+        while "echo: " not in out.getvalue():
+            await asyncio.sleep(0.01)
+        # What Ctrl-C does: the SIGINT handler cancels the task that streams the reply.
+        streaming = [t for t in asyncio.all_tasks() if t is not turn and t is not asyncio.current_task()]
+        for task in streaming:
+            task.cancel()
+        await turn
+        await repl.turn("short")
+
+    asyncio.run(scenario())
+    assert "(interrupted)" in out.getvalue()
+    assert backend.seen[-1] == [{"role": "user", "content": "short"}]
+    assert repl.history == [
+        {"role": "user", "content": "short"},
+        {"role": "assistant", "content": "echo: short"},
+    ]
+
+
+def test_parser_has_chat_and_engine_flags() -> None:
+    text = build_parser().format_help()
+    for flag in (
+        "--url",
+        "--max-tokens",
+        "--temperature",
+        "--system",
+        "--model",
+        "--device",
+        "--max-running-requests",
+    ):
+        assert flag in text
+    options = build_parser().parse_args(["--url", "http://x:1", "--temperature", "0"])
+    assert (options.url, options.temperature, options.log_level) == ("http://x:1", 0.0, "warning")
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"), [(["--temperature", "-1"], "--temperature"), (["--top-p", "0"], "--top-p")]
+)
+def test_bad_sampling_options_name_the_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from minisgl.shell.repl import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--url", "http://127.0.0.1:9", *argv])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err

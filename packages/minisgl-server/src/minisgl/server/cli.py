@@ -1,8 +1,10 @@
 """The `minisgl` command line.
 
+    minisgl serve [--model M] [--port 1919] ...                 the OpenAI-compatible server
     minisgl generate --prompt "What is the capital of France?"   offline generation on one process
     minisgl bench offline [ARGS...]                              the offline throughput benchmark
-    minisgl serve ...                                            the OpenAI-compatible server (issue 5)
+    minisgl bench serve [ARGS...]                                latency and throughput of a running server
+    python -m minisgl --model M [--shell]                        mini-sglang's spelling: serve, or the shell
 
 Heavy imports (torch, the engine) happen inside the subcommands, so that `--help` stays instant.
 """
@@ -11,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-DEFAULT_MODEL = "smollm2-135m"
-SERVE_NOT_READY = "`minisgl serve` is not implemented yet (see issue 5)"
+from minisgl.server.args import DEFAULT_MODEL, add_engine_arguments, add_server_arguments, args_from_namespace
+
+SHELL_FLAGS = ("--shell", "--shell-mode")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,35 +57,69 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks (commands, not tests).")
     bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
-    # add_help=False: every argument after `offline`, --help included, belongs to minisgl.core.bench.
+    # add_help=False: every argument after `offline` / `serve`, --help included, belongs to the benchmark.
     bench_kinds.add_parser(
         "offline",
         add_help=False,
         help="offline engine throughput; arguments are those of minisgl.core.bench (try --help)",
     )
-
-    commands.add_parser(
+    bench_kinds.add_parser(
         "serve",
-        help="the OpenAI-compatible HTTP server (arrives with issue 5)",
-        description="Launch the OpenAI-compatible HTTP server. Not implemented yet: it arrives with issue 5.",
+        add_help=False,
+        help="replay a workload against a running server: TTFT, TPOT, latency, throughput (try --help)",
     )
+
+    serve = commands.add_parser(
+        "serve",
+        help="the OpenAI-compatible HTTP server",
+        description="Load a model and serve it over an OpenAI-compatible HTTP API "
+        "(/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics).",
+    )
+    add_engine_arguments(serve)
+    add_server_arguments(serve)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--") and argv[0] != "--help":
+        return _mini_sglang_style(argv)
     parser = build_parser()
-    args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    if args.command == "bench" and args.bench_kind == "offline":
-        return _bench_offline(rest)
-    if args.command == "serve":
-        print(SERVE_NOT_READY, file=sys.stderr)
-        return 2
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return _bench_offline(rest) if args.bench_kind == "offline" else _bench_serve(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "serve":
+        from minisgl.server.serve import serve
+
+        return serve(args_from_namespace(args))
     if args.command == "generate":
         return _generate(args)
     parser.error(f"unknown command {args.command!r}")
     return 2  # unreachable: parser.error exits
+
+
+def _mini_sglang_style(argv: list[str]) -> int:
+    """`python -m minisgl --model M [--shell]`: serve, or open the shell on a local engine."""
+    if any(flag in argv for flag in SHELL_FLAGS):
+        shell = _find_shell()
+        if shell is None:
+            print(
+                "minisgl: --shell needs the minisgl-shell package: pip install minisgl-shell", file=sys.stderr
+            )
+            return 2
+        status = shell([a for a in argv if a not in SHELL_FLAGS])
+        return status if isinstance(status, int) else 0
+    return main(["serve", *argv])
+
+
+def _find_shell() -> Any:
+    """The shell's entry point, found through package metadata: the server does not import the shell
+    (it sits above the server), the shell registers itself in the `minisgl.commands` group."""
+    for entry in importlib.metadata.entry_points(group="minisgl.commands", name="shell"):
+        return entry.load()
+    return None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -98,6 +137,12 @@ def _generate(args: argparse.Namespace) -> int:
     for result in results:
         print(result.text)
     return 0
+
+
+def _bench_serve(argv: list[str]) -> int:
+    from minisgl.server.bench_serve import main as bench_serve_main
+
+    return bench_serve_main(argv)
 
 
 def _bench_offline(argv: list[str]) -> int:

@@ -1,13 +1,32 @@
-"""The `minisgl-shell` REPL.
+"""The `minisgl-shell` REPL: chat with a model, the reply streamed as it is generated.
 
-Only the command syntax exists so far; the streaming chat loop arrives with issue 5. A line is either a
-slash command (`/help`, `/reset`, `/exit`) or a chat message; `//text` sends `/text` as a message.
+    minisgl-shell                          a local engine on the embedded model (same flags as `minisgl serve`)
+    minisgl-shell --model DIR --device cpu
+    minisgl-shell --url http://127.0.0.1:1919     a running server
+    python -m minisgl --model M --shell           the same, as mini-sglang users type it
+
+A line is either a slash command (`/help`, `/reset`, `/exit`) or a chat message; `//text` sends `/text` as
+a message. The conversation is kept until /reset. Ctrl-C stops a reply being generated (the shell stays);
+Ctrl-C at the prompt clears the line; Ctrl-D or /exit leaves.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from minisgl.shell.client import (
+    ChatBackend,
+    ChatSettings,
+    EngineLost,
+    LocalBackend,
+    RemoteBackend,
+    ShellError,
+)
 
 COMMANDS: dict[str, str] = {
     "help": "show this help",
@@ -15,7 +34,6 @@ COMMANDS: dict[str, str] = {
     "exit": "leave the shell (Ctrl-D does the same)",
 }
 ALIASES: dict[str, str] = {"quit": "exit", "q": "exit", "h": "help", "?": "help"}
-NOT_READY = "The minisgl shell is not implemented yet: it arrives with issue 5."
 
 
 def help_text() -> str:
@@ -47,9 +65,179 @@ def parse_command(line: str) -> tuple[str, str]:
     return "unknown", "/" + word
 
 
+class Repl:
+    def __init__(self, backend: ChatBackend, settings: ChatSettings, system: str | None, out: TextIO) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.system = system
+        self.out = out
+        self.history: list[dict[str, str]] = []
+
+    def say(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    async def run(self, read_line: Callable[[], Any]) -> int:
+        """Read lines until /exit or end of input; returns the exit status."""
+        self.say(f"minisgl shell: chatting with {self.backend.name}. /help lists the commands.")
+        while True:
+            try:
+                line = await read_line()
+            except KeyboardInterrupt:
+                continue  # Ctrl-C at the prompt: a fresh line
+            except EOFError:
+                self.say()
+                return 0
+            kind, argument = parse_command(line)
+            if kind == "exit":
+                return 0
+            if kind == "help":
+                self.say(help_text())
+            elif kind == "reset":
+                self.history.clear()
+                self.say("(conversation reset)")
+            elif kind == "unknown":
+                self.say(f"unknown command {argument}")
+                self.say(help_text())
+            elif kind == "text":
+                try:
+                    await self.turn(argument)
+                except EngineLost as exc:
+                    self.say(f"error: {exc}")
+                    return 1
+
+    async def turn(self, text: str) -> None:
+        """One exchange: stream the reply; Ctrl-C stops it and forgets this turn."""
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        messages += [*self.history, {"role": "user", "content": text}]
+        reply: list[str] = []
+        task = asyncio.ensure_future(self._stream(messages, reply))
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGINT, task.cancel)
+            handles_sigint = True
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+            handles_sigint = False
+        try:
+            await task
+        except asyncio.CancelledError:
+            self.say("\n(interrupted)")
+            return
+        except ShellError as exc:
+            if isinstance(exc, EngineLost):
+                raise
+            self.say(f"\nerror: {exc}")
+            return
+        finally:
+            if handles_sigint:
+                loop.remove_signal_handler(signal.SIGINT)
+        self.say()
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(reply)}]
+
+    async def _stream(self, messages: list[dict[str, str]], reply: list[str]) -> None:
+        async for piece in self.backend.stream_chat(messages, self.settings):
+            reply.append(piece)
+            self.out.write(piece)
+            self.out.flush()
+
+
+def _line_reader(interactive: bool) -> Callable[[], Any]:
+    """prompt_toolkit on a terminal (history, editing); plain lines from a pipe."""
+    if interactive:
+        from prompt_toolkit import PromptSession
+
+        session: PromptSession[str] = PromptSession()
+
+        def prompt() -> Any:
+            return session.prompt_async("you> ")
+
+        return prompt
+
+    async def read() -> str:
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        if not line:
+            raise EOFError
+        return line
+
+    return read
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minisgl.server.args import add_engine_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="minisgl-shell",
+        description="Chat with a model in the terminal: a local engine, or a running server with --url.",
+    )
+    chat = parser.add_argument_group("chat")
+    chat.add_argument("--url", default=None, help="use a running server (e.g. http://127.0.0.1:1919)")
+    chat.add_argument("--api-key", default=None, help="the server's API key, with --url")
+    chat.add_argument("--max-tokens", type=_positive_int, default=512, help="longest reply (default 512)")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
+    chat.add_argument("--system", default=None, help="a system message starting every conversation")
+    add_engine_arguments(parser)
+    parser.set_defaults(log_level="warning")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    print(NOT_READY, file=sys.stderr)
-    return 2
+    from minisgl.server.args import args_from_namespace, setup_logging
+
+    parser = build_parser()
+    options = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    setup_logging(options.log_level)
+    settings = ChatSettings(options.max_tokens, options.temperature, options.top_p)
+    try:
+        settings.check()
+    except ValueError as exc:
+        parser.error(str(exc))
+    engine = None
+    if options.url is not None:
+        backend: ChatBackend = RemoteBackend(options.url, options.api_key)
+    else:
+        from minisgl.server.launch import LaunchError, launch_engine
+
+        server_args = args_from_namespace(options)
+        print(f"loading {server_args.model} ...", file=sys.stderr, flush=True)
+        try:
+            engine = launch_engine(server_args)
+        except LaunchError as exc:
+            print(f"minisgl-shell: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        backend = LocalBackend(engine, server_args.model_name)
+    try:
+        return asyncio.run(_run(backend, settings, options.system))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if engine is not None:
+            engine.shutdown()
+
+
+async def _run(backend: ChatBackend, settings: ChatSettings, system: str | None) -> int:
+    try:
+        await backend.start()
+    except EngineLost as exc:
+        print(f"minisgl-shell: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        repl = Repl(backend, settings, system, sys.stdout)
+        return await repl.run(_line_reader(sys.stdin.isatty() and sys.stdout.isatty()))
+    finally:
+        await backend.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API: request checks, response objects, and the Starlette app."""

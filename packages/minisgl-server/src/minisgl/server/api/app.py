@@ -1,0 +1,340 @@
+"""The OpenAI-compatible HTTP API (a Starlette app): routes, and the life of one generation request.
+
+A request is checked (protocol.py), submitted as one group, and answered only once the engine's first
+event for it arrives: a refusal (too long, queue full) is then still a proper 400 / 503, even for a
+stream. A client that goes away, while waiting or mid-stream, aborts its requests, which frees their KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from minisgl.core import messages as msg
+from minisgl.server.api.protocol import ApiError, GenerationSpec, parse_chat, parse_completion
+from minisgl.server.api.responses import ResponseBuilder
+from minisgl.server.engine_client import EngineClient, EngineError, EngineGone, Generation
+from minisgl.server.metrics import Metrics
+
+logger = logging.getLogger("minisgl.server.api")
+
+HEALTH_TIMEOUT_S = 5.0
+METRICS_STATS_TIMEOUT_S = 5.0
+T = TypeVar("T")
+
+
+@dataclass
+class ServerState:
+    client: EngineClient
+    model_name: str
+    model_path: str
+    context_length: int | None = None
+    api_key: str | None = None
+    log_requests: bool = False
+    started: int = field(default_factory=lambda: int(time.time()))
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.model_name)
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected."""
+
+
+def build_app(state: ServerState) -> Starlette:
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error},
+    )
+    app.state.server = state
+    return app
+
+
+def _state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.server
+    return state
+
+
+# ---- errors -----------------------------------------------------------------------------------------------
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = "not found" if exc.status_code == 404 else exc.detail
+    return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {message}"))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    logger.exception("internal error on %s %s", request.method, request.url.path)
+    return error_response(ApiError(500, f"internal server error: {type(exc).__name__}"))
+
+
+def _check_api_key(request: Request) -> None:
+    key = _state(request).api_key
+    if key is not None and request.headers.get("authorization", "") != f"Bearer {key}":
+        raise ApiError(
+            401, "invalid or missing API key (send `Authorization: Bearer KEY`)", code="invalid_api_key"
+        )
+
+
+async def _json_body(request: Request) -> Any:
+    data = await request.body()
+    if not data.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# ---- simple routes --------------------------------------------------------------------------------------
+
+
+async def health(request: Request) -> Response:
+    """200 only when the scheduler answers a query through the tokenizer worker, now."""
+    client = _state(request).client
+    try:
+        stats = await client.stats(HEALTH_TIMEOUT_S)
+    except (EngineError, TimeoutError) as exc:
+        reason = exc.message if isinstance(exc, EngineError) else "the scheduler did not answer in time"
+        return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
+    return JSONResponse(
+        {"status": "ok", "running": stats.get("num_running"), "waiting": stats.get("num_waiting")}
+    )
+
+
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    try:
+        stats: dict[str, Any] | None = await state.client.stats(METRICS_STATS_TIMEOUT_S)
+    except (EngineError, TimeoutError):
+        stats = None
+    return PlainTextResponse(state.metrics.render(stats), media_type="text/plain; version=0.0.4")
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "minisgl",
+        "root": state.model_path,
+        "max_model_len": state.context_length,
+    }
+
+
+async def list_models(request: Request) -> Response:
+    _check_api_key(request)
+    return JSONResponse({"object": "list", "data": [_model_card(_state(request))]})
+
+
+async def get_model(request: Request) -> Response:
+    _check_api_key(request)
+    state = _state(request)
+    name = request.path_params["model"]
+    if name != state.model_name:
+        raise ApiError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+    return JSONResponse(_model_card(state))
+
+
+# ---- generation -------------------------------------------------------------------------------------------
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, parse_chat)
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, parse_completion)
+
+
+async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec]) -> Response:
+    _check_api_key(request)
+    state = _state(request)
+    try:
+        spec = parse(await _json_body(request), state.model_name)
+    except ValueError as exc:  # SamplingParams' own checks
+        raise ApiError(400, str(exc), str(exc).split(" ", 1)[0]) from None
+    requests = _engine_requests(state.client, spec)
+    try:
+        generation = state.client.submit(requests)
+    except EngineError as exc:
+        state.metrics.request_rejected(exc.status)
+        raise ApiError(exc.status, exc.message, exc.param, exc.code) from None
+    run = _Run(state, spec, generation, time.perf_counter())
+    streaming = False
+    try:
+        first = await _unless_disconnected(request, generation.next_event())
+        if isinstance(first, msg.RequestError):
+            state.metrics.request_rejected(first.status)
+            return error_response(ApiError(first.status, first.message, first.param, first.code))
+        if isinstance(first, EngineGone):
+            return error_response(ApiError(503, first.reason, code="engine_unavailable"))
+        run.accept(first)
+        if spec.stream:
+            streaming = True  # from here on, the stream closes the generation
+            return StreamingResponse(
+                run.stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        return JSONResponse(await _unless_disconnected(request, run.collect()))
+    except ClientGone:
+        run.close()
+        return Response(status_code=499)
+    except EngineError as exc:
+        return error_response(ApiError(exc.status, exc.message, exc.param, exc.code))
+    finally:
+        if not streaming:
+            generation.close()
+
+
+def _engine_requests(client: EngineClient, spec: GenerationSpec) -> list[msg.GenerateRequest]:
+    requests = []
+    for prompt in spec.prompts:
+        ids = msg.int32_array(prompt.token_ids) if prompt.token_ids is not None else None
+        for sample in range(spec.n):
+            params = spec.params
+            if spec.n > 1 and params.seed is not None:
+                params = dataclasses.replace(params, seed=params.seed + sample)
+            requests.append(
+                msg.GenerateRequest(
+                    uid=client.new_uid(),
+                    params=params,
+                    prompt=prompt.text,
+                    messages=prompt.messages,
+                    prompt_ids=ids,
+                    max_tokens_auto=spec.max_tokens_auto,
+                    stop=spec.stop,
+                    skip_special_tokens=spec.skip_special_tokens,
+                )
+            )
+    return requests
+
+
+async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, unless the client disconnects first (then raise ClientGone)."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    raise ClientGone
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _Run:
+    """One accepted generation request: its outputs, timings, and the response being built."""
+
+    def __init__(
+        self, state: ServerState, spec: GenerationSpec, generation: Generation, arrived: float
+    ) -> None:
+        self.state = state
+        self.spec = spec
+        self.generation = generation
+        self.arrived = arrived
+        self.builder = ResponseBuilder(spec, generation.uids)
+        self.first: msg.RequestOutput | None = None
+
+    def accept(self, first: msg.RequestOutput) -> None:
+        self.first = first
+
+    async def _outputs(self) -> AsyncIterator[msg.RequestOutput]:
+        if self.first is not None:
+            first, self.first = self.first, None
+            yield first
+        async for output in self.generation.outputs():
+            yield output
+
+    def _record(self, output: msg.RequestOutput) -> Any:
+        now = time.perf_counter()
+        choice = self.builder.add(output, now)
+        if output.finish_reason is not None:
+            ttft = None if choice.first_token_at is None else choice.first_token_at - self.arrived
+            self.state.metrics.request_finished(
+                output.finish_reason,
+                output.num_prompt_tokens,
+                output.num_cached_tokens,
+                output.num_output_tokens,
+                ttft,
+                now - self.arrived,
+            )
+            if self.state.log_requests:
+                logger.info(
+                    "request %d finished (%s): prompt %d (cached %d), output %d tokens, %.3f s",
+                    output.uid, output.finish_reason, output.num_prompt_tokens,
+                    output.num_cached_tokens, output.num_output_tokens, now - self.arrived,
+                )  # fmt: skip
+        return choice
+
+    async def collect(self) -> dict[str, Any]:
+        async for output in self._outputs():
+            self._record(output)
+        return self.builder.response()
+
+    async def stream(self) -> AsyncIterator[str]:
+        try:
+            for chunk in self.builder.opening_chunks():
+                yield chunk
+            try:
+                async for output in self._outputs():
+                    choice = self._record(output)
+                    for chunk in self.builder.output_chunks(output, choice):
+                        yield chunk
+            except EngineError as exc:
+                # Headers are sent: say why in an error frame, and end every open choice with "abort".
+                yield "data: " + json.dumps(ApiError(exc.status, exc.message, code=exc.code).body()) + "\n\n"
+                for chunk in self.builder.abort_chunks():
+                    yield chunk
+            for chunk in self.builder.closing_chunks():
+                yield chunk
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort whatever has not finished (the client went away) and count it."""
+        if self.generation.unfinished:
+            self.state.metrics.requests_aborted(len(self.generation.unfinished))
+        self.generation.close()

@@ -1,0 +1,360 @@
+"""OpenAI request bodies in, checked GenerationSpecs out; anything wrong is an ApiError (400/404).
+
+Every field is checked for its type and range here, before anything reaches the engine: a bad request
+never costs the engine anything, and its error names the field (`param`), as OpenAI's errors do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from minisgl.core.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+
+MAX_N = 128
+MAX_SEQUENCES = 1024  # prompts x n in one request
+MAX_STOP_STRINGS = 16
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _error_type(status)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 404:
+        return "not_found_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+@dataclass
+class Prompt:
+    """One prompt: text (completions), a chat (messages), or token ids."""
+
+    text: str | None = None
+    messages: list[dict[str, str]] | None = None
+    token_ids: list[int] | None = None
+
+
+@dataclass
+class GenerationSpec:
+    """A checked request of either endpoint."""
+
+    chat: bool
+    model: str
+    prompts: list[Prompt]
+    params: SamplingParams
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens_auto: bool = False
+    stop: list[str] = field(default_factory=list)
+    # None: no logprobs; k: the chosen token's logprob plus the k most likely alternatives.
+    top_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+
+# ---- field readers --------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _number(
+    body: dict[str, Any],
+    name: str,
+    default: float,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> float:
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a number, got {_type_name(value)}", name)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        bounds = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ApiError(400, f"'{name}' must be in {bounds}, got {value}", name)
+    return float(value)
+
+
+def _integer(
+    body: dict[str, Any], name: str, default: int | None, low: int | None = None, high: int | None = None
+) -> int | None:
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"'{name}' must be an integer, got {_type_name(value)}", name)
+    if low is not None and value < low:
+        raise ApiError(400, f"'{name}' must be >= {low}, got {value}", name)
+    if high is not None and value > high:
+        raise ApiError(400, f"'{name}' must be <= {high}, got {value}", name)
+    return value
+
+
+def _boolean(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be a boolean, got {_type_name(value)}", name)
+    return value
+
+
+def _token_ids(value: Any, name: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise ApiError(400, f"'{name}' must be a list of integer token ids", name)
+    if any(t < 0 for t in value):
+        raise ApiError(400, f"'{name}' holds a negative token id", name)
+    return value
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ApiError(400, "'stop' must be a string or a list of strings", "stop")
+    if len(value) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(value)}", "stop")
+    if any(not s for s in value):
+        raise ApiError(400, "'stop' strings must not be empty", "stop")
+    return list(dict.fromkeys(value))
+
+
+def _reject_unsupported(body: dict[str, Any], harmless: dict[str, tuple[Any, ...]]) -> None:
+    """Fields this server does not implement: refused unless they hold a value that changes nothing."""
+    for name, allowed in harmless.items():
+        if name in body and body[name] not in allowed:
+            raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
+
+
+def _model(body: dict[str, Any], served: str) -> str:
+    model = body.get("model", _MISSING)
+    if model is _MISSING or model is None:
+        return served
+    if not isinstance(model, str):
+        raise ApiError(400, f"'model' must be a string, got {_type_name(model)}", "model")
+    if model != served:
+        raise ApiError(
+            404,
+            f"The model '{model}' does not exist; this server serves '{served}'",
+            "model",
+            "model_not_found",
+        )
+    return model
+
+
+# ---- the two endpoints ----------------------------------------------------------------------------------
+
+
+def parse_chat(body: Any, served_model: str) -> GenerationSpec:
+    body = _object(body)
+    model = _model(body, served_model)
+    messages = _messages(body.get("messages", _MISSING))
+    _reject_unsupported(
+        body,
+        {
+            "tools": (None, []),
+            "functions": (None, []),
+            "tool_choice": (None, "none", "auto"),
+            "function_call": (None, "none", "auto"),
+            "response_format": (None, {"type": "text"}),
+            "logit_bias": (None, {}),
+            "audio": (None,),
+            "modalities": (None, ["text"]),
+            "prediction": (None,),
+        },
+    )
+    max_tokens = _integer(body, "max_completion_tokens", None, 1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", None, 1)
+    logprobs = _boolean(body, "logprobs", False)
+    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    spec = _common(body, model, chat=True, prompts=[Prompt(messages=messages)], max_tokens=max_tokens)
+    spec.top_logprobs = (top or 0) if logprobs else None
+    spec.params.logprobs = spec.top_logprobs
+    return spec
+
+
+def parse_completion(body: Any, served_model: str) -> GenerationSpec:
+    body = _object(body)
+    model = _model(body, served_model)
+    prompts = _prompts(body.get("prompt", _MISSING))
+    _reject_unsupported(
+        body,
+        {"suffix": (None, ""), "echo": (None, False), "logit_bias": (None, {}), "best_of": (None, 1)},
+    )
+    max_tokens = _integer(body, "max_tokens", 16, 1)
+    top = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+    spec = _common(body, model, chat=False, prompts=prompts, max_tokens=max_tokens)
+    spec.top_logprobs = top
+    spec.params.logprobs = top
+    return spec
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {_type_name(body)}")
+    return body
+
+
+def _common(
+    body: dict[str, Any], model: str, chat: bool, prompts: list[Prompt], max_tokens: int | None
+) -> GenerationSpec:
+    n = _integer(body, "n", 1, 1, MAX_N)
+    assert n is not None
+    if n * len(prompts) > MAX_SEQUENCES:
+        raise ApiError(400, f"n x prompts must be at most {MAX_SEQUENCES}, got {n * len(prompts)}", "n")
+    stream = _boolean(body, "stream", False)
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise ApiError(400, "'stream_options' must be an object", "stream_options")
+        if not stream:
+            raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+        include_usage = _boolean(options, "include_usage", False)
+    top_k = _integer(body, "top_k", -1, -1)
+    stop_token_ids = body.get("stop_token_ids")
+    stop = _stop(body)
+    params = SamplingParams(
+        max_tokens=max_tokens or 1,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=-1 if top_k in (0, -1) else top_k,  # type: ignore[arg-type]
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        seed=_integer(body, "seed", None, -(2**63), 2**63 - MAX_N - 1),
+        stop_token_ids=_token_ids(stop_token_ids, "stop_token_ids") if stop_token_ids is not None else None,
+        stop=stop or None,
+        ignore_eos=_boolean(body, "ignore_eos", False),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 2.0, low_open=True),
+    )
+    return GenerationSpec(
+        chat=chat,
+        model=model,
+        prompts=prompts,
+        params=params,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens_auto=max_tokens is None,
+        stop=stop,
+        skip_special_tokens=_boolean(body, "skip_special_tokens", True),
+    )
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if value is _MISSING or value is None:
+        raise ApiError(400, "'messages' is required", "messages")
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, "'messages' must be a non-empty array", "messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ApiError(400, f"'{where}' must be an object, got {_type_name(message)}", where)
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise ApiError(
+                400, f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role"
+            )
+        content = _content(message.get("content"), f"{where}.content", allow_none=role == "assistant")
+        messages.append({"role": "system" if role == "developer" else role, "content": content})
+    return messages
+
+
+def _content(value: Any, where: str, allow_none: bool) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None and allow_none:
+        return ""
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise ApiError(
+                    400, f'\'{where}\' parts must be {{"type": "text", "text": ...}} objects', where
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ApiError(
+        400, f"'{where}' must be a string or an array of text parts, got {_type_name(value)}", where
+    )
+
+
+def _prompts(value: Any) -> list[Prompt]:
+    if value is _MISSING or value is None:
+        raise ApiError(400, "'prompt' is required", "prompt")
+    if isinstance(value, str):
+        return [Prompt(text=value)]
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return [Prompt(text=p) for p in value]
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            return [Prompt(token_ids=_token_ids(value, "prompt"))]
+        if all(isinstance(p, list) for p in value):
+            if not all(value):
+                raise ApiError(400, "'prompt' token-id lists must not be empty", "prompt")
+            return [Prompt(token_ids=_token_ids(p, "prompt")) for p in value]
+    raise ApiError(
+        400,
+        "'prompt' must be a string, a non-empty array of strings, an array of token ids, "
+        "or an array of token-id arrays",
+        "prompt",
+    )

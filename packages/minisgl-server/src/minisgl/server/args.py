@@ -1,0 +1,335 @@
+"""ServerArgs: every option of `minisgl serve` (and of the shell's local engine), parsed and checked.
+
+Each flag's type function checks its value, so a bad value fails at the command line with an error that
+names the flag (argparse prefixes "argument --flag:"). No torch import here: `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_PORT = 1919
+ATTENTION_BACKENDS = ("torch", "fi", "fa3")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+CACHES = ("radix", "naive")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model: str = DEFAULT_MODEL
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    api_key: str | None = None
+    # engine
+    device: str = "auto"
+    dtype: str = "auto"
+    tp: int = 1
+    attn: str = "auto"
+    cache: str = "radix"
+    page_size: int = 1
+    max_running_requests: int = 256
+    max_prefill_length: int = 8192
+    max_queued_requests: int | None = None
+    cuda_graph_max_bs: int | None = None
+    disable_overlap: bool = False
+    no_mixed_batches: bool = False
+    memory_ratio: float = 0.9
+    cpu_kv_cache_gib: float = 2.0
+    num_kv_pages: int | None = None
+    context_length: int | None = None
+    load_format: str = "auto"
+    seed: int = 0
+    # process and logging
+    startup_timeout: float = 600.0
+    log_level: str = "info"
+    log_requests: bool = False
+
+    @property
+    def model_name(self) -> str:
+        """The name clients put in `model` and that /v1/models lists."""
+        return self.served_model_name or self.model
+
+    def engine_options(self) -> dict[str, Any]:
+        """The options of minisgl.core's EngineConfig, by field name."""
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "page_size": self.page_size,
+            "max_running_requests": self.max_running_requests,
+            "max_prefill_tokens": self.max_prefill_length,
+            "num_kv_pages": self.num_kv_pages,
+            "memory_ratio": self.memory_ratio,
+            "cpu_kv_cache_gib": self.cpu_kv_cache_gib,
+            "max_seq_len": self.context_length,
+            "load_format": self.load_format,
+            "cache": self.cache,
+            "attn": self.attn,
+            "cuda_graph_max_bs": self.cuda_graph_max_bs,
+            "disable_overlap": self.disable_overlap,
+            "mix_decode_into_prefill": not self.no_mixed_batches,
+            "seed": self.seed,
+            "tp_size": self.tp,
+        }
+
+    def replace(self, **changes: Any) -> ServerArgs:
+        return dataclasses.replace(self, **changes)
+
+
+# ---- value checks (argparse type functions: their message follows "argument --flag: ") ---------------
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _power_of_two(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 0..65535, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}; got {text!r}")
+        return text
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def _attention(text: str) -> str:
+    """auto, one backend for both phases, or "prefill,decode"."""
+    parts = text.split(",")
+    if len(parts) in (1, 2) and all(p in ("auto", *ATTENTION_BACKENDS) for p in parts):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"must be auto, one of {', '.join(ATTENTION_BACKENDS)}, or PREFILL,DECODE (e.g. fa3,fi); got {text!r}"
+    )
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+# ---- the flags ----------------------------------------------------------------------------------------
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose and size the engine (shared by `minisgl serve` and the shell)."""
+    d = ServerArgs()
+    group = parser.add_argument_group("model and engine")
+    group.add_argument(
+        "--model",
+        "--model-path",
+        type=_nonempty,
+        default=d.model,
+        help=f"a local HF directory, a .gguf file, a hub id, or an embedded name (default: {d.model})",
+    )
+    group.add_argument(
+        "--device", type=_device, default=d.device, help="auto (CUDA when available), cpu, cuda or cuda:N"
+    )
+    group.add_argument(
+        "--dtype",
+        type=_choice(DTYPES),
+        default=d.dtype,
+        help="auto (float32 on CPU, the checkpoint's half type on GPU), float32, bfloat16 or float16",
+    )
+    group.add_argument(
+        "--tp", "--tp-size", type=_int_at_least(1), default=d.tp, help="tensor-parallel ranks (default 1)"
+    )
+    group.add_argument(
+        "--attn",
+        "--attention-backend",
+        type=_attention,
+        default=d.attn,
+        help="attention backend: auto, torch, fi, fa3, or PREFILL,DECODE such as fa3,fi (default auto)",
+    )
+    group.add_argument(
+        "--cache",
+        type=_choice(CACHES),
+        default=d.cache,
+        help="radix reuses the KV of shared prompt prefixes; naive does not (default radix)",
+    )
+    group.add_argument("--page-size", type=_power_of_two, default=d.page_size, help="tokens per KV page")
+    group.add_argument(
+        "--max-running-requests",
+        type=_int_at_least(1),
+        default=d.max_running_requests,
+        help=f"requests decoded together at most (default {d.max_running_requests})",
+    )
+    group.add_argument(
+        "--max-prefill-length",
+        "--max-prefill-tokens",
+        type=_int_at_least(1),
+        default=d.max_prefill_length,
+        help=f"prompt tokens per prefill step; longer prompts are chunked (default {d.max_prefill_length})",
+    )
+    group.add_argument(
+        "--max-queued-requests",
+        type=_int_at_least(0),
+        default=d.max_queued_requests,
+        help="requests waiting to run at most; more are refused with HTTP 503 (default: no limit)",
+    )
+    group.add_argument(
+        "--cuda-graph-max-bs",
+        type=_int_at_least(0),
+        default=d.cuda_graph_max_bs,
+        help="largest decode batch captured in a CUDA graph; 0 disables graphs (default: automatic)",
+    )
+    group.add_argument(
+        "--disable-overlap",
+        action="store_true",
+        help="run CPU scheduling and the device step one after the other (no overlap scheduling)",
+    )
+    group.add_argument(
+        "--no-mixed-batches",
+        action="store_true",
+        help="decode steps wait for prefill batches instead of riding along in them",
+    )
+    group.add_argument(
+        "--memory-ratio",
+        type=_fraction,
+        default=d.memory_ratio,
+        help=f"fraction of GPU memory for weights and KV cache (default {d.memory_ratio})",
+    )
+    group.add_argument(
+        "--cpu-kv-cache-gib",
+        type=_positive_float,
+        default=d.cpu_kv_cache_gib,
+        help=f"KV cache size on the CPU, in GiB (default {d.cpu_kv_cache_gib})",
+    )
+    group.add_argument(
+        "--num-kv-pages",
+        type=_int_at_least(1),
+        default=d.num_kv_pages,
+        help="KV cache size in pages; overrides --memory-ratio and --cpu-kv-cache-gib",
+    )
+    group.add_argument(
+        "--context-length",
+        "--max-seq-len",
+        type=_int_at_least(2),
+        default=d.context_length,
+        help="longest sequence (prompt + output); default: the model's maximum",
+    )
+    group.add_argument(
+        "--load-format",
+        type=_choice(LOAD_FORMATS),
+        default=d.load_format,
+        help="auto, safetensors, gguf, or dummy (random weights on the real config, for benchmarks)",
+    )
+    group.add_argument("--seed", type=int, default=d.seed, help="seed of requests that give none (default 0)")
+    group.add_argument(
+        "--startup-timeout",
+        type=_positive_float,
+        default=d.startup_timeout,
+        help=f"seconds to wait for the engine to load before giving up (default {d.startup_timeout:g})",
+    )
+    group.add_argument(
+        "--log-level", type=_choice(LOG_LEVELS), default=d.log_level, help="debug, info, warning or error"
+    )
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The HTTP server's own flags."""
+    d = ServerArgs()
+    group = parser.add_argument_group("HTTP server")
+    group.add_argument(
+        "--host", type=_nonempty, default=d.host, help=f"address to listen on (default {d.host})"
+    )
+    group.add_argument("--port", type=_port, default=d.port, help=f"port to listen on (default {d.port})")
+    group.add_argument(
+        "--served-model-name",
+        type=_nonempty,
+        default=None,
+        help="the model name clients send and /v1/models lists (default: the --model value)",
+    )
+    group.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on /v1/* requests (default: no key)",
+    )
+    group.add_argument(
+        "--log-requests", action="store_true", help="log one line per finished request (default: off)"
+    )
+
+
+def args_from_namespace(namespace: argparse.Namespace) -> ServerArgs:
+    names = {f.name for f in dataclasses.fields(ServerArgs)}
+    return ServerArgs(**{k: v for k, v in vars(namespace).items() if k in names})
+
+
+def build_serve_parser(prog: str = "minisgl serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Serve a model over an OpenAI-compatible API.")
+    add_engine_arguments(parser)
+    add_server_arguments(parser)
+    return parser
+
+
+def parse_serve_args(argv: Sequence[str], prog: str = "minisgl serve") -> ServerArgs:
+    return args_from_namespace(build_serve_parser(prog).parse_args(list(argv)))
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )

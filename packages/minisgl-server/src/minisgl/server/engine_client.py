@@ -1,0 +1,205 @@
+"""The launcher's side of the engine: submit requests, read their outputs, abort them, ask for stats.
+
+Used by the HTTP API and by the shell's local mode. Everything runs on the caller's asyncio loop; one
+listener task reads the PULL socket and routes each output to the Generation it belongs to. Outputs for
+requests nobody waits for any more are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from minisgl.core import messages as msg
+from minisgl.server.ipc import IpcAddresses
+
+logger = logging.getLogger("minisgl.server")
+
+
+@dataclass
+class EngineGone:
+    """Put in every open Generation when the engine's processes die."""
+
+    reason: str
+
+
+Event = msg.RequestOutput | msg.RequestError | EngineGone
+
+
+class EngineError(RuntimeError):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class Generation:
+    """The outputs of one submitted group, in arrival order. Iterate it; close() aborts what is left."""
+
+    def __init__(self, client: EngineClient, uids: list[int]) -> None:
+        self.client = client
+        self.uids = uids
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.unfinished = set(uids)
+
+    @property
+    def finished(self) -> bool:
+        return not self.unfinished
+
+    async def next_event(self) -> Event:
+        event = await self.queue.get()
+        if isinstance(event, msg.RequestOutput) and event.finish_reason is not None:
+            self.unfinished.discard(event.uid)
+        elif not isinstance(event, msg.RequestOutput):
+            self.unfinished.clear()
+        return event
+
+    async def outputs(self) -> AsyncIterator[msg.RequestOutput]:
+        """Outputs until every request finished; raises EngineError for a refused group or a dead engine."""
+        while self.unfinished:
+            event = await self.next_event()
+            if isinstance(event, msg.RequestError):
+                raise EngineError(event.status, event.message, event.param, event.code)
+            if isinstance(event, EngineGone):
+                raise EngineError(503, event.reason, None, "engine_unavailable")
+            yield event
+
+    def close(self) -> None:
+        """Stop listening; abort the requests that have not finished (a client that went away)."""
+        self.client._release(self.uids)
+        if self.unfinished:
+            self.client.abort(sorted(self.unfinished))
+            self.unfinished.clear()
+
+
+class EngineClient:
+    def __init__(self, addresses: IpcAddresses) -> None:
+        self.context = zmq.asyncio.Context()
+        self.sender = self.context.socket(zmq.PUSH)
+        self.sender.setsockopt(zmq.LINGER, 0)
+        self.sender.connect(addresses.tokenizer)
+        self.receiver = self.context.socket(zmq.PULL)
+        self.receiver.setsockopt(zmq.LINGER, 0)
+        self.receiver.bind(addresses.frontend)
+        self._uids = itertools.count(1)
+        self._query_ids = itertools.count(1)
+        self._routes: dict[int, Generation] = {}
+        self._stats_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self.gone: str | None = None
+
+    def start(self) -> None:
+        if self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        self.sender.close(0)
+        self.receiver.close(0)
+        self.context.term()
+
+    def new_uid(self) -> int:
+        return next(self._uids)
+
+    @property
+    def num_open(self) -> int:
+        return len(self._routes)
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def submit(self, requests: list[msg.GenerateRequest]) -> Generation:
+        generation = Generation(self, [r.uid for r in requests])
+        if self.gone is not None:
+            generation.queue.put_nowait(EngineGone(self.gone))
+            return generation
+        for uid in generation.uids:
+            self._routes[uid] = generation
+        self._send(msg.GenerateGroup(requests))
+        return generation
+
+    def abort(self, uids: list[int]) -> None:
+        if uids and self.gone is None:
+            self._send(msg.AbortRequests(uids))
+
+    def _release(self, uids: list[int]) -> None:
+        for uid in uids:
+            self._routes.pop(uid, None)
+
+    async def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The scheduler's counters; raises TimeoutError when it does not answer in time."""
+        if self.gone is not None:
+            raise EngineError(503, self.gone, None, "engine_unavailable")
+        query_id = next(self._query_ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._stats_waiters[query_id] = future
+        try:
+            self._send(msg.StatsQuery(query_id))
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._stats_waiters.pop(query_id, None)
+
+    def _send(self, message: Any) -> None:
+        # A PUSH socket with a connected peer queues without blocking; NOBLOCK turns a stuck engine into an
+        # error instead of a frozen event loop.
+        try:
+            self.sender.send(msg.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            raise EngineError(
+                503, "the engine is not accepting requests", None, "engine_unavailable"
+            ) from None
+
+    def fail_all(self, reason: str) -> None:
+        """The engine died: every open Generation and stats query gets an error now."""
+        self.gone = reason
+        for generation in set(self._routes.values()):
+            generation.queue.put_nowait(EngineGone(reason))
+        self._routes.clear()
+        for future in self._stats_waiters.values():
+            if not future.done():
+                future.set_exception(EngineError(503, reason, None, "engine_unavailable"))
+
+    # ---- routing ----------------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        while True:
+            data = await self.receiver.recv()
+            try:
+                self._route(msg.decode(data))
+            except Exception:  # a malformed message must not stop every request's outputs
+                logger.exception("could not route a message from the tokenizer worker")
+
+    def _route(self, message: Any) -> None:
+        if isinstance(message, msg.OutputBatch):
+            for output in message.outputs:
+                generation = self._routes.get(output.uid)
+                if generation is None:
+                    continue
+                generation.queue.put_nowait(output)
+                if output.finish_reason is not None:
+                    del self._routes[output.uid]
+        elif isinstance(message, msg.RequestError):
+            notified: set[int] = set()
+            for uid in message.uids:
+                generation = self._routes.pop(uid, None)
+                if generation is not None and id(generation) not in notified:
+                    notified.add(id(generation))
+                    generation.queue.put_nowait(message)
+        elif isinstance(message, msg.StatsReply):
+            future = self._stats_waiters.get(message.query_id)
+            if future is not None and not future.done():
+                future.set_result(message.stats)
+        else:
+            logger.error("frontend got an unexpected %s; ignored", type(message).__name__)

@@ -1,0 +1,82 @@
+"""Where the processes' ZMQ sockets live, and what every child process does first.
+
+Each socket is an ipc:// path in a private temporary directory of the launching process, so two servers
+on one machine never collide and no TCP port is used between processes. Who binds what:
+
+    tokenizer worker   PULL  <- API server (requests, aborts) and scheduler (step outputs)
+    scheduler rank 0   PULL  <- tokenizer worker
+    API server         PULL  <- tokenizer worker (text outputs, errors, stats)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+logger = logging.getLogger("minisgl.server")
+
+
+@dataclass(frozen=True)
+class IpcAddresses:
+    tokenizer: str
+    scheduler: str
+    frontend: str
+
+    @classmethod
+    def in_directory(cls, directory: Path) -> IpcAddresses:
+        return cls(
+            tokenizer=f"ipc://{directory / 'tokenizer'}",
+            scheduler=f"ipc://{directory / 'scheduler'}",
+            frontend=f"ipc://{directory / 'frontend'}",
+        )
+
+
+def push_socket(context: zmq.Context, address: str) -> zmq.Socket:
+    socket = context.socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(address)
+    return socket
+
+
+def pull_socket(context: zmq.Context, address: str) -> zmq.Socket:
+    socket = context.socket(zmq.PULL)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.bind(address)
+    return socket
+
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+
+
+def prepare_child(log_level: str, name: str) -> None:
+    """First thing in every child: its name (as `top` and /proc/PID/comm show it), logging, no orphans.
+
+    Ctrl-C in a terminal signals the whole process group; the launching process alone decides how the
+    children stop (SIGTERM), so they ignore SIGINT. If the launcher dies without cleaning up (SIGKILL),
+    Linux sends the child SIGTERM (PR_SET_PDEATHSIG); the workers' loops also watch their parent pid.
+    """
+    from minisgl.server.args import setup_logging
+
+    setup_logging(log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM ends the process at once (the default action): a child holds nothing that needs saving.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - exotic libc
+            logger.debug("prctl(PR_SET_PDEATHSIG) is unavailable; relying on the parent-pid check")
+
+
+def parent_is_gone(parent_pid: int) -> bool:
+    return os.getppid() != parent_pid

@@ -1,0 +1,145 @@
+"""Start the engine's processes, wait until each one is ready, and stop them all.
+
+    launcher (API server or shell) --> tokenizer/detokenizer worker --> scheduler rank 0 .. tp-1
+
+Children are started with `spawn` (no forked torch or CUDA state) and report over a pipe: ("ready", what
+they loaded) or ("error", why not). Start-up fails as soon as one child fails or dies. shutdown() sends
+SIGTERM to every child, waits, then SIGKILLs what is left, and removes the socket directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from minisgl.server.args import ServerArgs
+from minisgl.server.ipc import IpcAddresses
+
+logger = logging.getLogger("minisgl.server")
+
+
+class LaunchError(RuntimeError):
+    """The engine did not start; the message says which process failed and why."""
+
+
+@dataclass
+class EngineProcesses:
+    addresses: IpcAddresses
+    directory: Path
+    processes: list[BaseProcess] = field(default_factory=list)
+    # What each child reported when it was ready, by process name.
+    loaded: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scheduler_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = self.loaded.get("minisgl-scheduler-0", {})
+        return info
+
+    def dead_child(self) -> BaseProcess | None:
+        for process in self.processes:
+            if not process.is_alive():
+                return process
+        return None
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + timeout
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                logger.warning("%s did not stop in %.0f s; killing it", process.name, timeout)
+                process.kill()
+                process.join(2.0)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def launch_engine(args: ServerArgs) -> EngineProcesses:
+    """Start the tokenizer worker and one scheduler per TP rank; return once all are ready."""
+    if args.tp > 1:
+        # Each rank would need rank 0's messages re-published to it in the same step; until the engine
+        # runs tensor parallel, say so before loading anything.
+        raise LaunchError(
+            f"--tp {args.tp}: tensor parallelism is not supported by this build yet; use --tp 1"
+        )
+    context = mp.get_context("spawn")
+    directory = Path(tempfile.mkdtemp(prefix="minisgl-"))
+    engine = EngineProcesses(IpcAddresses.in_directory(directory), directory)
+    pipes: dict[str, Connection] = {}
+    try:
+        from minisgl.server.scheduler_worker import run_scheduler
+        from minisgl.server.tokenizer_worker import run_tokenizer
+
+        for rank in range(args.tp):
+            name = f"minisgl-scheduler-{rank}"
+            receive, send = context.Pipe(duplex=False)
+            engine.processes.append(
+                context.Process(
+                    target=run_scheduler, args=(args, engine.addresses, rank, send), name=name, daemon=True
+                )
+            )
+            pipes[name] = receive
+        receive, send = context.Pipe(duplex=False)
+        engine.processes.append(
+            context.Process(
+                target=run_tokenizer,
+                args=(args, engine.addresses, send),
+                name="minisgl-tokenizer",
+                daemon=True,
+            )
+        )
+        pipes["minisgl-tokenizer"] = receive
+        logger.info("loading %s (%d scheduler process(es) and a tokenizer process)", args.model, args.tp)
+        for process in engine.processes:
+            process.start()
+        _wait_until_ready(engine, pipes, args.startup_timeout)
+    except BaseException:
+        engine.shutdown()
+        raise
+    return engine
+
+
+def _wait_until_ready(engine: EngineProcesses, pipes: dict[str, Connection], timeout: float) -> None:
+    started = time.monotonic()
+    by_name = {p.name: p for p in engine.processes}
+    waiting = dict(pipes)
+    while waiting:
+        remaining = timeout - (time.monotonic() - started)
+        if remaining <= 0:
+            raise LaunchError(
+                f"the engine did not start within {timeout:g} s (waiting for {', '.join(waiting)})"
+            )
+        sentinels = {by_name[name].sentinel: name for name in waiting}
+        ready = wait([*waiting.values(), *sentinels], timeout=min(remaining, 1.0))
+        for item in ready:
+            if isinstance(item, int):
+                name = sentinels[item]
+                if name in waiting and not waiting[name].poll():
+                    code = by_name[name].exitcode
+                    raise LaunchError(f"{name} exited during start-up (exit code {code})")
+                continue
+            name = next(n for n, conn in waiting.items() if conn is item)
+            try:
+                status, payload = waiting[name].recv()
+            except EOFError:
+                raise LaunchError(f"{name} exited during start-up") from None
+            if status != "ready":
+                raise LaunchError(f"{name} failed to start: {payload}")
+            engine.loaded[name] = payload
+            del waiting[name]
+            logger.info("%s ready (%.1f s): %s", name, time.monotonic() - started, _describe(payload))
+
+
+def _describe(payload: Any) -> str:
+    if isinstance(payload, dict):
+        return ", ".join(f"{k}={v}" for k, v in payload.items())
+    return str(payload)

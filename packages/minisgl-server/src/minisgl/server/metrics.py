@@ -1,0 +1,173 @@
+"""Prometheus metrics, in the text exposition format, with no client library.
+
+Latencies are measured in the API server (from the moment a request is accepted to its outputs arriving),
+counters are updated as requests finish, and gauges (running / waiting requests, KV pages) are read from
+the scheduler when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "minisgl:"
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+
+
+@dataclass
+class Histogram:
+    name: str
+    help: str
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def render(self, labels: str) -> list[str]:
+        name = PREFIX + self.name
+        lines = [f"# HELP {name} {self.help}", f"# TYPE {name} histogram"]
+        cumulative = 0
+        for bound, count in zip(self.buckets, self.counts, strict=False):
+            cumulative += count
+            lines.append(f'{name}_bucket{{{labels},le="{bound}"}} {cumulative}')
+        lines.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.count}')
+        lines.append(f"{name}_sum{{{labels}}} {self.total}")
+        lines.append(f"{name}_count{{{labels}}} {self.count}")
+        return lines
+
+
+class Metrics:
+    def __init__(self, model_name: str) -> None:
+        self.labels = f'model_name="{_escape(model_name)}"'
+        self.lock = threading.Lock()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.cached_tokens = 0
+        self.finished: Counter[str] = Counter()
+        self.rejected: Counter[int] = Counter()
+        self.ttft = Histogram("time_to_first_token_seconds", "Time from request arrival to its first token.")
+        self.tpot = Histogram(
+            "time_per_output_token_seconds", "Mean time between output tokens of a request."
+        )
+        self.e2e = Histogram("e2e_request_latency_seconds", "Time from request arrival to its last token.")
+
+    def request_finished(
+        self, reason: str, prompt: int, cached: int, output: int, ttft: float | None, e2e: float
+    ) -> None:
+        with self.lock:
+            self.finished[reason] += 1
+            self.prompt_tokens += prompt
+            self.cached_tokens += cached
+            self.generation_tokens += output
+            if ttft is not None:
+                self.ttft.observe(ttft)
+                if output > 1:
+                    self.tpot.observe((e2e - ttft) / (output - 1))
+            self.e2e.observe(e2e)
+
+    def requests_aborted(self, count: int) -> None:
+        """Requests whose client went away before they finished."""
+        with self.lock:
+            self.finished["abort"] += count
+
+    def request_rejected(self, status: int) -> None:
+        with self.lock:
+            self.rejected[status] += 1
+
+    def render(self, stats: dict[str, Any] | None) -> str:
+        labels = self.labels
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help: str, value: float, extra: str = "") -> None:
+            full = PREFIX + name
+            if not any(line.startswith(f"# TYPE {full} ") for line in lines):
+                lines.extend([f"# HELP {full} {help}", f"# TYPE {full} {kind}"])
+            lines.append(f"{full}{{{labels}{extra}}} {value}")
+
+        with self.lock:
+            if stats is not None:
+                metric(
+                    "num_requests_running",
+                    "gauge",
+                    "Requests in the running batch.",
+                    stats.get("num_running", 0),
+                )
+                metric(
+                    "num_requests_waiting", "gauge", "Requests waiting to run.", stats.get("num_waiting", 0)
+                )
+                total = stats.get("pages_total", 0)
+                free = stats.get("pages_free", 0)
+                metric("kv_pages_total", "gauge", "KV cache pages in the pool.", total)
+                metric(
+                    "kv_pages_used",
+                    "gauge",
+                    "KV cache pages not free.",
+                    stats.get("pages_used", total - free),
+                )
+                metric("kv_pages_free", "gauge", "KV cache pages on the free list.", free)
+                metric(
+                    "kv_pages_cached",
+                    "gauge",
+                    "KV cache pages held by the prefix cache.",
+                    stats.get("pages_cached", 0),
+                )
+                metric(
+                    "kv_cache_usage_ratio",
+                    "gauge",
+                    "Fraction of KV pages in use.",
+                    (total - free) / total if total else 0.0,
+                )
+                metric(
+                    "num_retractions_total",
+                    "counter",
+                    "Requests retracted when KV ran out.",
+                    stats.get("num_retractions", 0),
+                )
+            metric(
+                "prompt_tokens_total", "counter", "Prompt tokens of finished requests.", self.prompt_tokens
+            )
+            metric(
+                "generation_tokens_total",
+                "counter",
+                "Generated tokens of finished requests.",
+                self.generation_tokens,
+            )
+            metric(
+                "cached_tokens_total",
+                "counter",
+                "Prompt tokens served from the prefix cache.",
+                self.cached_tokens,
+            )
+            hit_rate = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+            metric("cache_hit_rate", "gauge", "Cached share of prompt tokens of finished requests.", hit_rate)
+            for reason in ("stop", "length", "abort"):
+                metric(
+                    "request_success_total", "counter", "Finished requests by finish reason.",
+                    self.finished[reason], f',finished_reason="{reason}"',
+                )  # fmt: skip
+            for status in sorted(self.rejected):
+                metric(
+                    "request_rejected_total", "counter", "Requests refused, by HTTP status.",
+                    self.rejected[status], f',status="{status}"',
+                )  # fmt: skip
+            for histogram in (self.ttft, self.tpot, self.e2e):
+                lines.extend(histogram.render(labels))
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,286 @@
+"""The scheduler process: owns one Runtime and steps it between messages.
+
+Loop: take every message that is waiting (block when there is no work, so an idle server costs nothing),
+add / abort requests, run one engine step, and send the step's tokens downstream in one message. A request
+the runtime refuses (too long, bad parameters, full queue) gets a RequestError back; it never brings the
+process down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import zmq
+
+from minisgl.core import messages as msg
+from minisgl.server.args import ServerArgs
+from minisgl.server.ipc import IpcAddresses, parent_is_gone, prepare_child, pull_socket, push_socket
+
+logger = logging.getLogger("minisgl.server.scheduler")
+
+IDLE_POLL_MS = 500
+
+
+def run_scheduler(args: ServerArgs, addresses: IpcAddresses, rank: int, ready: Connection) -> None:
+    """Entry point of the scheduler process of TP rank `rank`."""
+    prepare_child(args.log_level, f"minisgl-sched{rank}")
+    parent_pid = os.getppid()
+    try:
+        runtime = _load_runtime(args)
+    except Exception as exc:  # report any failure to load to the launcher, which prints it and exits
+        logger.debug("loading failed", exc_info=True)
+        ready.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    worker = SchedulerWorker(runtime, args, addresses)
+    ready.send(("ready", worker.describe()))
+    ready.close()
+    worker.run(parent_pid)
+
+
+def _load_runtime(args: ServerArgs) -> Any:
+    import torch
+
+    from minisgl.core.config import EngineConfig
+    from minisgl.core.runtime import Runtime
+
+    options = args.engine_options()
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(
+        name for name in set(options) - known if options[name] != ServerArgs().engine_options()[name]
+    )
+    if unknown:  # a server newer than its engine: refuse rather than silently ignore a choice
+        raise ValueError(
+            f"this minisgl-core has no engine option(s) {', '.join(unknown)}; upgrade minisgl-core"
+        )
+    torch.set_grad_enabled(False)
+    return Runtime(args.model, EngineConfig(**{k: v for k, v in options.items() if k in known}))
+
+
+class SchedulerWorker:
+    def __init__(self, runtime: Any, args: ServerArgs, addresses: IpcAddresses) -> None:
+        self.runtime = runtime
+        self.args = args
+        self.context = zmq.Context()
+        self.receiver = pull_socket(self.context, addresses.scheduler)
+        self.sender = push_socket(self.context, addresses.tokenizer)
+        self.poller = zmq.Poller()
+        self.poller.register(self.receiver, zmq.POLLIN)
+        self.requests: dict[int, Any] = {}  # uid -> core Request
+        self.uid_of_rid: dict[int, int] = {}
+        self.pending_finished: list[msg.FinishedRequest] = []
+        self.eos_ids = frozenset(runtime.model_config.eos_token_ids)
+        self.started = time.time()
+        self.num_requests = 0
+        self.num_rejected = 0
+
+    def describe(self) -> dict[str, Any]:
+        runtime = self.runtime
+        stats = self._runtime_stats()
+        return {
+            "model": self.args.model,
+            "architecture": runtime.model_config.architecture,
+            "device": str(runtime.device),
+            "dtype": str(runtime.dtype).removeprefix("torch."),
+            "context_length": runtime.max_seq_len,
+            "vocab_size": runtime.model_config.vocab_size,
+            "kv_pages": stats.get("pages_total"),
+            "page_size": stats.get("page_size", self.args.page_size),
+            "has_tokenizer": runtime.tokenizer is not None,
+        }
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def run(self, parent_pid: int) -> None:
+        while True:
+            busy = self.runtime.has_work()
+            for message in self._receive(0 if busy else IDLE_POLL_MS):
+                self._handle(message)
+            if self.runtime.has_work():
+                self._step()
+            elif self.pending_finished:
+                self._send(msg.StepOutputs(msg.int64_array([]), msg.int32_array([])))
+            elif not busy and parent_is_gone(parent_pid):
+                logger.error("the launching process is gone; exiting")
+                return
+
+    def _receive(self, timeout_ms: int) -> list[Any]:
+        if not self.poller.poll(timeout_ms):
+            return []
+        received = []
+        while True:
+            try:
+                received.append(msg.decode(self.receiver.recv(zmq.NOBLOCK)))
+            except zmq.Again:
+                return received
+
+    def _send(self, message: Any) -> None:
+        if isinstance(message, msg.StepOutputs):
+            message.finished = self.pending_finished + message.finished
+            self.pending_finished = []
+        self.sender.send(msg.encode(message))
+
+    # ---- messages ---------------------------------------------------------------------------------
+
+    def _handle(self, message: Any) -> None:
+        if isinstance(message, msg.TokenizedGroup):
+            self._add_group(message)
+        elif isinstance(message, msg.AbortRequests):
+            for uid in message.uids:
+                self._abort(uid)
+        elif isinstance(message, msg.StatsQuery):
+            self._send(msg.StatsReply(message.query_id, self.stats()))
+        else:
+            logger.error("scheduler got an unexpected %s; ignored", type(message).__name__)
+
+    def _add_group(self, group: msg.TokenizedGroup) -> None:
+        """Add every request of the group, or none of them."""
+        uids = [r.uid for r in group.requests]
+        limit = self.args.max_queued_requests
+        if limit is not None and self._num_queued() + len(group.requests) > limit:
+            self.num_rejected += len(uids)
+            self._send(
+                msg.RequestError(
+                    uids,
+                    503,
+                    f"the server is overloaded: {limit} requests are already queued",
+                    None,
+                    "queue_full",
+                )
+            )
+            return
+        prepared = []
+        for request in group.requests:
+            try:
+                prompt_ids, params = self._prepare(request)
+                self.runtime.check_request(prompt_ids, params)
+            except ValueError as exc:
+                self._send(msg.RequestError(uids, 400, str(exc), _param_of(str(exc)), None))
+                return
+            prepared.append((request.uid, prompt_ids, params))
+        for uid, prompt_ids, params in prepared:
+            req = self.runtime.add_request(prompt_ids, params)
+            self.requests[uid] = req
+            self.uid_of_rid[req.rid] = uid
+            self.num_requests += 1
+
+    def _prepare(self, request: msg.TokenizedRequest) -> tuple[list[int], Any]:
+        prompt_ids = request.prompt_ids.tolist()
+        params = request.params
+        context = self.runtime.max_seq_len
+        if len(prompt_ids) >= context:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens, but this model's context length is {context} "
+                f"(prompt + at least one generated token must fit)"
+            )
+        if request.max_tokens_auto:
+            params = dataclasses.replace(params, max_tokens=context - len(prompt_ids))
+        elif len(prompt_ids) + params.max_tokens > context:
+            raise ValueError(
+                f"max_tokens is too large: the prompt has {len(prompt_ids)} tokens and max_tokens is "
+                f"{params.max_tokens}, but this model's context length is {context}"
+            )
+        return prompt_ids, params
+
+    def _num_queued(self) -> int:
+        """Requests that wait beyond the free running slots (those start at the next step)."""
+        stats = self._runtime_stats()
+        free_slots = max(0, self.runtime.config.max_running_requests - int(stats["num_running"]))
+        return max(0, int(stats["num_waiting"]) - free_slots)
+
+    def _abort(self, uid: int) -> None:
+        req = self.requests.pop(uid, None)
+        if req is None:
+            return  # finished already (its FinishedRequest is on the way), or never added
+        self.uid_of_rid.pop(req.rid, None)
+        self.runtime.abort(req.rid)
+        self.pending_finished.append(self._finished(uid, req, "abort"))
+
+    # ---- stepping ---------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        result = self.runtime.step()
+        uids: list[int] = []
+        tokens: list[int] = []
+        logprobs: list[msg.TokenLogprobs] = []
+        for req, token in result.new_tokens:
+            uid = self.uid_of_rid.get(req.rid)
+            if uid is None:
+                continue
+            uids.append(uid)
+            tokens.append(token)
+            if req.params.logprobs is not None and req.output_logprobs:
+                top = req.output_top_logprobs[-1] if req.output_top_logprobs else {}
+                logprobs.append(
+                    msg.TokenLogprobs(
+                        uid, float(req.output_logprobs[-1]), msg.int32_array(list(top)), list(top.values())
+                    )
+                )
+        finished = []
+        for req in result.finished:
+            uid = self.uid_of_rid.pop(req.rid, None)
+            if uid is None:
+                continue
+            self.requests.pop(uid, None)
+            finished.append(self._finished(uid, req, req.finish_reason or "stop"))
+        if uids or finished or self.pending_finished:
+            self._send(msg.StepOutputs(msg.int64_array(uids), msg.int32_array(tokens), logprobs, finished))
+
+    def _finished(self, uid: int, req: Any, reason: str) -> msg.FinishedRequest:
+        last = req.output_ids[-1] if req.output_ids else None
+        stop_ids = set(req.params.stop_token_id_set)
+        if not req.params.ignore_eos:
+            stop_ids |= self.eos_ids
+        return msg.FinishedRequest(
+            uid=uid,
+            reason=reason,
+            num_prompt_tokens=len(req.prompt_ids),
+            num_cached_tokens=int(req.num_cached),
+            num_output_tokens=len(req.output_ids),
+            last_token_is_stop=reason == "stop" and last in stop_ids,
+        )
+
+    # ---- stats ------------------------------------------------------------------------------------
+
+    def _runtime_stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = dict(self.runtime.stats())
+        return stats
+
+    def stats(self) -> dict[str, Any]:
+        stats = self._runtime_stats()
+        stats.update(
+            num_requests_total=self.num_requests,
+            num_rejected_total=self.num_rejected,
+            uptime_s=time.time() - self.started,
+            max_running_requests=self.runtime.config.max_running_requests,
+        )
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in stats.items()}
+
+
+def _param_of(message: str) -> str | None:
+    """The request field an engine error is about, when its message starts with one."""
+    first = message.split(" ", 1)[0].strip("'\"")
+    known = (
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logprobs",
+    )
+    if first in known:
+        return first
+    if "prompt" in message or "token id" in message:
+        return "prompt"
+    return None

@@ -1,0 +1,234 @@
+"""The tokenizer/detokenizer process: text to token ids on the way in, token ids to text on the way out.
+
+One PULL socket receives both directions, so the order of a request, its abort and its outputs is kept:
+an abort always reaches the scheduler after its request. Every request's decode state lives from its
+GenerateRequest to the scheduler's FinishedRequest (or RequestError), and is then dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import zmq
+
+from minisgl.core import messages as msg
+from minisgl.server.args import ServerArgs
+from minisgl.server.detokenize import DecodeState, Detokenizer
+from minisgl.server.ipc import IpcAddresses, parent_is_gone, prepare_child, pull_socket, push_socket
+
+logger = logging.getLogger("minisgl.server.tokenizer")
+
+IDLE_POLL_MS = 500
+MAX_DRAIN = 256
+
+
+def run_tokenizer(args: ServerArgs, addresses: IpcAddresses, ready: Connection) -> None:
+    """Entry point of the tokenizer/detokenizer process."""
+    prepare_child(args.log_level, "minisgl-tok")
+    parent_pid = os.getppid()
+    try:
+        from minisgl.core.loader import load_tokenizer
+        from minisgl.core.model_source import resolve_model
+
+        tokenizer = load_tokenizer(resolve_model(args.model))
+    except Exception as exc:
+        ready.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    worker = TokenizerWorker(tokenizer, addresses)
+    ready.send(("ready", {"tokenizer": type(tokenizer).__name__ if tokenizer is not None else None}))
+    ready.close()
+    worker.run(parent_pid)
+
+
+@dataclass
+class RequestState:
+    decode: DecodeState
+    top_logprobs: int | None
+    num_tokens: int = 0
+    sent_first: bool = False
+    # Tokens when a stop string was found here, before the runtime saw it; the request is then aborted
+    # in the scheduler and reported as stopped when its FinishedRequest comes back.
+    tokens_at_stop: int | None = None
+    pending_logprobs: list[list[Any]] = field(default_factory=list)
+
+
+class TokenizerWorker:
+    def __init__(self, tokenizer: Any, addresses: IpcAddresses) -> None:
+        self.tokenizer = tokenizer
+        self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
+        self.context = zmq.Context()
+        self.receiver = pull_socket(self.context, addresses.tokenizer)
+        self.to_scheduler = push_socket(self.context, addresses.scheduler)
+        self.to_frontend = push_socket(self.context, addresses.frontend)
+        self.states: dict[int, RequestState] = {}
+
+    def run(self, parent_pid: int) -> None:
+        while True:
+            if not self.receiver.poll(IDLE_POLL_MS):
+                if parent_is_gone(parent_pid):
+                    logger.error("the launching process is gone; exiting")
+                    return
+                continue
+            outputs: list[msg.RequestOutput] = []
+            for _ in range(MAX_DRAIN):
+                try:
+                    message = msg.decode(self.receiver.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                self._handle(message, outputs)
+            if outputs:
+                self.to_frontend.send(msg.encode(msg.OutputBatch(outputs)))
+
+    def _handle(self, message: Any, outputs: list[msg.RequestOutput]) -> None:
+        if isinstance(message, msg.StepOutputs):
+            self._detokenize(message, outputs)
+        elif isinstance(message, msg.GenerateGroup):
+            self._tokenize(message)
+        elif isinstance(message, (msg.AbortRequests, msg.StatsQuery)):
+            self.to_scheduler.send(msg.encode(message))
+        elif isinstance(message, msg.RequestError):
+            for uid in message.uids:
+                self.states.pop(uid, None)
+            self._flush_then_forward(message, outputs)
+        elif isinstance(message, msg.StatsReply):
+            message.stats["num_detokenizing"] = len(self.states)
+            self._flush_then_forward(message, outputs)
+        else:
+            logger.error("tokenizer got an unexpected %s; ignored", type(message).__name__)
+
+    def _flush_then_forward(self, message: Any, outputs: list[msg.RequestOutput]) -> None:
+        """Keep the order the scheduler sent things in: outputs gathered so far go first."""
+        if outputs:
+            self.to_frontend.send(msg.encode(msg.OutputBatch(list(outputs))))
+            outputs.clear()
+        self.to_frontend.send(msg.encode(message))
+
+    # ---- inbound: text to token ids ---------------------------------------------------------------
+
+    def _tokenize(self, group: msg.GenerateGroup) -> None:
+        uids = [r.uid for r in group.requests]
+        tokenized: list[msg.TokenizedRequest] = []
+        memo: dict[str, Any] = {}
+        try:
+            for request in group.requests:
+                ids = self._prompt_ids(request, memo)
+                tokenized.append(
+                    msg.TokenizedRequest(request.uid, ids, request.params, request.max_tokens_auto)
+                )
+        except ValueError as exc:
+            self.to_frontend.send(
+                msg.encode(msg.RequestError(uids, 400, str(exc), _prompt_param(group), None))
+            )
+            return
+        for request in group.requests:
+            self.states[request.uid] = RequestState(
+                DecodeState(stop=list(request.stop), skip_special_tokens=request.skip_special_tokens),
+                request.params.logprobs,
+            )
+        self.to_scheduler.send(msg.encode(msg.TokenizedGroup(tokenized)))
+
+    def _prompt_ids(self, request: msg.GenerateRequest, memo: dict[str, Any]) -> Any:
+        if request.prompt_ids is not None:
+            return request.prompt_ids
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: send the prompt as a list of token ids")
+        if request.messages is not None:
+            key = "chat:" + json.dumps(request.messages, sort_keys=True)
+        else:
+            key = "text:" + (request.prompt or "")
+        if key not in memo:
+            memo[key] = msg.int32_array(self._encode(request))
+        return memo[key]
+
+    def _encode(self, request: msg.GenerateRequest) -> list[int]:
+        if request.messages is None:
+            ids: list[int] = self.tokenizer.encode(request.prompt or "")
+            return ids
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template: use /v1/completions with a plain prompt")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                request.messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # template errors (jinja raise_exception) are the client's fault
+            raise ValueError(f"the chat template rejected these messages: {exc}") from None
+        # The template already holds any BOS token: adding special tokens again would double it.
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    # ---- outbound: token ids to text --------------------------------------------------------------
+
+    def _detokenize(self, step: msg.StepOutputs, outputs: list[msg.RequestOutput]) -> None:
+        finished = {f.uid: f for f in step.finished}
+        new_counts: dict[int, int] = {}
+        token_of: dict[int, int] = {}
+        updates: list[tuple[DecodeState, list[int]]] = []
+        for uid, token in zip(step.uids.tolist(), step.tokens.tolist(), strict=True):
+            token_of[uid] = token
+            state = self.states.get(uid)
+            if state is None or state.tokens_at_stop is not None:
+                continue
+            state.num_tokens += 1
+            new_counts[uid] = new_counts.get(uid, 0) + 1
+            end = finished.get(uid)
+            if not (end is not None and end.last_token_is_stop):
+                updates.append((state.decode, [token]))
+        if self.detokenizer is not None:
+            self.detokenizer.add_tokens_batch(updates)
+        for entry in step.logprobs:
+            state = self.states.get(entry.uid)
+            if state is not None and self.detokenizer is not None and entry.uid in new_counts:
+                state.pending_logprobs.append(self._logprob_entry(entry, token_of[entry.uid]))
+        for uid in dict.fromkeys([*new_counts, *finished]):
+            state = self.states.get(uid)
+            if state is None:
+                continue
+            output = self._output(uid, state, new_counts.get(uid, 0), finished.get(uid))
+            if output is not None:
+                outputs.append(output)
+            if uid in finished:
+                del self.states[uid]
+            elif state.decode.stopped and state.tokens_at_stop is None:
+                # A stop string ended the text before the runtime saw it: stop generating too.
+                state.tokens_at_stop = state.num_tokens
+                self.to_scheduler.send(msg.encode(msg.AbortRequests([uid])))
+
+    def _output(
+        self, uid: int, state: RequestState, num_new: int, end: msg.FinishedRequest | None
+    ) -> msg.RequestOutput | None:
+        decode = state.decode
+        if end is not None and self.detokenizer is not None:
+            self.detokenizer.finish(decode)
+        final = end is not None or decode.stopped
+        text = self.detokenizer.take_text(decode, final) if self.detokenizer is not None else ""
+        logprobs = state.pending_logprobs if state.top_logprobs is not None else None
+        if not (text or logprobs or end is not None or not state.sent_first):
+            return None
+        state.sent_first = True
+        state.pending_logprobs = []
+        output = msg.RequestOutput(uid, text, num_new, logprobs or None)
+        if end is not None:
+            output.finish_reason = "stop" if decode.stopped else end.reason
+            output.num_prompt_tokens = end.num_prompt_tokens
+            output.num_cached_tokens = end.num_cached_tokens
+            output.num_output_tokens = (
+                state.tokens_at_stop if state.tokens_at_stop is not None else end.num_output_tokens
+            )
+        return output
+
+    def _logprob_entry(self, entry: msg.TokenLogprobs, token: int) -> list[Any]:
+        assert self.detokenizer is not None
+        top = [
+            [self.detokenizer.token_text(top_id), float(lp)]
+            for top_id, lp in zip(entry.top_ids.tolist(), entry.top_logprobs, strict=True)
+        ]
+        return [self.detokenizer.token_text(token), float(entry.logprob), top]
+
+
+def _prompt_param(group: msg.GenerateGroup) -> str:
+    return "messages" if group.requests and group.requests[0].messages is not None else "prompt"

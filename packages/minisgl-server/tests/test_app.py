@@ -1,0 +1,328 @@
+"""The HTTP app over a scripted fake engine: response objects, SSE framing, errors, auth, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from minisgl.core import messages as msg
+from minisgl.server.api.app import ServerState, build_app
+from minisgl.server.engine_client import EngineGone, Generation
+
+MODEL = "tiny"
+Script = Callable[[Generation, list[msg.GenerateRequest]], Awaitable[None]]
+
+
+async def say_hello(generation: Generation, requests: list[msg.GenerateRequest]) -> None:
+    """Every request answers "Hello world" in two tokens, then finishes by length."""
+    for piece in ("Hello", " world"):
+        await asyncio.sleep(0)
+        for r in requests:
+            logprobs = (
+                [[piece, -0.5, [[piece, -0.5], ["x", -2.0]]]] if r.params.logprobs is not None else None
+            )
+            generation.queue.put_nowait(msg.RequestOutput(r.uid, piece, 1, logprobs))
+    for r in requests:
+        generation.queue.put_nowait(msg.RequestOutput(r.uid, "", 0, None, "length", 5, 2, 2))
+
+
+class FakeClient:
+    def __init__(self, script: Script = say_hello) -> None:
+        self.script = script
+        self.submitted: list[list[msg.GenerateRequest]] = []
+        self.aborted: list[int] = []
+        self.gone: str | None = None
+        self.stats_reply: dict[str, Any] | Exception = {
+            "num_running": 0,
+            "num_waiting": 0,
+            "pages_total": 10,
+            "pages_free": 10,
+        }
+        self._uid = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def new_uid(self) -> int:
+        self._uid += 1
+        return self._uid
+
+    def submit(self, requests: list[msg.GenerateRequest]) -> Generation:
+        generation = Generation(self, [r.uid for r in requests])  # type: ignore[arg-type]
+        self.submitted.append(requests)
+        task = asyncio.get_running_loop().create_task(self.script(generation, requests))
+        self._tasks.add(task)
+        return generation
+
+    def abort(self, uids: list[int]) -> None:
+        self.aborted.extend(uids)
+
+    def _release(self, uids: list[int]) -> None:
+        pass
+
+    async def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        if isinstance(self.stats_reply, Exception):
+            raise self.stats_reply
+        return self.stats_reply
+
+
+def make(script: Script = say_hello, api_key: str | None = None) -> tuple[TestClient, FakeClient]:
+    fake = FakeClient(script)
+    state = ServerState(fake, model_name=MODEL, model_path="/models/tiny", context_length=64, api_key=api_key)  # type: ignore[arg-type]
+    return TestClient(build_app(state)), fake
+
+
+def sse_events(text: str) -> list[Any]:
+    frames = [f for f in text.split("\n\n") if f]
+    assert all(f.startswith("data: ") for f in frames), frames
+    assert frames[-1] == "data: [DONE]"
+    return [json.loads(f[len("data: ") :]) for f in frames[:-1]]
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def test_chat_completion() -> None:
+    http, fake = make()
+    response = http.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 200
+    body = response.json()
+    assert (
+        body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-") and body["model"] == MODEL
+    )
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello world"},
+            "logprobs": None,
+            "finish_reason": "length",
+        }
+    ]
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 2,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 2},
+    }
+    (request,) = fake.submitted[0]
+    assert request.messages == [{"role": "user", "content": "hi"}] and request.params.max_tokens == 4
+
+
+def test_chat_stream_with_usage() -> None:
+    http, _ = make()
+    body = {**CHAT, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert [e["choices"][0]["delta"] for e in events[:2]] == [{"role": "assistant", "content": ""}] * 2
+    text = {0: "", 1: ""}
+    finish = {}
+    for event in events[2:-1]:
+        (choice,) = event["choices"]
+        text[choice["index"]] += choice["delta"].get("content", "")
+        if choice["finish_reason"]:
+            finish[choice["index"]] = choice["finish_reason"]
+        assert event["usage"] is None
+    assert text == {0: "Hello world", 1: "Hello world"} and finish == {0: "length", 1: "length"}
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_completions_many_prompts_n_and_seeds() -> None:
+    http, fake = make()
+    response = http.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2, "seed": 7, "logprobs": 1})
+    body = response.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["choices"][0]["text"] == "Hello world"
+    assert body["choices"][0]["logprobs"] == {
+        "tokens": ["Hello", " world"],
+        "token_logprobs": [-0.5, -0.5],
+        "top_logprobs": [{"Hello": -0.5, "x": -2.0}, {" world": -0.5, "x": -2.0}],
+        "text_offset": [0, 5],
+    }
+    assert body["usage"]["prompt_tokens"] == 10  # two prompts, each counted once
+    requests = fake.submitted[0]
+    assert [r.prompt for r in requests] == ["a", "a", "b", "b"]
+    assert [r.params.seed for r in requests] == [7, 8, 7, 8]
+
+
+def test_chat_logprobs_shape() -> None:
+    http, _ = make()
+    body = http.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 1}).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert content[0] == {
+        "token": "Hello",
+        "logprob": -0.5,
+        "bytes": list(b"Hello"),
+        "top_logprobs": [
+            {"token": "Hello", "logprob": -0.5, "bytes": list(b"Hello")},
+            {"token": "x", "logprob": -2.0, "bytes": [120]},
+        ],
+    }
+
+
+async def refuse(generation: Generation, requests: list[msg.GenerateRequest]) -> None:
+    generation.queue.put_nowait(
+        msg.RequestError([r.uid for r in requests], 503, "queue full", None, "queue_full")
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_refusal_is_a_real_status_even_for_streams(stream: bool) -> None:
+    http, _ = make(refuse)
+    response = http.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+    assert response.status_code == 503
+    assert response.json()["error"] == {
+        "message": "queue full",
+        "type": "server_error",
+        "param": None,
+        "code": "queue_full",
+    }
+
+
+async def die_midway(generation: Generation, requests: list[msg.GenerateRequest]) -> None:
+    generation.queue.put_nowait(msg.RequestOutput(requests[0].uid, "Hel", 1))
+    await asyncio.sleep(0)
+    generation.queue.put_nowait(EngineGone("scheduler died"))
+
+
+def test_engine_death_mid_stream_ends_the_stream() -> None:
+    http, _ = make(die_midway)
+    response = http.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    frames = [f for f in response.text.split("\n\n") if f]
+    assert frames[-1] == "data: [DONE]"
+    assert any('"error"' in f and "scheduler died" in f for f in frames)
+    last = json.loads(frames[-2][len("data: ") :])
+    assert last["choices"][0]["finish_reason"] == "abort"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "data", "status"),
+    [
+        ("POST", "/v1/chat/completions", b"{not json", 400),
+        ("POST", "/v1/chat/completions", b"", 400),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+            400,
+        ),
+        ("POST", "/v1/completions", b"[1, 2]", 400),
+        ("POST", "/v1/completions", b"\xff\xfe", 400),
+        ("GET", "/v1/chat/completions", None, 405),
+        ("GET", "/v1/nothing", None, 404),
+        ("GET", "/v1/models/other", None, 404),
+    ],
+)
+def test_errors_are_openai_error_objects(method: str, path: str, data: bytes | None, status: int) -> None:
+    http, fake = make()
+    response = http.request(method, path, content=data)
+    assert response.status_code == status
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert not fake.submitted
+
+
+def test_models() -> None:
+    http, _ = make()
+    body = http.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert body["data"][0] | {"created": 0} == {
+        "id": MODEL, "object": "model", "created": 0, "owned_by": "minisgl", "root": "/models/tiny", "max_model_len": 64,
+    }  # fmt: skip
+    assert http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+
+
+def test_api_key() -> None:
+    http, _ = make(api_key="sesame")
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 401
+    assert http.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert (
+        http.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sesame"}).status_code
+        == 200
+    )
+    assert http.get("/health").status_code == 200  # health and metrics stay open to probes
+
+
+def test_health_follows_the_engine() -> None:
+    http, fake = make()
+    assert http.get("/health").json()["status"] == "ok"
+    fake.stats_reply = TimeoutError()
+    response = http.get("/health")
+    assert response.status_code == 503 and response.json()["status"] == "unhealthy"
+
+
+def test_metrics_after_a_request() -> None:
+    http, _ = make()
+    http.post("/v1/chat/completions", json=CHAT)
+    text = http.get("/metrics").text
+    for line in (
+        'minisgl:num_requests_running{model_name="tiny"} 0',
+        'minisgl:prompt_tokens_total{model_name="tiny"} 5',
+        'minisgl:generation_tokens_total{model_name="tiny"} 2',
+        'minisgl:cache_hit_rate{model_name="tiny"} 0.4',
+        'minisgl:request_success_total{model_name="tiny",finished_reason="length"} 1',
+        'minisgl:e2e_request_latency_seconds_count{model_name="tiny"} 1',
+        'minisgl:time_to_first_token_seconds_count{model_name="tiny"} 1',
+        'minisgl:time_per_output_token_seconds_count{model_name="tiny"} 1',
+    ):
+        assert line in text, line
+
+
+# ---- disconnects, driven at the ASGI level ------------------------------------------------------------
+
+
+async def never_finish(generation: Generation, requests: list[msg.GenerateRequest]) -> None:
+    while True:
+        for r in requests:
+            generation.queue.put_nowait(msg.RequestOutput(r.uid, "x", 1))
+        await asyncio.sleep(0.01)
+
+
+async def silent(generation: Generation, requests: list[msg.GenerateRequest]) -> None:
+    await asyncio.sleep(3600)
+
+
+async def _call_then_disconnect(script: Script, body: dict[str, Any], after_chunks: int) -> FakeClient:
+    fake = FakeClient(script)
+    app = build_app(ServerState(fake, model_name=MODEL, model_path="x"))  # type: ignore[arg-type]
+    disconnect = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if sum(m["type"] == "http.response.body" for m in sent) >= after_chunks:
+            disconnect.set()
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.1"}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+        "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+    }  # fmt: skip
+    if after_chunks == 0:
+        asyncio.get_running_loop().call_later(0.05, disconnect.set)
+    await asyncio.wait_for(app(scope, receive, send), 5)
+    return fake
+
+
+def test_a_client_that_leaves_mid_stream_aborts_its_requests() -> None:
+    fake = asyncio.run(_call_then_disconnect(never_finish, {**CHAT, "stream": True, "n": 2}, after_chunks=5))
+    assert sorted(fake.aborted) == [1, 2]
+
+
+def test_a_client_that_leaves_while_waiting_aborts_its_request() -> None:
+    fake = asyncio.run(_call_then_disconnect(silent, CHAT, after_chunks=0))
+    assert fake.aborted == [1]

@@ -1,0 +1,128 @@
+"""`minisgl serve` flags: every one documented, each bad value refused with the flag's name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from minisgl.server.args import ServerArgs, build_serve_parser, parse_serve_args
+from minisgl.server.cli import main
+
+FLAGS = [
+    "--model",
+    "--host",
+    "--port",
+    "--device",
+    "--dtype",
+    "--tp",
+    "--attn",
+    "--cache",
+    "--page-size",
+    "--max-running-requests",
+    "--max-prefill-length",
+    "--max-queued-requests",
+    "--cuda-graph-max-bs",
+    "--memory-ratio",
+    "--load-format",
+    "--cpu-kv-cache-gib",
+    "--num-kv-pages",
+    "--context-length",
+    "--seed",
+    "--served-model-name",
+    "--api-key",
+    "--log-level",
+    "--log-requests",
+    "--startup-timeout",
+    "--disable-overlap",
+    "--no-mixed-batches",
+]
+
+
+def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in FLAGS:
+        assert flag in out, flag
+
+
+def test_defaults() -> None:
+    args = parse_serve_args([])
+    assert args == ServerArgs()
+    assert (args.model, args.host, args.port, args.device) == ("smollm2-135m", "127.0.0.1", 1919, "auto")
+    assert args.model_name == "smollm2-135m"
+
+
+def test_values_are_parsed() -> None:
+    args = parse_serve_args(
+        [
+            "--device",
+            "cuda:1",
+            "--attn",
+            "fa3,fi",
+            "--page-size",
+            "16",
+            "--max-queued-requests",
+            "8",
+            "--memory-ratio",
+            "0.5",
+            "--served-model-name",
+            "m",
+            "--cache",
+            "naive",
+            "--context-length",
+            "512",
+        ]
+    )
+    assert (args.device, args.attn, args.page_size, args.max_queued_requests) == ("cuda:1", "fa3,fi", 16, 8)
+    assert (args.memory_ratio, args.model_name, args.cache, args.context_length) == (0.5, "m", "naive", 512)
+    options = args.engine_options()
+    assert options["max_seq_len"] == 512 and options["cache"] == "naive" and options["page_size"] == 16
+    assert options["attn"] == "fa3,fi" and options["mix_decode_into_prefill"] is True
+
+
+def test_engine_options_are_engine_config_fields() -> None:
+    from minisgl.core.config import EngineConfig
+
+    fields = set(EngineConfig.__dataclass_fields__)
+    assert set(ServerArgs().engine_options()) <= fields
+    EngineConfig(**ServerArgs(device="cpu").engine_options()).validate()
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--port", "70000"], "--port"),
+        (["--port", "abc"], "--port"),
+        (["--device", "tpu"], "--device"),
+        (["--dtype", "int3"], "--dtype"),
+        (["--tp", "0"], "--tp"),
+        (["--attn", "flash"], "--attn"),
+        (["--attn", "fi,fi,fi"], "--attn"),
+        (["--cache", "lru"], "--cache"),
+        (["--page-size", "3"], "--page-size"),
+        (["--max-running-requests", "0"], "--max-running-requests"),
+        (["--max-prefill-length", "-5"], "--max-prefill-length"),
+        (["--max-queued-requests", "-1"], "--max-queued-requests"),
+        (["--cuda-graph-max-bs", "x"], "--cuda-graph-max-bs"),
+        (["--memory-ratio", "1.5"], "--memory-ratio"),
+        (["--memory-ratio", "0"], "--memory-ratio"),
+        (["--load-format", "pickle"], "--load-format"),
+        (["--context-length", "1"], "--context-length"),
+        (["--log-level", "loud"], "--log-level"),
+        (["--model", ""], "--model"),
+    ],
+)
+def test_bad_value_names_the_flag(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_serve_args(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_every_field_has_a_flag() -> None:
+    # A ServerArgs field that no flag sets could never be chosen by a user.
+    dests = {action.dest for action in build_serve_parser()._actions}
+    assert {f.name for f in dataclasses.fields(ServerArgs)} <= dests

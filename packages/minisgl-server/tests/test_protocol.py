@@ -1,0 +1,176 @@
+"""Request checks of both endpoints: what is accepted, and the status and `param` of what is not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from minisgl.server.api.protocol import ApiError, parse_chat, parse_completion
+
+MODEL = "smollm2-135m"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": MODEL, "prompt": "hi"}
+
+
+def test_chat_defaults() -> None:
+    spec = parse_chat(CHAT, MODEL)
+    assert spec.chat and spec.n == 1 and not spec.stream and spec.max_tokens_auto
+    assert spec.prompts[0].messages == [{"role": "user", "content": "hi"}]
+    assert spec.params.temperature == 1.0 and spec.params.logprobs is None and spec.top_logprobs is None
+
+
+def test_chat_fields_map_to_sampling_params() -> None:
+    body = {
+        **CHAT,
+        "max_completion_tokens": 9,
+        "max_tokens": 100,  # the newer name wins
+        "temperature": 0,
+        "top_p": 0.5,
+        "top_k": 4,
+        "min_p": 0.1,
+        "seed": 3,
+        "n": 2,
+        "stop": "END",
+        "stop_token_ids": [5],
+        "ignore_eos": True,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "repetition_penalty": 1.2,
+        "logprobs": True,
+        "top_logprobs": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "user": "ignored",
+    }
+    spec = parse_chat(body, MODEL)
+    p = spec.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (9, 0.0, 0.5, 4, 0.1, 3)
+    assert (p.stop, p.stop_token_ids, p.ignore_eos, p.logprobs) == (["END"], [5], True, 3)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert (spec.n, spec.stop, spec.top_logprobs, spec.stream, spec.include_usage) == (
+        2,
+        ["END"],
+        3,
+        True,
+        True,
+    )
+    assert not spec.max_tokens_auto
+
+
+def test_chat_content_parts_and_developer_role() -> None:
+    body = {
+        **CHAT,
+        "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ],
+    }
+    assert parse_chat(body, MODEL).prompts[0].messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "kinds"),
+    [
+        ("text", [("text", "text")]),
+        (["a", "b"], [("text", "a"), ("text", "b")]),
+        ([1, 2, 3], [("ids", [1, 2, 3])]),
+        ([[1], [2, 3]], [("ids", [1]), ("ids", [2, 3])]),
+    ],
+)
+def test_completion_prompt_forms(prompt: Any, kinds: list[tuple[str, Any]]) -> None:
+    spec = parse_completion({**COMPLETION, "prompt": prompt}, MODEL)
+    got = [("text", p.text) if p.text is not None else ("ids", p.token_ids) for p in spec.prompts]
+    assert got == kinds
+    assert spec.params.max_tokens == 16 and not spec.max_tokens_auto
+
+
+def test_completion_logprobs_is_a_count() -> None:
+    spec = parse_completion({**COMPLETION, "logprobs": 0}, MODEL)
+    assert spec.top_logprobs == 0 and spec.params.logprobs == 0
+
+
+def test_model_may_be_left_out() -> None:
+    assert parse_completion({"prompt": "x"}, MODEL).model == MODEL
+
+
+# (endpoint, body changes, status, param)
+BAD: list[tuple[str, dict[str, Any], int, str | None]] = [
+    ("chat", {"model": "gpt-4"}, 404, "model"),
+    ("chat", {"model": 7}, 400, "model"),
+    ("chat", {"messages": None}, 400, "messages"),
+    ("chat", {"messages": []}, 400, "messages"),
+    ("chat", {"messages": "hi"}, 400, "messages"),
+    ("chat", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ("chat", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    (
+        "chat",
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "messages[0].content",
+    ),
+    ("chat", {"messages": ["hi"]}, 400, "messages[0]"),
+    ("chat", {"max_tokens": 0}, 400, "max_tokens"),
+    ("chat", {"max_completion_tokens": "10"}, 400, "max_completion_tokens"),
+    ("chat", {"temperature": "hot"}, 400, "temperature"),
+    ("chat", {"temperature": -0.1}, 400, "temperature"),
+    ("chat", {"temperature": 2.5}, 400, "temperature"),
+    ("chat", {"top_p": 0}, 400, "top_p"),
+    ("chat", {"top_p": 1.01}, 400, "top_p"),
+    ("chat", {"top_k": -2}, 400, "top_k"),
+    ("chat", {"top_k": 1.5}, 400, "top_k"),
+    ("chat", {"min_p": 2}, 400, "min_p"),
+    ("chat", {"n": 0}, 400, "n"),
+    ("chat", {"n": 1000}, 400, "n"),
+    ("chat", {"n": True}, 400, "n"),
+    ("chat", {"seed": "x"}, 400, "seed"),
+    ("chat", {"stop": 5}, 400, "stop"),
+    ("chat", {"stop": [""]}, 400, "stop"),
+    ("chat", {"stop": ["a"] * 17}, 400, "stop"),
+    ("chat", {"stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ("chat", {"stop_token_ids": "1"}, 400, "stop_token_ids"),
+    ("chat", {"ignore_eos": "yes"}, 400, "ignore_eos"),
+    ("chat", {"presence_penalty": 3}, 400, "presence_penalty"),
+    ("chat", {"frequency_penalty": -2.5}, 400, "frequency_penalty"),
+    ("chat", {"repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("chat", {"logprobs": 1}, 400, "logprobs"),
+    ("chat", {"top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("chat", {"stream": "true"}, 400, "stream"),
+    ("chat", {"stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("chat", {"stream": True, "stream_options": []}, 400, "stream_options"),
+    ("chat", {"tools": [{"type": "function"}]}, 400, "tools"),
+    ("chat", {"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("completion", {"prompt": None}, 400, "prompt"),
+    ("completion", {"prompt": []}, 400, "prompt"),
+    ("completion", {"prompt": [[]]}, 400, "prompt"),
+    ("completion", {"prompt": [1, "a"]}, 400, "prompt"),
+    ("completion", {"prompt": [-1]}, 400, "prompt"),
+    ("completion", {"prompt": {"text": "x"}}, 400, "prompt"),
+    ("completion", {"logprobs": True}, 400, "logprobs"),
+    ("completion", {"logprobs": 50}, 400, "logprobs"),
+    ("completion", {"echo": True}, 400, "echo"),
+    ("completion", {"suffix": "x"}, 400, "suffix"),
+    ("completion", {"prompt": ["a"] * 600, "n": 2}, 400, "n"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "change", "status", "param"), BAD, ids=lambda v: str(v)[:40])
+def test_bad_requests(endpoint: str, change: dict[str, Any], status: int, param: str | None) -> None:
+    base, parse = (CHAT, parse_chat) if endpoint == "chat" else (COMPLETION, parse_completion)
+    with pytest.raises(ApiError) as error_info:
+        parse({**base, **change}, MODEL)
+    error = error_info.value
+    assert (error.status, error.param) == (status, param), error.message
+    body = error.body()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+@pytest.mark.parametrize("body", [[], "x", 3, None])
+def test_body_must_be_an_object(body: Any) -> None:
+    with pytest.raises(ApiError, match="JSON object"):
+        parse_chat(body, MODEL)

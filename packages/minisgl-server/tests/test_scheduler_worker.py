@@ -1,0 +1,211 @@
+"""The scheduler process's message handling over a fake runtime: groups are all-or-nothing, the queue
+limit answers 503, bad requests answer 400 without touching the engine, aborts report back."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import zmq
+
+from minisgl.core import messages as msg
+from minisgl.core.sampling_params import SamplingParams
+from minisgl.server.args import ServerArgs
+from minisgl.server.ipc import IpcAddresses, pull_socket
+from minisgl.server.scheduler_worker import SchedulerWorker
+
+EOS = 0
+
+
+class FakeRuntime:
+    """Two running slots; each step gives every running request token 5, then EOS at its third token."""
+
+    def __init__(self, max_running: int = 2, context: int = 32) -> None:
+        self.max_seq_len = context
+        self.config = SimpleNamespace(max_running_requests=max_running)
+        self.model_config = SimpleNamespace(eos_token_ids=(EOS,), architecture="Fake", vocab_size=100)
+        self.device, self.dtype, self.tokenizer = "cpu", "float32", None
+        self.waiting: list[Any] = []
+        self.running: list[Any] = []
+        self.aborted: list[int] = []
+        self._rid = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
+            "pages_total": 64,
+            "page_size": 1,
+        }
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Any:
+        self._rid += 1
+        req = SimpleNamespace(
+            rid=self._rid, prompt_ids=prompt_ids, params=params, output_ids=[], num_cached=1,
+            output_logprobs=[], output_top_logprobs=[], finish_reason=None,
+        )  # fmt: skip
+        self.waiting.append(req)
+        return req
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, rid: int) -> Any:
+        self.aborted.append(rid)
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.rid == rid:
+                    queue.remove(req)
+                    req.finish_reason = "abort"
+                    return req
+        return None
+
+    def step(self) -> Any:
+        while self.waiting and len(self.running) < self.config.max_running_requests:
+            self.running.append(self.waiting.pop(0))
+        tokens, finished = [], []
+        for req in self.running:
+            token = EOS if len(req.output_ids) == 2 else 5
+            req.output_ids.append(token)
+            if req.params.logprobs is not None:
+                req.output_logprobs.append(-0.25)
+                req.output_top_logprobs.append({token: -0.25, 7: -3.0})
+            tokens.append(token)
+            if token == EOS:
+                req.finish_reason = "stop"
+                finished.append(req)
+        new_tokens = list(zip(self.running, tokens, strict=True))
+        self.running = [r for r in self.running if r.finish_reason is None]
+        return SimpleNamespace(new_tokens=new_tokens, finished=finished)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Any:
+    addresses = IpcAddresses.in_directory(tmp_path)
+    context = zmq.Context()
+    downstream = pull_socket(context, addresses.tokenizer)
+    workers: list[SchedulerWorker] = []
+
+    def make(max_queued: int | None = None, **runtime_options: Any) -> tuple[SchedulerWorker, FakeRuntime]:
+        runtime = FakeRuntime(**runtime_options)
+        worker = SchedulerWorker(runtime, ServerArgs(max_queued_requests=max_queued), addresses)
+        workers.append(worker)
+        return worker, runtime
+
+    def received() -> list[Any]:
+        messages = []
+        while downstream.poll(200):
+            messages.append(msg.decode(downstream.recv()))
+        return messages
+
+    yield make, received
+    for worker in workers:
+        worker.receiver.close(0)
+        worker.sender.close(0)
+        worker.context.term()
+    downstream.close(0)
+    context.term()
+
+
+def group(
+    *requests: tuple[int, list[int]], max_tokens: int = 4, auto: bool = False, **params: Any
+) -> msg.TokenizedGroup:
+    return msg.TokenizedGroup(
+        [
+            msg.TokenizedRequest(
+                uid, msg.int32_array(ids), SamplingParams(max_tokens=max_tokens, **params), auto
+            )
+            for uid, ids in requests
+        ]
+    )
+
+
+def test_requests_run_and_report_tokens_and_finish(setup: Any) -> None:
+    make, received = setup
+    worker, runtime = make()
+    worker._handle(group((1, [3, 4]), logprobs=1))
+    while runtime.has_work():
+        worker._step()
+    steps = received()
+    assert [s.tokens.tolist() for s in steps] == [[5], [5], [EOS]]
+    assert all(s.uids.tolist() == [1] for s in steps)
+    assert steps[0].logprobs[0].logprob == -0.25 and steps[0].logprobs[0].top_ids.tolist() == [5, 7]
+    (finished,) = steps[-1].finished
+    assert finished == msg.FinishedRequest(1, "stop", 2, 1, 3, last_token_is_stop=True)
+    assert not worker.requests and not worker.uid_of_rid
+
+
+def test_queue_limit_counts_requests_beyond_free_slots(setup: Any) -> None:
+    make, received = setup
+    worker, runtime = make(max_queued=3)
+    for uid in range(1, 7):
+        worker._handle(group((uid, [1])))
+    assert len(runtime.waiting) == 5  # 2 start at the next step, 3 wait
+    (error,) = received()
+    assert (error.uids, error.status, error.code) == ([6], 503, "queue_full")
+
+
+def test_a_group_is_added_whole_or_not_at_all(setup: Any) -> None:
+    make, received = setup
+    worker, runtime = make(context=8)
+    worker._handle(group((1, [1, 2]), (2, [1] * 8)))  # the second prompt fills the whole context
+    (error,) = received()
+    assert (error.uids, error.status, error.param) == ([1, 2], 400, "prompt")
+    assert "context length is 8" in error.message
+    assert not runtime.waiting
+
+
+def test_max_tokens_beyond_the_context_is_refused(setup: Any) -> None:
+    make, received = setup
+    worker, _runtime = make(context=8)
+    worker._handle(group((1, [1, 2, 3]), max_tokens=6))
+    (error,) = received()
+    assert (error.status, error.param) == (400, "max_tokens")
+
+
+def test_max_tokens_auto_fills_the_context(setup: Any) -> None:
+    make, _ = setup
+    worker, runtime = make(context=8)
+    worker._handle(group((1, [1, 2, 3]), max_tokens=1, auto=True))
+    assert runtime.waiting[0].params.max_tokens == 5
+
+
+def test_engine_refusals_become_400(setup: Any) -> None:
+    make, received = setup
+    worker, _runtime = make()
+    worker._handle(group((1, [])))
+    (error,) = received()
+    assert error.status == 400 and "prompt is empty" in error.message
+
+
+def test_abort_reports_a_finished_request(setup: Any) -> None:
+    make, received = setup
+    worker, _runtime = make()
+    worker._handle(group((1, [1]), (2, [1])))
+    worker._step()
+    worker._handle(msg.AbortRequests([1, 99]))  # 99 is unknown: ignored
+    worker._step()
+    steps = received()
+    aborted = [f for s in steps for f in s.finished if f.reason == "abort"]
+    assert [f.uid for f in aborted] == [1]
+    assert steps[-1].uids.tolist() == [2]
+
+
+def test_stats_reply(setup: Any) -> None:
+    make, received = setup
+    worker, _ = make()
+    worker._handle(msg.StatsQuery(5))
+    (reply,) = received()
+    assert reply.query_id == 5 and reply.stats["num_running"] == 0 and "uptime_s" in reply.stats
+
+
+def test_prepare_keeps_params_valid() -> None:
+    params = SamplingParams(max_tokens=3, stop_token_ids=[9])
+    assert dataclasses.replace(params, max_tokens=5).stop_token_id_set == frozenset({9})

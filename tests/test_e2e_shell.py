@@ -1,0 +1,74 @@
+"""The shell in a pseudo-terminal, on a local engine (the server's launch code), with the real model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pexpect
+from conftest import Server, alive, child_pids
+
+PROMPT = "you>"  # prompt_toolkit moves the cursor over the trailing space
+
+
+def spawn_shell(*args: str) -> pexpect.spawn:
+    command = shutil.which("minisgl-shell") or sys.executable
+    argv = list(args) if command != sys.executable else ["-m", "minisgl.shell.repl", *args]
+    env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm", "PYTHONUNBUFFERED": "1"}
+    return pexpect.spawn(command, argv, env=env, encoding="utf-8", timeout=300, dimensions=(40, 200))
+
+
+def test_shell_local_engine_in_a_terminal() -> None:
+    shell = spawn_shell(
+        "--device", "cpu", "--temperature", "0", "--max-tokens", "400", "--cpu-kv-cache-gib", "0.25"
+    )
+    try:
+        shell.expect("chatting with smollm2-135m")
+        shell.expect_exact(PROMPT)
+        children = child_pids(shell.pid)
+        assert len(children) >= 2
+
+        shell.sendline("What is the capital of France?")
+        shell.expect("Paris")
+        shell.expect_exact(PROMPT)
+        shell.sendline("And of Germany?")  # only answerable with the first turn in the conversation
+        shell.expect("Berlin|Germany")
+        shell.expect_exact(PROMPT)
+
+        shell.sendline("/reset")
+        shell.expect_exact("(conversation reset)")
+        shell.expect_exact(PROMPT)
+        shell.sendline("/frobnicate")
+        shell.expect_exact("unknown command /frobnicate")
+        shell.expect_exact("/reset")  # the help follows
+        shell.expect_exact(PROMPT)
+
+        # Ctrl-C stops a reply in progress; the shell stays and answers the next message.
+        shell.sendline("Write a long story about a dragon who learns to fly.")
+        shell.expect_exact("\x1b[?2004l")  # prompt_toolkit is done with the line (bracketed paste off)
+        shell.expect(r"[A-Za-z]{3,}")  # the first word of the reply: it is being generated now
+        shell.sendintr()
+        shell.expect_exact("(interrupted)")
+        shell.expect_exact(PROMPT)
+        shell.sendline("What is the capital of France?")
+        shell.expect("Paris")
+        shell.expect_exact(PROMPT)
+
+        shell.sendline("/exit")
+        shell.expect(pexpect.EOF, timeout=60)
+    finally:
+        shell.close(force=True)
+    assert shell.exitstatus == 0, (shell.exitstatus, shell.signalstatus)
+    assert not [pid for pid in children if alive(pid)]
+
+
+def test_shell_against_a_server(server: Server) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "minisgl.shell.repl", "--url", server.url, "--temperature", "0", "--max-tokens", "24"],
+        input="What is the capital of France?\n/bogus\n/exit\n",
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout and "unknown command /bogus" in result.stdout
