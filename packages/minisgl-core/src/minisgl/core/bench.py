@@ -125,14 +125,21 @@ def run_hf(args: argparse.Namespace, workload: Workload) -> float:
     from transformers import AutoModelForCausalLM
 
     from minisgl.core.config import parse_dtype, resolve_device
+    from minisgl.core.loader import load_hf_config, read_gguf_tensors
     from minisgl.core.model_source import resolve_model
 
     source = resolve_model(args.model)
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype, None, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(source.directory), gguf_file=source.gguf_file, dtype=dtype
-    )
+    if source.is_gguf:
+        # from_pretrained(gguf_file=...) needs `accelerate`; build the model from the GGUF's config and
+        # fill it through transformers' GGUF reader instead (the same tensors minisgl loads).
+        hf_config = load_hf_config(source)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model.load_state_dict(dict(read_gguf_tensors(source, hf_config)), strict=False)
+        model.tie_weights()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=dtype)
     model = cast(Any, model).to(device).eval()
     started = time.perf_counter()
     for i in range(0, len(workload.prompts), args.hf_batch_size):

@@ -87,7 +87,7 @@ def build_model(
     if load_format == "dummy":
         _init_dummy(model)
     else:
-        tensors = _gguf_tensors(source, hf_config) if load_format == "gguf" else _safetensors(source)
+        tensors = read_gguf_tensors(source, hf_config) if load_format == "gguf" else _safetensors(source)
         unused = model.load_weights(tensors)
         if unused:
             logger.warning("ignored %d checkpoint tensors, e.g. %s", len(unused), unused[:3])
@@ -104,7 +104,7 @@ def _safetensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, handle.get_tensor(name)
 
 
-def _gguf_tensors(source: ModelSource, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+def read_gguf_tensors(source: ModelSource, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantized tensors with Hugging Face names. transformers' reader maps GGUF names by looking at an
     instance of the HF model, so we give it one on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM
