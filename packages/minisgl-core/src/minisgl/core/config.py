@@ -4,7 +4,7 @@ it (EngineConfig, chosen by the user)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -184,7 +184,6 @@ class EngineConfig:
     cuda_graph_max_bs: int | None = None
     seed: int = 0
     tp_size: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):

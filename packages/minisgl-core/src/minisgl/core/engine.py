@@ -97,9 +97,6 @@ class Engine:
         # host buffers, so the next plan must not overwrite them before then.
         self._planned: torch.cuda.Event | None = None
 
-    def step(self, batch: Batch) -> StepOutput:
-        return self.launch(batch).wait()
-
     @torch.inference_mode()
     def launch(self, batch: Batch) -> PendingStep:
         """Enqueue one step on the device and return without waiting for it."""

@@ -54,10 +54,6 @@ class PrefixCache:
         insert, node now ending the sequence). Pages past the first return value become the cache's."""
         raise NotImplementedError
 
-    def owned_length(self, node: RadixNode | None) -> int:
-        """Tokens on the path from the root to node."""
-        raise NotImplementedError
-
     def path_pages(self, node: RadixNode | None) -> list[int]:
         raise NotImplementedError
 
@@ -89,9 +85,6 @@ class NaiveCache(PrefixCache):
 
     def insert(self, ids: Sequence[int], pages: Sequence[int]) -> tuple[int, RadixNode | None]:
         return 0, None
-
-    def owned_length(self, node: RadixNode | None) -> int:
-        return 0
 
     def path_pages(self, node: RadixNode | None) -> list[int]:
         return []
@@ -183,13 +176,6 @@ class RadixCache(PrefixCache):
             self.evictable_pages += len(leaf.pages)
             node = leaf
         return matched, node
-
-    def owned_length(self, node: RadixNode | None) -> int:
-        length = 0
-        while node is not None:
-            length += len(node.key)
-            node = node.parent
-        return length
 
     def path_pages(self, node: RadixNode | None) -> list[int]:
         parts: list[list[int]] = []

@@ -58,7 +58,9 @@ class StepResult:
 
 @dataclass
 class StepTiming:
-    """Wall time of steps by kind (each step ends when its sampled tokens reach the host)."""
+    """Wall time of steps by kind of the batch they complete. With overlap scheduling a step launches one
+    batch and completes the previous one, so the split between kinds is approximate (on the CPU, where a
+    launch computes the whole forward pass, it is off by one batch)."""
 
     prefill_steps: int = 0
     prefill_seconds: float = 0.0

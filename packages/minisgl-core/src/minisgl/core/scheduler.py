@@ -173,8 +173,7 @@ class Scheduler:
             if not self._try_admit(req):
                 break
             self.waiting.popleft()
-            if req.num_computed == 0:
-                fresh_prompts.add(tuple(req.prompt_ids))
+            fresh_prompts.add(tuple(req.prompt_ids))
             chunks.append(self._prefill_chunk(req, budget))
             budget -= chunks[-1].end - chunks[-1].start
         if not chunks:
