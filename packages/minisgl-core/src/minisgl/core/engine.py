@@ -103,9 +103,8 @@ class Engine:
         if self._planned is not None:
             self._planned.synchronize()
         self.tables.flush()
-        layout = self._layout(batch)
-        rows = self._token_rows(batch.chunks)
-        input_ids = self.tables.token_table[rows, layout.positions]
+        layout, token_rows = self._layout(batch)
+        input_ids = self.tables.token_table[token_rows, layout.positions]
         if batch.is_decode and self.graphs is not None and self.graphs.fits(len(batch.chunks)):
             graph_logits = self.graphs.run(
                 input_ids, layout.positions, layout.out_slots, layout.page_table, layout.kv_lens_host
@@ -137,18 +136,13 @@ class Engine:
             self._planned = torch.cuda.Event()
             self._planned.record()
 
-    def _token_rows(self, chunks: list[Chunk]) -> torch.Tensor:
-        rows = [c.req.table_row for c in chunks for _ in range(c.end - c.start)]
-        return to_device(rows, torch.int64, self.device)
-
-    def _layout(self, batch: Batch) -> BatchLayout:
+    def _layout(self, batch: Batch) -> tuple[BatchLayout, torch.Tensor]:
+        """The batch's layout for the attention backend, and the table row of every token."""
         chunks = batch.chunks
         page_size = self.kv_pool.page_size
         positions_host = [p for c in chunks for p in range(c.start, c.end)]
         query_lens = [c.end - c.start for c in chunks]
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
+        starts = list(itertools.accumulate(query_lens, initial=0))
         positions = to_device(positions_host, torch.int64, self.device)
         request_rows = to_device([c.req.table_row for c in chunks], torch.int64, self.device)
         page_table = self.tables.page_table[request_rows]
@@ -158,7 +152,7 @@ class Engine:
             output_size=len(positions_host),
         )
         pages = page_table[token_request, positions // page_size].long()
-        return BatchLayout(
+        layout = BatchLayout(
             positions=positions,
             out_slots=pages * page_size + positions % page_size,
             query_starts=to_device(starts, torch.int64, self.device),
@@ -168,6 +162,7 @@ class Engine:
             kv_lens_host=[c.end for c in chunks],
             is_decode=batch.is_decode,
         )
+        return layout, request_rows[token_request]
 
     def _sample(
         self,
