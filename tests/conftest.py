@@ -67,6 +67,16 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def leftover_children(children: list[int], grace_s: float = 10.0) -> list[str]:
+    """Descendants still running grace_s after their parent exited, as "pid (name)".
+
+    A grace period, because some exit just after the parent: multiprocessing's resource tracker (started by
+    `spawn`) leaves only when the last process holding its pipe is gone.
+    """
+    wait_until(lambda: not any(alive(pid) for pid in children), grace_s)
+    return [f"{pid} ({process_name(pid)})" for pid in children if alive(pid)]
+
+
 def wait_until(condition: object, timeout: float, interval: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -148,9 +158,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     finally:
         children = child_pids(running.process.pid)
         code = running.stop(signal.SIGINT)
-        leftovers = [pid for pid in children if alive(pid)]
-        for pid in leftovers:
-            os.kill(pid, signal.SIGKILL)
+        leftovers = leftover_children(children)
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
         assert code == 0, f"SIGINT exit status {code}:\n{running.log_tail()}"
         assert not leftovers, f"children left running after SIGINT: {leftovers}"
         assert wait_until(lambda: port_is_free(running.port), 10), "the port is still bound"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pexpect
-from conftest import Server, alive, child_pids
+from conftest import Server, child_pids, leftover_children
 
 PROMPT = "you>"  # prompt_toolkit moves the cursor over the trailing space
 
@@ -61,7 +61,7 @@ def test_shell_local_engine_in_a_terminal() -> None:
     finally:
         shell.close(force=True)
     assert shell.exitstatus == 0, (shell.exitstatus, shell.signalstatus)
-    assert not [pid for pid in children if alive(pid)]
+    assert not leftover_children(children)
 
 
 def test_shell_against_a_server(server: Server) -> None:
