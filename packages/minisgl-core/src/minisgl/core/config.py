@@ -68,10 +68,28 @@ class ModelConfig:
     qk_norm: bool
     eos_token_ids: tuple[int, ...]
     checkpoint_dtype: torch.dtype | None
+    # Llama/Qwen3 `attention_bias` also gives o_proj a bias (Qwen2's q/k/v biases do not); Llama's
+    # `mlp_bias` gives gate, up and down a bias.
+    o_bias: bool = False
+    mlp_bias: bool = False
 
     def local_kv_heads(self, tp_size: int) -> int:
         """KV heads held by one rank: split evenly, or one replicated head when there are fewer than ranks."""
         return max(1, self.num_kv_heads // tp_size)
+
+    def check_tp(self, tp_size: int) -> None:
+        """Raise ValueError naming the dimension that cannot be split over tp_size ranks."""
+        if tp_size == 1:
+            return
+        for what, size in (("attention heads", self.num_heads), ("intermediate size", self.intermediate_size)):
+            if size % tp_size:
+                raise ValueError(f"tp size {tp_size} does not divide the model's {what} ({size})")
+        kv = self.num_kv_heads
+        if kv % tp_size and tp_size % kv:
+            raise ValueError(
+                f"tp size {tp_size} and the model's {kv} KV heads: one must divide the other "
+                "(KV heads are split over ranks, or each replicated on tp/kv ranks)"
+            )
 
     @classmethod
     def from_hf(cls, hf_config: Any, extra_eos_ids: tuple[int, ...] = ()) -> ModelConfig:
@@ -106,6 +124,8 @@ class ModelConfig:
             # Qwen2 always has q/k/v biases; Llama-family configs say so with `attention_bias`.
             qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            o_bias=model_type != "qwen2" and bool(getattr(hf_config, "attention_bias", False)),
+            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             eos_token_ids=tuple(dict.fromkeys(eos + extra_eos_ids)),
             checkpoint_dtype=dtype if isinstance(dtype, torch.dtype) else None,
         )
@@ -206,8 +226,8 @@ class EngineConfig:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {self.cuda_graph_max_bs}")
         if self.cache not in ("radix", "naive"):
             raise ValueError(f"cache must be radix or naive, got {self.cache!r}")
-        if self.tp_size != 1:
-            raise ValueError("tp_size > 1 is not supported by the offline engine yet")
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:

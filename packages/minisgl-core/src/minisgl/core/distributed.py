@@ -1,18 +1,44 @@
-"""Tensor-parallel rank information and collectives. At tp=1 every collective is the identity, so the
-TP-ready layers run unchanged on a single device."""
+"""Tensor parallelism: which rank this process is, the collectives the layers call, and the control
+channel that gives every rank the same scheduler messages.
+
+At tp=1 every collective is the identity, so the TP-ready layers run unchanged on a single device.
+At tp>1 `init_distributed` joins a torch.distributed group:
+- a gloo group over all ranks carries control messages (rank 0's requests and aborts, once per step) and,
+  on the CPU, the model's tensors as well;
+- on CUDA the model's all-reduce and all-gather go through minisgl-kernels' NCCL communicator (no host
+  synchronization, safe inside CUDA graphs; its unique id travels over the gloo group), or through a
+  torch.distributed NCCL group when NCCL cannot be loaded by the kernels package.
+"""
 
 from __future__ import annotations
 
+import datetime
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from minisgl.kernels.nccl import Communicator, TorchCommunicator, create_communicator, nccl_available
+
+logger = logging.getLogger("minisgl")
+
+# How long ranks wait for each other to join, and for any one tensor collective.
+RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=10)
+# Followers wait in the control broadcast while the server is idle, for as long as it stays idle; a dead
+# peer still ends the wait at once (gloo sees the connection close).
+CONTROL_TIMEOUT = datetime.timedelta(days=30)
 
 
 @dataclass(frozen=True)
 class TPInfo:
     rank: int = 0
     size: int = 1
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
 
     def shard(self, total: int) -> tuple[int, int]:
         """The [start, end) slice of `total` items that this rank owns (the last shard may be shorter)."""
@@ -22,6 +48,8 @@ class TPInfo:
 
 
 _TP = TPInfo()
+_COMM: Communicator | None = None
+_CONTROL: Any = None  # the gloo group of control messages
 
 
 def get_tp() -> TPInfo:
@@ -33,16 +61,98 @@ def set_tp(info: TPInfo) -> None:
     _TP = info
 
 
+def init_distributed(rank: int, size: int, init_address: str, device: torch.device) -> None:
+    """Join the TP group of `size` ranks that meet at init_address ("host:port", rank 0 listens there).
+    Every rank calls this before building its model."""
+    global _COMM, _CONTROL
+    if size == 1:
+        set_tp(TPInfo())
+        return
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialized in this process")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{init_address}",
+        rank=rank,
+        world_size=size,
+        timeout=RENDEZVOUS_TIMEOUT,
+    )
+    _CONTROL = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    set_tp(TPInfo(rank, size))
+    if device.type != "cuda":
+        _COMM = TorchCommunicator()
+    else:
+        _COMM = _cuda_communicator(rank, size, device)
+    logger.info("joined the TP group as rank %d of %d (%s)", rank, size, type(_COMM).__name__)
+
+
+def _cuda_communicator(rank: int, size: int, device: torch.device) -> Communicator:
+    if nccl_available():
+        from minisgl.kernels.nccl import nccl_unique_id
+
+        unique_id = broadcast_from_leader(nccl_unique_id() if rank == 0 else None)
+        return create_communicator(rank, size, device, unique_id=unique_id)
+    logger.warning("minisgl-kernels could not load NCCL; using torch.distributed's NCCL group")
+    return TorchCommunicator(dist.new_group(backend="nccl"))
+
+
+def shutdown_distributed() -> None:
+    """Leave the TP group (every rank calls it); tp=1 is a no-op."""
+    global _COMM, _CONTROL
+    close = getattr(_COMM, "close", None)
+    if close is not None:
+        close()
+    _COMM = _CONTROL = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    set_tp(TPInfo())
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum x over the ranks, in place; returns x."""
     if _TP.size == 1:
         return x
-    dist.all_reduce(x)
+    assert _COMM is not None, "init_distributed() was not called"
+    _COMM.all_reduce(x)
     return x
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's x along the last dimension, rank 0 first."""
     if _TP.size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(_TP.size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=-1)
+    assert _COMM is not None, "init_distributed() was not called"
+    gathered = torch.empty((_TP.size, *x.shape), dtype=x.dtype, device=x.device)
+    _COMM.all_gather(gathered, x.contiguous())
+    # (ranks, ..., per_rank) -> (..., ranks * per_rank)
+    return gathered.movedim(0, -2).reshape(*x.shape[:-1], _TP.size * x.shape[-1])
+
+
+# ---- control channel (CPU, gloo) --------------------------------------------------------------------
+
+
+def broadcast_from_leader(payload: Any) -> Any:
+    """Rank 0's payload, on every rank (the others pass anything, usually None)."""
+    if _TP.size == 1:
+        return payload
+    holder = [payload if _TP.is_leader else None]
+    dist.broadcast_object_list(holder, src=0, group=_CONTROL)
+    return holder[0]
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's value (e.g. KV pages, which must agree across ranks)."""
+    if _TP.size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=_CONTROL)
+    return int(tensor.item())
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's value, indexed by rank (for consistency checks)."""
+    if _TP.size == 1:
+        return [value]
+    gathered: list[Any] = [None] * _TP.size
+    dist.all_gather_object(gathered, value, group=_CONTROL)
+    return gathered

@@ -1,9 +1,17 @@
-"""The offline API: `LLM(model).generate(prompts, params)` runs requests to completion in this process."""
+"""The offline API: `LLM(model).generate(prompts, params)` runs requests to completion in this process.
+
+With tp_size > 1 this process is TP rank 0 and starts one process per other rank (spawned, on this
+machine); they follow rank 0 step by step until `shutdown()` or the end of a `with LLM(...)` block.
+"""
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import socket
 import time
 from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
+from types import TracebackType
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -25,9 +33,33 @@ class LLM:
         unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
-        self.runtime = Runtime(model, EngineConfig(**engine_options))
+        config = EngineConfig(**engine_options)
+        config.validate()
+        address = f"127.0.0.1:{_free_port()}" if config.tp_size > 1 else None
+        self._followers = [
+            _start_follower(model, config, rank, address) for rank in range(1, config.tp_size) if address
+        ]
+        try:
+            self.runtime = Runtime(model, config, tp_rank=0, dist_init_address=address)
+        except BaseException:
+            _stop(self._followers)
+            raise
         self.tokenizer = self.runtime.tokenizer
         self.model_config = self.runtime.model_config
+
+    def shutdown(self) -> None:
+        """Stop the other TP ranks' processes and leave the TP group (nothing to do at tp=1)."""
+        self.runtime.shutdown()
+        _stop(self._followers)
+        self._followers = []
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.shutdown()
 
     def generate(
         self,
@@ -118,6 +150,35 @@ class LLM:
             ids = ids[:-1]  # the EOS or stop token is reported in token_ids, not in the text
         text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
         return text if req.stop_text_offset is None else text[: req.stop_text_offset]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _start_follower(model: str, config: EngineConfig, rank: int, address: str) -> BaseProcess:
+    process = mp.get_context("spawn").Process(
+        target=_follow, args=(model, config, rank, address), name=f"minisgl-tp{rank}", daemon=True
+    )
+    process.start()
+    return process
+
+
+def _follow(model: str, config: EngineConfig, rank: int, address: str) -> None:
+    runtime = Runtime(model, config, tp_rank=rank, dist_init_address=address)
+    runtime.follow()
+    runtime.shutdown()
+
+
+def _stop(processes: list[BaseProcess], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.terminate()
+            process.join(5.0)
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

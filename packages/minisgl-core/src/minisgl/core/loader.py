@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -85,13 +86,28 @@ def build_model(
     with _default_dtype(dtype), torch.device(device):
         model = create_model(config)
     if load_format == "dummy":
-        _init_dummy(model)
+        tensors = dummy_checkpoint(config, dtype, device)
+    elif load_format == "gguf":
+        tensors = read_gguf_tensors(source, hf_config)
     else:
-        tensors = read_gguf_tensors(source, hf_config) if load_format == "gguf" else _safetensors(source)
-        unused = model.load_weights(tensors)
-        if unused:
-            logger.warning("ignored %d checkpoint tensors, e.g. %s", len(unused), unused[:3])
+        tensors = _safetensors(source)
+    unused = model.load_weights(tensors)
+    if unused:
+        logger.warning("ignored %d checkpoint tensors, e.g. %s", len(unused), unused[:3])
     return model.eval()
+
+
+class _LazyTensor:
+    """A safetensors tensor read from disk only where it is sliced, so that a tensor-parallel rank reads
+    just its own rows or columns. Layers use `.shape` and slicing, which is all it offers."""
+
+    def __init__(self, view: Any) -> None:
+        self._view = view
+        self.shape = torch.Size(view.get_shape())
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        tensor: torch.Tensor = self._view[index]
+        return tensor
 
 
 def _safetensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
@@ -101,7 +117,7 @@ def _safetensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     for path in tqdm(files, desc="Loading safetensors", disable=len(files) < 2):
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                yield name, handle.get_tensor(name)
+                yield name, cast(torch.Tensor, _LazyTensor(handle.get_slice(name)))
 
 
 def read_gguf_tensors(source: ModelSource, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -119,15 +135,45 @@ def read_gguf_tensors(source: ModelSource, hf_config: Any) -> Iterator[tuple[str
     yield from checkpoint["tensors"].items()
 
 
-@torch.no_grad()
-def _init_dummy(model: DecoderForCausalLM) -> None:
-    """Random weights with a realistic scale, for benchmarks on real configs without real checkpoints."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(0)
-    for name, param in model.named_parameters():
+def dummy_checkpoint(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random weights with a realistic scale, for benchmarks on real configs without real checkpoints.
+
+    They come as full checkpoint tensors with Hugging Face names, each drawn from a generator seeded by
+    its name, and load like a real checkpoint: every TP size slices the same weights, so tp=2 can be
+    compared with tp=1.
+    """
+    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
+    q_size, kv_size = config.num_heads * head_dim, config.num_kv_heads * head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    shapes["model.norm.weight"] = (hidden,)
+    for i in range(config.num_layers):
+        layer = f"model.layers.{i}"
+        shapes[f"{layer}.input_layernorm.weight"] = (hidden,)
+        shapes[f"{layer}.post_attention_layernorm.weight"] = (hidden,)
+        for proj, rows in (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)):
+            shapes[f"{layer}.self_attn.{proj}.weight"] = (rows, hidden)
+            if config.qkv_bias:
+                shapes[f"{layer}.self_attn.{proj}.bias"] = (rows,)
+        shapes[f"{layer}.self_attn.o_proj.weight"] = (hidden, q_size)
+        if config.o_bias:
+            shapes[f"{layer}.self_attn.o_proj.bias"] = (hidden,)
+        if config.qk_norm:
+            shapes[f"{layer}.self_attn.q_norm.weight"] = (head_dim,)
+            shapes[f"{layer}.self_attn.k_norm.weight"] = (head_dim,)
+        shapes[f"{layer}.mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[f"{layer}.mlp.up_proj.weight"] = (inter, hidden)
+        shapes[f"{layer}.mlp.down_proj.weight"] = (hidden, inter)
+        if config.mlp_bias:
+            for proj, rows in (("gate_proj", inter), ("up_proj", inter), ("down_proj", hidden)):
+                shapes[f"{layer}.mlp.{proj}.bias"] = (rows,)
+    for name, shape in shapes.items():
         if name.endswith("norm.weight"):
-            param.fill_(1.0)
-        else:
-            param.uniform_(-0.02, 0.02, generator=generator)
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+            yield name, torch.ones(shape, dtype=dtype, device=device)
+            continue
+        generator = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        yield name, tensor.uniform_(-0.02, 0.02, generator=generator)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -18,10 +19,18 @@ from minisgl.core.attention.flashinfer_backend import FlashInferBackend
 from minisgl.core.batch import Batch
 from minisgl.core.config import EngineConfig, ModelConfig, pages_for, parse_dtype, resolve_device
 from minisgl.core.cuda_graph import DecodeGraphRunner
+from minisgl.core.distributed import (
+    gather_objects,
+    get_tp,
+    init_distributed,
+    min_over_ranks,
+    shutdown_distributed,
+)
 from minisgl.core.engine import Engine, PendingStep
 from minisgl.core.kv_cache import KVCacheManager
 from minisgl.core.kv_pool import KVPool
 from minisgl.core.loader import build_model, load_hf_config, load_model_config, load_tokenizer
+from minisgl.core.lockstep import AbortRequest, AddRequest, Lockstep, Stop
 from minisgl.core.model_source import resolve_model
 from minisgl.core.models.decoder import DecoderForCausalLM
 from minisgl.core.request import Request
@@ -89,23 +98,41 @@ class StepTiming:
 
 
 class Runtime:
-    def __init__(self, model: str, config: EngineConfig) -> None:
+    """With tp_size > 1 every rank builds a Runtime (tp_rank 0..N-1, all meeting at dist_init_address,
+    "host:port"); rank 0 is driven like a single-rank runtime and the others run `follow()`."""
+
+    def __init__(
+        self,
+        model: str,
+        config: EngineConfig,
+        tp_rank: int = 0,
+        dist_init_address: str | None = None,
+    ) -> None:
         config.validate()
         env.check_all()
         logging.getLogger("minisgl").setLevel(env.LOG_LEVEL.get().upper())
+        if config.tp_size > 1 and dist_init_address is None:
+            raise ValueError("tp_size > 1 needs dist_init_address (host:port where the ranks meet)")
+        if not 0 <= tp_rank < config.tp_size:
+            raise ValueError(f"tp_rank {tp_rank} is outside [0, tp_size={config.tp_size})")
         self.config = config
         started = time.perf_counter()
         source = resolve_model(model)
         hf_config = load_hf_config(source)
-        self.device = resolve_device(config.device)
+        self.device = _rank_device(resolve_device(config.device), tp_rank, config.tp_size)
         self.tokenizer: Any | None = load_tokenizer(source)
         self.model_config = _with_tokenizer_eos(load_model_config(source, hf_config), self.tokenizer)
+        self.model_config.check_tp(config.tp_size)
         self.dtype = parse_dtype(config.dtype, self.model_config.checkpoint_dtype, self.device)
         self.max_seq_len = min(config.max_seq_len or 1 << 62, self.model_config.max_position_embeddings)
+        init_distributed(tp_rank, config.tp_size, dist_init_address or "", self.device)
+        self.tp = get_tp()
+        self.lockstep = Lockstep()
         model_module = build_model(
             source, hf_config, self.model_config, self.dtype, self.device, config.load_format
         )
-        num_pages = self._num_kv_pages()
+        # Every rank must schedule alike, so all use the smallest pool any of them can hold.
+        num_pages = min_over_ranks(self._num_kv_pages())
         # One page more than the allocator hands out: the dummy page that CUDA-graph padding writes to.
         self.kv_pool = KVPool(
             self.model_config.num_layers,
@@ -138,9 +165,10 @@ class Runtime:
         self.max_in_flight = 2 if overlap else 1
         self.in_flight: deque[Launched] = deque()
         logger.info(
-            "loaded %s (%s) on %s in %s: %d KV pages of %d tokens, %s cache, context %d, in %.1f s",
+            "loaded %s (%s%s) on %s in %s: %d KV pages of %d tokens, %s cache, context %d, in %.1f s",
             source.name,
             self.model_config.architecture,
+            f", TP rank {self.tp.rank} of {self.tp.size}" if self.tp.size > 1 else "",
             self.device,
             self.dtype,
             num_pages,
@@ -206,11 +234,17 @@ class Runtime:
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        self._check_leader("add_request")
         self.check_request(prompt_ids, params)
+        req = self._add(next(self._rids), list(prompt_ids), params)
+        self.lockstep.record(AddRequest(req.rid, req.prompt_ids, params))
+        return req
+
+    def _add(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> Request:
         generator = None
         if params.seed is not None and not params.is_greedy:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        req = Request(next(self._rids), list(prompt_ids), params, generator=generator)
+        req = Request(rid, prompt_ids, params, generator=generator)
         self.scheduler.add(req)
         return req
 
@@ -221,6 +255,38 @@ class Runtime:
         """Launch the next batch and apply the results of the oldest one in flight. With overlap
         scheduling, batch N+1 is launched before batch N's results are applied, so the host prepares
         the next step while the device runs the current one; a step may then apply nothing."""
+        self._check_leader("step")
+        if self.lockstep.enabled:
+            self.lockstep.exchange()  # the followers apply our changes since the last step, then step too
+        return self._step()
+
+    def follow(self) -> None:
+        """The loop of TP ranks > 0: apply the leader's changes and step in lockstep with it, until the
+        leader shuts down."""
+        if self.tp.is_leader:
+            raise RuntimeError("follow() is for TP ranks > 0; rank 0 is driven with add_request/step")
+        while True:
+            for message in self.lockstep.exchange():
+                if isinstance(message, Stop):
+                    return
+                if isinstance(message, AddRequest):
+                    self._add(message.rid, list(message.prompt_ids), message.params)
+                else:
+                    self.scheduler.abort(message.rid)
+            self._step()
+
+    def shutdown(self) -> None:
+        """Release the followers (rank 0) and leave the TP group; a no-op at tp=1."""
+        if self.lockstep.enabled and self.tp.is_leader:
+            self.lockstep.record(Stop())
+            self.lockstep.exchange()
+        shutdown_distributed()
+
+    def _check_leader(self, what: str) -> None:
+        if not self.tp.is_leader:
+            raise RuntimeError(f"{what}() is for TP rank 0; rank {self.tp.rank} runs follow()")
+
+    def _step(self) -> StepResult:
         started = time.perf_counter()
         if self.in_flight and self.scheduler.needs_latest_tokens():
             return self._complete(self.in_flight.popleft(), started)
@@ -258,6 +324,8 @@ class Runtime:
         ]
         if self.debug_checks and not self.in_flight:
             self.scheduler.check_integrity()
+        if self.debug_checks and self.tp.size > 1:
+            _check_ranks_agree(batch, output.tokens)
         self.timing.record(batch, time.perf_counter() - started)
         return StepResult(batch, new_tokens, finished)
 
@@ -276,7 +344,10 @@ class Runtime:
 
     def abort(self, rid: int) -> Request | None:
         """Stop a request wherever it is (waiting, mid-prefill, decoding); its KV pages are returned."""
+        self._check_leader("abort")
         req = self.scheduler.abort(rid)
+        if req is not None:
+            self.lockstep.record(AbortRequest(rid))
         if req is not None and self.debug_checks:
             self.scheduler.check_integrity()
         return req
@@ -308,6 +379,31 @@ def _record_prompt_logprobs(req: Request, start: int, values: list[float]) -> No
         req.prompt_logprobs.append(None)
     already = len(req.prompt_logprobs) - (start + 1)
     req.prompt_logprobs.extend(values[max(0, already) :])
+
+
+def _rank_device(device: torch.device, rank: int, tp_size: int) -> torch.device:
+    """A TP rank's device: cuda:(rank mod GPUs here) unless an index was given; on the CPU, the cores are
+    shared out between the ranks."""
+    if tp_size == 1:
+        return device
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
+        return device
+    if device.index is not None:
+        return device
+    return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+def _check_ranks_agree(batch: Batch, tokens: list[int | None]) -> None:
+    """MINISGL_DEBUG_CHECKS at tp>1: every rank must have scheduled the same batch and sampled the same
+    tokens; a difference means the ranks have drifted apart."""
+    mine = ([(c.req.rid, c.start, c.end) for c in batch.chunks], tokens)
+    everyone = gather_objects(mine)
+    for rank, theirs in enumerate(everyone):
+        if theirs != mine:
+            raise RuntimeError(
+                f"TP ranks disagree: rank {get_tp().rank} ran {mine}, rank {rank} ran {theirs}"
+            )
 
 
 def _with_tokenizer_eos(config: ModelConfig, tokenizer: Any | None) -> ModelConfig:

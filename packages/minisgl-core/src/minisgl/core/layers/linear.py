@@ -2,7 +2,9 @@
 row-parallel layers split their inputs and all-reduce. At tp=1 they are plain linears.
 
 Each layer knows how to load its own slice of a checkpoint tensor (`load_weight`), so merged layers
-(qkv, gate_up) take the separate checkpoint tensors by shard name.
+(qkv, gate_up) take the separate checkpoint tensors by shard name. A checkpoint tensor is anything with
+`.shape` whose slicing returns a torch tensor: a tensor, or a lazy safetensors slice, so that a rank reads
+only its own rows or columns from disk.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ class ColumnParallelLinear(nn.Module):
         target.data[offset : offset + local].copy_(tensor[tp.rank * local : (tp.rank + 1) * local])
 
 
+def _check_kv_split(num_kv_heads: int, tp_size: int) -> None:
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        raise ValueError(
+            f"{num_kv_heads} KV heads cannot be split over tp size {tp_size}: one must divide the other"
+        )
+
+
 class QKVParallelLinear(ColumnParallelLinear):
     """The fused q, k, v projection. With fewer KV heads than ranks, KV heads are replicated."""
 
@@ -58,6 +67,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         tp = get_tp()
         if num_heads % tp.size:
             raise ValueError(f"num_heads {num_heads} is not divisible by tp size {tp.size}")
+        _check_kv_split(num_kv_heads, tp.size)
         self.num_kv_heads_total = num_kv_heads
         self.local_kv_heads = max(1, num_kv_heads // tp.size)
         # Size the kv shards as if they were split evenly; replication is handled in load_weight.
@@ -74,7 +84,8 @@ class QKVParallelLinear(ColumnParallelLinear):
                     tensor.shape,
                 )
             return super().load_weight(name, tensor, shard)
-        # Replicated KV heads: rank r uses head r * kv_heads // tp.
+        # Replicated KV heads (tp is a multiple of kv): ranks r with the same r * kv // tp share a head,
+        # and their query heads are exactly that head's group.
         _check_shape(
             name, torch.Size([self.num_kv_heads_total * self.head_dim, *tensor.shape[1:]]), tensor.shape
         )
@@ -109,7 +120,7 @@ class RowParallelLinear(nn.Module):
         if name.endswith("bias"):
             _check_shape(name, torch.Size([self.out_features]), tensor.shape)
             assert self.bias is not None
-            self.bias.data.copy_(tensor)
+            self.bias.data.copy_(tensor[:])
             return
         _check_shape(name, torch.Size([self.out_features, self.local_in * tp.size]), tensor.shape)
         self.weight.data.copy_(tensor[:, tp.rank * self.local_in : (tp.rank + 1) * self.local_in])

@@ -29,4 +29,4 @@ class RMSNorm(nn.Module):
             raise ValueError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(self.weight.shape)}"
             )
-        self.weight.data.copy_(tensor)
+        self.weight.data.copy_(tensor[:])

@@ -29,7 +29,9 @@ class Attention(nn.Module):
         )
         self.num_heads = config.num_heads // tp.size
         self.num_kv_heads = self.qkv_proj.local_kv_heads
-        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(
+            config.num_heads * config.head_dim, config.hidden_size, bias=config.o_bias
+        )
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
@@ -51,8 +53,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         size = config.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], bias=False)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=False)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
