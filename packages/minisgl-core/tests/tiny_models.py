@@ -113,6 +113,24 @@ SPECS: dict[str, TinySpec] = {
             ),
             seed=4,
         ),
+        # Awkward for tensor parallelism on purpose: one KV head (replicated over ranks), a vocabulary
+        # that 3 does not divide, and row-parallel biases (o_proj, down_proj) that must be added once.
+        TinySpec(
+            "llama-mqa",
+            LlamaConfig,
+            dict(
+                rope_theta=10000.0,
+                rms_norm_eps=1e-5,
+                hidden_size=96,
+                intermediate_size=192,
+                num_attention_heads=6,
+                num_key_value_heads=1,
+                attention_bias=True,
+                mlp_bias=True,
+                tie_word_embeddings=False,
+            ),
+            seed=6,
+        ),
         TinySpec(
             "mistral",
             MistralConfig,

@@ -36,6 +36,9 @@ FLAGS = [
     "--startup-timeout",
     "--disable-overlap",
     "--no-mixed-batches",
+    "--nnodes",
+    "--node-rank",
+    "--dist-init-addr",
 ]
 
 
@@ -113,6 +116,15 @@ def test_engine_options_are_engine_config_fields() -> None:
         (["--context-length", "1"], "--context-length"),
         (["--log-level", "loud"], "--log-level"),
         (["--model", ""], "--model"),
+        (["--nnodes", "0"], "--nnodes"),
+        (["--node-rank", "-1"], "--node-rank"),
+        (["--dist-init-addr", "10.0.0.1"], "--dist-init-addr"),
+        (["--dist-init-addr", "10.0.0.1:99999"], "--dist-init-addr"),
+        # flags that are fine alone but not together
+        (["--tp", "3", "--nnodes", "2", "--dist-init-addr", "h:1"], "--nnodes"),
+        (["--tp", "2", "--nnodes", "2"], "--dist-init-addr"),
+        (["--tp", "2", "--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "h:1"], "--node-rank"),
+        (["--tp", "2", "--device", "cuda:1"], "--device"),
     ],
 )
 def test_bad_value_names_the_flag(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,3 +138,11 @@ def test_every_field_has_a_flag() -> None:
     # A ServerArgs field that no flag sets could never be chosen by a user.
     dests = {action.dest for action in build_serve_parser()._actions}
     assert {f.name for f in dataclasses.fields(ServerArgs)} <= dests
+
+
+def test_ranks_are_spread_over_nodes() -> None:
+    args = parse_serve_args(
+        ["--tp", "4", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "10.0.0.1:5000"]
+    )
+    assert (args.ranks_per_node, list(args.local_ranks), args.dist_init_addr) == (2, [2, 3], "10.0.0.1:5000")
+    assert args.engine_options()["tp_size"] == 4

@@ -81,7 +81,10 @@ class ModelConfig:
         """Raise ValueError naming the dimension that cannot be split over tp_size ranks."""
         if tp_size == 1:
             return
-        for what, size in (("attention heads", self.num_heads), ("intermediate size", self.intermediate_size)):
+        for what, size in (
+            ("attention heads", self.num_heads),
+            ("intermediate size", self.intermediate_size),
+        ):
             if size % tp_size:
                 raise ValueError(f"tp size {tp_size} does not divide the model's {what} ({size})")
         kv = self.num_kv_heads

@@ -79,10 +79,8 @@ def init_distributed(rank: int, size: int, init_address: str, device: torch.devi
     )
     _CONTROL = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     set_tp(TPInfo(rank, size))
-    if device.type != "cuda":
-        _COMM = TorchCommunicator()
-    else:
-        _COMM = _cuda_communicator(rank, size, device)
+    # On the CPU the tensors go over gloo too; on CUDA over NCCL.
+    _COMM = _cuda_communicator(rank, size, device) if device.type == "cuda" else TorchCommunicator()
     logger.info("joined the TP group as rank %d of %d (%s)", rank, size, type(_COMM).__name__)
 
 

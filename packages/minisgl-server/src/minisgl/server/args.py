@@ -34,6 +34,10 @@ class ServerArgs:
     device: str = "auto"
     dtype: str = "auto"
     tp: int = 1
+    # several machines: node 0 serves HTTP; the ranks of every node meet at dist_init_addr (host:port)
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
     attn: str = "auto"
     cache: str = "radix"
     page_size: int = 1
@@ -83,6 +87,34 @@ class ServerArgs:
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp // self.nnodes
+
+    @property
+    def local_ranks(self) -> range:
+        """The TP ranks whose scheduler processes run on this node."""
+        first = self.node_rank * self.ranks_per_node
+        return range(first, first + self.ranks_per_node)
+
+    def combination_problem(self) -> tuple[str, str] | None:
+        """(flag, message) when flags that are each valid do not go together."""
+        if self.tp % self.nnodes:
+            return "--nnodes", f"--tp {self.tp} ranks cannot be split evenly over {self.nnodes} nodes"
+        if self.node_rank >= self.nnodes:
+            return "--node-rank", f"must be < --nnodes ({self.nnodes}), got {self.node_rank}"
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            return (
+                "--dist-init-addr",
+                "is required with --nnodes > 1 (node 0's HOST:PORT, the same on every node)",
+            )
+        if self.tp > 1 and self.device.startswith("cuda:"):
+            return (
+                "--device",
+                f"{self.device} names one GPU; with --tp > 1 use cuda or auto (rank r takes GPU r)",
+            )
+        return None
 
 
 # ---- value checks (argparse type functions: their message follows "argument --flag: ") ---------------
@@ -162,6 +194,13 @@ def _attention(text: str) -> str:
     )
 
 
+def _host_port(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
 def _nonempty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -193,6 +232,22 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--tp", "--tp-size", type=_int_at_least(1), default=d.tp, help="tensor-parallel ranks (default 1)"
+    )
+    group.add_argument(
+        "--nnodes", type=_int_at_least(1), default=d.nnodes, help="machines the --tp ranks span (default 1)"
+    )
+    group.add_argument(
+        "--node-rank",
+        type=_int_at_least(0),
+        default=d.node_rank,
+        help="this machine's index among --nnodes; node 0 serves HTTP (default 0)",
+    )
+    group.add_argument(
+        "--dist-init-addr",
+        "--dist-init-address",
+        type=_host_port,
+        default=d.dist_init_addr,
+        help="HOST:PORT of node 0 where the ranks meet (default: a free local port when on one node)",
     )
     group.add_argument(
         "--attn",
@@ -323,7 +378,16 @@ def build_serve_parser(prog: str = "minisgl serve") -> argparse.ArgumentParser:
 
 
 def parse_serve_args(argv: Sequence[str], prog: str = "minisgl serve") -> ServerArgs:
-    return args_from_namespace(build_serve_parser(prog).parse_args(list(argv)))
+    parser = build_serve_parser(prog)
+    return checked(parser, args_from_namespace(parser.parse_args(list(argv))))
+
+
+def checked(parser: argparse.ArgumentParser, args: ServerArgs) -> ServerArgs:
+    """args, or exit through parser.error naming the flag when flags do not go together."""
+    problem = args.combination_problem()
+    if problem is not None:
+        parser.error(f"argument {problem[0]}: {problem[1]}")
+    return args
 
 
 def setup_logging(level: str) -> None:

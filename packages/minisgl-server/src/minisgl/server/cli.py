@@ -18,7 +18,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from minisgl.server.args import DEFAULT_MODEL, add_engine_arguments, add_server_arguments, args_from_namespace
+from minisgl.server.args import (
+    DEFAULT_MODEL,
+    add_engine_arguments,
+    add_server_arguments,
+    args_from_namespace,
+    checked,
+)
 
 SHELL_FLAGS = ("--shell", "--shell-mode")
 
@@ -93,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from minisgl.server.serve import serve
 
-        return serve(args_from_namespace(args))
+        return serve(checked(parser, args_from_namespace(args)))
     if args.command == "generate":
         return _generate(args)
     parser.error(f"unknown command {args.command!r}")

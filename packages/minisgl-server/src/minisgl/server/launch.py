@@ -1,10 +1,14 @@
 """Start the engine's processes, wait until each one is ready, and stop them all.
 
-    launcher (API server or shell) --> tokenizer/detokenizer worker --> scheduler rank 0 .. tp-1
+    launcher (API server or shell) --> tokenizer/detokenizer worker --> scheduler rank 0
+                                                                          | lockstep (gloo)
+                                                                        scheduler ranks 1 .. tp-1
 
 Children are started with `spawn` (no forked torch or CUDA state) and report over a pipe: ("ready", what
-they loaded) or ("error", why not). Start-up fails as soon as one child fails or dies. shutdown() sends
-SIGTERM to every child, waits, then SIGKILLs what is left, and removes the socket directory.
+they loaded) or ("error", why not). Start-up fails as soon as one child fails or dies. With --nnodes > 1
+each node starts the scheduler ranks it hosts; only node 0 starts the tokenizer (and serves HTTP).
+shutdown() stops rank 0 first (which releases the other ranks, on every node), then SIGTERMs the
+remaining children, waits, SIGKILLs what is left, and removes the socket directory.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,10 +55,15 @@ class EngineProcesses:
         return None
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        leader = next((p for p in self.processes if p.name == "minisgl-scheduler-0"), None)
+        if leader is not None and leader.is_alive():
+            # Rank 0 finishes its step and tells the other ranks to stop before it exits.
+            leader.terminate()
+            leader.join(timeout)
         for process in self.processes:
             if process.is_alive():
                 process.terminate()
-        deadline = time.monotonic() + timeout
         for process in self.processes:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
@@ -64,13 +74,12 @@ class EngineProcesses:
 
 
 def launch_engine(args: ServerArgs) -> EngineProcesses:
-    """Start the tokenizer worker and one scheduler per TP rank; return once all are ready."""
-    if args.tp > 1:
-        # Each rank would need rank 0's messages re-published to it in the same step; until the engine
-        # runs tensor parallel, say so before loading anything.
-        raise LaunchError(
-            f"--tp {args.tp}: tensor parallelism is not supported by this build yet; use --tp 1"
-        )
+    """Start this node's scheduler ranks (and on node 0 the tokenizer worker); return once all are ready."""
+    problem = args.combination_problem()
+    if problem is not None:
+        raise LaunchError(f"{problem[0]} {problem[1]}")
+    if args.tp > 1 and args.dist_init_addr is None:
+        args = args.replace(dist_init_addr=f"127.0.0.1:{_free_port()}")
     context = mp.get_context("spawn")
     directory = Path(tempfile.mkdtemp(prefix="minisgl-"))
     engine = EngineProcesses(IpcAddresses.in_directory(directory), directory)
@@ -79,7 +88,7 @@ def launch_engine(args: ServerArgs) -> EngineProcesses:
         from minisgl.server.scheduler_worker import run_scheduler
         from minisgl.server.tokenizer_worker import run_tokenizer
 
-        for rank in range(args.tp):
+        for rank in args.local_ranks:
             name = f"minisgl-scheduler-{rank}"
             receive, send = context.Pipe(duplex=False)
             engine.processes.append(
@@ -88,17 +97,25 @@ def launch_engine(args: ServerArgs) -> EngineProcesses:
                 )
             )
             pipes[name] = receive
-        receive, send = context.Pipe(duplex=False)
-        engine.processes.append(
-            context.Process(
-                target=run_tokenizer,
-                args=(args, engine.addresses, send),
-                name="minisgl-tokenizer",
-                daemon=True,
+        if args.node_rank == 0:
+            receive, send = context.Pipe(duplex=False)
+            engine.processes.append(
+                context.Process(
+                    target=run_tokenizer,
+                    args=(args, engine.addresses, send),
+                    name="minisgl-tokenizer",
+                    daemon=True,
+                )
             )
+            pipes["minisgl-tokenizer"] = receive
+        logger.info(
+            "loading %s: TP ranks %d..%d of %d on this node%s",
+            args.model,
+            args.local_ranks[0],
+            args.local_ranks[-1],
+            args.tp,
+            ", and a tokenizer process" if args.node_rank == 0 else "",
         )
-        pipes["minisgl-tokenizer"] = receive
-        logger.info("loading %s (%d scheduler process(es) and a tokenizer process)", args.model, args.tp)
         for process in engine.processes:
             process.start()
         _wait_until_ready(engine, pipes, args.startup_timeout)
@@ -106,6 +123,12 @@ def launch_engine(args: ServerArgs) -> EngineProcesses:
         engine.shutdown()
         raise
     return engine
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _wait_until_ready(engine: EngineProcesses, pipes: dict[str, Connection], timeout: float) -> None:

@@ -1,9 +1,10 @@
-"""The scheduler process: owns one Runtime and steps it between messages.
+"""The scheduler processes: each owns the Runtime of one TP rank.
 
-Loop: take every message that is waiting (block when there is no work, so an idle server costs nothing),
-add / abort requests, run one engine step, and send the step's tokens downstream in one message. A request
-the runtime refuses (too long, bad parameters, full queue) gets a RequestError back; it never brings the
-process down.
+Rank 0's loop: take every message that is waiting (block when there is no work, so an idle server costs
+nothing), add / abort requests, run one engine step, and send the step's tokens downstream in one message.
+A request the runtime refuses (too long, bad parameters, full queue) gets a RequestError back; it never
+brings the process down. Ranks > 0 run `Runtime.follow()`: rank 0's runtime hands them its changes at the
+start of every step, so they need no sockets of their own.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -32,18 +34,39 @@ def run_scheduler(args: ServerArgs, addresses: IpcAddresses, rank: int, ready: C
     prepare_child(args.log_level, f"minisgl-sched{rank}")
     parent_pid = os.getppid()
     try:
-        runtime = _load_runtime(args)
+        runtime = _load_runtime(args, rank)
     except Exception as exc:  # report any failure to load to the launcher, which prints it and exits
         logger.debug("loading failed", exc_info=True)
         ready.send(("error", f"{type(exc).__name__}: {exc}"))
         return
+    if rank > 0:
+        ready.send(("ready", {"rank": rank, "device": str(runtime.device)}))
+        ready.close()
+        _follow(runtime, rank)
+        return
     worker = SchedulerWorker(runtime, args, addresses)
+    if args.tp > 1:
+        # Stop between steps rather than at once, so that the other ranks are told to stop too.
+        signal.signal(signal.SIGTERM, worker.request_stop)
     ready.send(("ready", worker.describe()))
     ready.close()
-    worker.run(parent_pid)
+    try:
+        worker.run(parent_pid)
+    finally:
+        runtime.shutdown()
 
 
-def _load_runtime(args: ServerArgs) -> Any:
+def _follow(runtime: Any, rank: int) -> None:
+    try:
+        runtime.follow()
+    except RuntimeError as exc:  # gloo reports a vanished rank 0 as a RuntimeError
+        logger.error("TP rank %d lost rank 0 (%s); exiting", rank, exc)
+        raise SystemExit(1) from None
+    runtime.shutdown()
+    logger.info("TP rank %d stopped", rank)
+
+
+def _load_runtime(args: ServerArgs, rank: int) -> Any:
     import torch
 
     from minisgl.core.config import EngineConfig
@@ -59,7 +82,10 @@ def _load_runtime(args: ServerArgs) -> Any:
             f"this minisgl-core has no engine option(s) {', '.join(unknown)}; upgrade minisgl-core"
         )
     torch.set_grad_enabled(False)
-    return Runtime(args.model, EngineConfig(**{k: v for k, v in options.items() if k in known}))
+    config = EngineConfig(**{k: v for k, v in options.items() if k in known})
+    if args.tp > 1 and args.device in ("auto", "cuda") and torch.cuda.is_available():
+        config = dataclasses.replace(config, device=f"cuda:{rank % args.ranks_per_node}")
+    return Runtime(args.model, config, tp_rank=rank, dist_init_address=args.dist_init_addr)
 
 
 class SchedulerWorker:
@@ -78,6 +104,10 @@ class SchedulerWorker:
         self.started = time.time()
         self.num_requests = 0
         self.num_rejected = 0
+        self.stopping = False
+
+    def request_stop(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
+        self.stopping = True
 
     def describe(self) -> dict[str, Any]:
         runtime = self.runtime
@@ -92,12 +122,13 @@ class SchedulerWorker:
             "kv_pages": stats.get("pages_total"),
             "page_size": stats.get("page_size", self.args.page_size),
             "has_tokenizer": runtime.tokenizer is not None,
+            "tp_size": self.args.tp,
         }
 
     # ---- the loop ---------------------------------------------------------------------------------
 
     def run(self, parent_pid: int) -> None:
-        while True:
+        while not self.stopping:
             busy = self.runtime.has_work()
             for message in self._receive(0 if busy else IDLE_POLL_MS):
                 self._handle(message)

@@ -3,6 +3,9 @@
 Stopping: SIGINT or SIGTERM stops hypercorn (open streams get a short grace period), then every child
 is terminated; the exit status is 0. A child that dies on its own makes /health fail at once, stops the
 server, and the exit status is 1.
+
+With --nnodes > 1, nodes other than 0 serve no HTTP: they run their scheduler ranks until node 0 stops
+them (exit status 0) or until one of them fails (exit status 1).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import signal
 import socket
 import sys
+from multiprocessing.connection import wait
 from types import FrameType
 
 from minisgl.server.args import ServerArgs, setup_logging
@@ -25,6 +29,8 @@ GRACEFUL_TIMEOUT_S = 3.0
 
 def serve(args: ServerArgs) -> int:
     setup_logging(args.log_level)
+    if args.node_rank > 0:
+        return _run_other_node(args)
     problem = _port_problem(args.host, args.port)
     if problem is not None:
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, problem)
@@ -47,6 +53,38 @@ def serve(args: ServerArgs) -> int:
     finally:
         engine.shutdown()
         logger.info("stopped")
+
+
+def _run_other_node(args: ServerArgs) -> int:
+    """A node > 0: start its scheduler ranks and wait until they end."""
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    engine: EngineProcesses | None = None
+    try:
+        engine = launch_engine(args)
+        logger.info(
+            "node %d: TP ranks %d..%d ready; node 0 serves the API",
+            args.node_rank,
+            args.local_ranks[0],
+            args.local_ranks[-1],
+        )
+        running = list(engine.processes)
+        while running:
+            wait([p.sentinel for p in running])
+            running = [p for p in running if p.is_alive()]
+        failed = [p for p in engine.processes if p.exitcode != 0]
+        for process in failed:
+            logger.error("%s exited with code %s", process.name, process.exitcode)
+        return 1 if failed else 0
+    except LaunchError as exc:
+        logger.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if engine is not None:
+            engine.shutdown()
+        logger.info("node %d stopped", args.node_rank)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:

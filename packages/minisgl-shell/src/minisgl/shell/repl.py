@@ -192,7 +192,7 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from minisgl.server.args import args_from_namespace, setup_logging
+    from minisgl.server.args import args_from_namespace, checked, setup_logging
 
     parser = build_parser()
     options = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -208,7 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from minisgl.server.launch import LaunchError, launch_engine
 
-        server_args = args_from_namespace(options)
+        server_args = checked(parser, args_from_namespace(options))
+        if server_args.node_rank > 0:
+            parser.error(
+                "argument --node-rank: the shell runs on node 0; start the other nodes with `minisgl serve`"
+            )
         print(f"loading {server_args.model} ...", file=sys.stderr, flush=True)
         try:
             engine = launch_engine(server_args)

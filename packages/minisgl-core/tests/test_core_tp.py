@@ -1,0 +1,194 @@
+"""Tensor parallelism on the CPU: tp=2 and tp=3 ranks in separate processes (gloo), checked against the
+transformers reference and against tp=1.
+
+Each engine here starts tp-1 extra processes (about 5-10 s on a small machine), so one engine serves
+several checks. MINISGL_DEBUG_CHECKS=1 is on for every TP engine: after each step all ranks compare the
+batch they ran and the tokens they sampled, and a rank that drifted fails the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tiny_models
+from tiny_models import GEN_LEN
+
+from minisgl.core import LLM, SamplingParams
+from minisgl.core.config import ModelConfig
+from minisgl.core.runtime import _check_ranks_agree
+
+LOGPROB_TOLERANCE = 1e-4
+GREEDY = SamplingParams(max_tokens=GEN_LEN, temperature=0.0, logprobs=0, ignore_eos=True)
+
+
+@pytest.fixture
+def debug_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Spawned ranks inherit the environment, so they run the checks too.
+    monkeypatch.setenv("MINISGL_DEBUG_CHECKS", "1")
+
+
+@pytest.fixture
+def tp_engine(tiny_model_dir: Callable[[str], Path], debug_checks: None) -> Iterator[Callable[..., LLM]]:
+    """Builds TP engines on tiny models and shuts them all down at the end of the test."""
+    started: list[LLM] = []
+
+    def build(name: str, tp_size: int, **options: Any) -> LLM:
+        llm = LLM(
+            str(tiny_model_dir(name)),
+            device="cpu",
+            dtype="float32",
+            seed=0,
+            tp_size=tp_size,
+            **options,
+        )
+        started.append(llm)
+        return llm
+
+    yield build
+    for llm in started:
+        llm.shutdown()
+
+
+def assert_matches_reference(results: list[Any], references: list[tiny_models.GreedyReference]) -> None:
+    for result, ref in zip(results, references, strict=True):
+        assert result.token_ids == ref.output
+        worst = max(abs(a - b) for a, b in zip(result.logprobs, ref.output_logprobs, strict=True))
+        assert worst < LOGPROB_TOLERANCE, worst
+
+
+@pytest.mark.parametrize("name", ["llama", "llama3-rope", "qwen2", "qwen3", "mistral", "llama-mqa"])
+def test_tp2_greedy_matches_transformers(
+    name: str, tp_engine: Callable[..., LLM], reference: Callable[[str], Any]
+) -> None:
+    _, refs = reference(name)
+    llm = tp_engine(name, 2, page_size=16, max_prefill_tokens=32)  # chunked prefill as well
+    results = llm.generate([r.prompt for r in refs], GREEDY, use_tqdm=False)
+    assert_matches_reference(results, refs)
+
+
+def test_tp3_with_one_kv_head_and_an_odd_vocab(
+    tp_engine: Callable[..., LLM], reference: Callable[[str], Any], engines: Any
+) -> None:
+    """6 heads and 1 KV head over 3 ranks (the KV head replicated), vocab 512 (padded to 513), biases
+    on row-parallel layers; greedy output token-identical to tp=1 and to transformers."""
+    _, refs = reference("llama-mqa")
+    prompts = [r.prompt for r in refs]
+    single = engines.get("llama-mqa").generate(prompts, GREEDY, use_tqdm=False)
+    llm = tp_engine("llama-mqa", 3)
+    results = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [r.token_ids for r in results] == [r.token_ids for r in single]
+    assert_matches_reference(results, refs)
+
+    # The same engine keeps serving: a second turn reuses the radix cache on every rank alike.
+    again = llm.generate(prompts[:2], GREEDY, use_tqdm=False)
+    assert [r.token_ids for r in again] == [r.output for r in refs[:2]]
+    assert all(r.num_cached_tokens > 0 for r in again)
+
+
+def test_seeded_sampling_is_identical_on_every_rank_and_across_runs(
+    tp_engine: Callable[..., LLM], standard_prompts: list[list[int]]
+) -> None:
+    """Temperature > 0, with and without per-request seeds: the debug checks compare every rank's tokens
+    at every step; two engines started alike give the same tokens."""
+    params = [
+        SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=7),
+        SamplingParams(max_tokens=24, temperature=0.8),
+        SamplingParams(max_tokens=24, temperature=1.2, top_k=20, seed=11),
+    ]
+    prompts = standard_prompts[:3]
+    runs = []
+    for _ in range(2):
+        llm = tp_engine("qwen3", 2)
+        runs.append([r.token_ids for r in llm.generate(prompts, params, use_tqdm=False)])
+        llm.shutdown()
+    assert runs[0] == runs[1]
+    assert len({tuple(t) for t in runs[0]}) == 3
+
+
+def test_abort_reaches_every_rank(tp_engine: Callable[..., LLM], reference: Callable[[str], Any]) -> None:
+    """An abort on rank 0 mid-decode frees the request on every rank; the others finish unchanged."""
+    _, refs = reference("qwen2")
+    llm = tp_engine("qwen2", 2)
+    runtime = llm.runtime
+    requests = [runtime.add_request(r.prompt, GREEDY) for r in refs[:3]]
+    for _ in range(5):
+        runtime.step()
+    runtime.abort(requests[1].rid)
+    while runtime.has_work():
+        runtime.step()
+    assert requests[1].finish_reason == "abort"
+    assert requests[0].output_ids == refs[0].output
+    assert requests[2].output_ids == refs[2].output
+    runtime.check_integrity()
+    assert runtime.stats()["pages_used"] == runtime.stats()["pages_cached"]
+
+
+def test_dummy_weights_do_not_depend_on_the_tp_size(
+    tp_engine: Callable[..., LLM], engines: Any, standard_prompts: list[list[int]]
+) -> None:
+    """Random weights are drawn per checkpoint tensor and then sliced, so tp=2 runs the model of tp=1."""
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    single = engines.get("llama-mqa", load_format="dummy").generate(standard_prompts, params, use_tqdm=False)
+    sharded = tp_engine("llama-mqa", 2, load_format="dummy").generate(
+        standard_prompts, params, use_tqdm=False
+    )
+    assert [r.token_ids for r in sharded] == [r.token_ids for r in single]
+
+
+def test_a_model_that_does_not_split_is_refused(tiny_model_dir: Callable[[str], Path]) -> None:
+    with pytest.raises(ValueError, match="attention heads"):
+        LLM(str(tiny_model_dir("llama")), device="cpu", dtype="float32", tp_size=3)
+
+
+def test_kv_heads_must_divide_or_be_divided_by_tp() -> None:
+    config = ModelConfig(
+        architecture="LlamaForCausalLM",
+        hidden_size=96,
+        intermediate_size=192,
+        num_layers=1,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=16,
+        vocab_size=100,
+        rms_norm_eps=1e-5,
+        rope_theta=1e4,
+        rope_scaling=None,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        qkv_bias=False,
+        qk_norm=False,
+        eos_token_ids=(2,),
+        checkpoint_dtype=None,
+    )
+    config.check_tp(2)  # 2 KV heads over 2 ranks
+    config.check_tp(6)  # each KV head replicated on 3 ranks
+    with pytest.raises(ValueError, match="KV heads"):
+        config.check_tp(3)
+    with pytest.raises(ValueError, match="attention heads"):
+        config.check_tp(4)
+
+
+def test_tp_size_needs_a_meeting_address() -> None:
+    from minisgl.core.config import EngineConfig
+    from minisgl.core.runtime import Runtime
+
+    with pytest.raises(ValueError, match="dist_init_address"):
+        Runtime("smollm2-135m", EngineConfig(device="cpu", tp_size=2))
+    with pytest.raises(ValueError, match="tp_size must be"):
+        LLM("smollm2-135m", device="cpu", tp_size=0)
+
+
+def test_ranks_that_drift_apart_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The debug check itself: a rank reporting other tokens fails the step."""
+    import minisgl.core.runtime as runtime_module
+    from minisgl.core.batch import Batch
+
+    batch = Batch([], is_decode=True)
+    monkeypatch.setattr(runtime_module, "gather_objects", lambda mine: [mine, ([], [5])])
+    with pytest.raises(RuntimeError, match="TP ranks disagree"):
+        _check_ranks_agree(batch, [4])
+    monkeypatch.setattr(runtime_module, "gather_objects", lambda mine: [mine, mine])
+    _check_ranks_agree(batch, [4])
