@@ -181,6 +181,30 @@ def test_tp_size_needs_a_meeting_address() -> None:
         LLM("smollm2-135m", device="cpu", tp_size=0)
 
 
+def test_ranks_started_with_other_settings_are_refused(tiny_model_dir: Callable[[str], Path]) -> None:
+    """A rank whose engine options differ would schedule other batches: start-up fails instead."""
+    import dataclasses
+
+    from minisgl.core import llm as llm_module
+    from minisgl.core.config import EngineConfig
+    from minisgl.core.runtime import Runtime
+
+    model = str(tiny_model_dir("llama"))
+    address = f"127.0.0.1:{llm_module._free_port()}"
+    config = EngineConfig(device="cpu", dtype="float32", tp_size=2)
+    other = dataclasses.replace(config, max_running_requests=8)
+    follower = llm_module._start_follower(model, other, 1, address)
+    try:
+        with pytest.raises(ValueError, match="other settings"):
+            Runtime(model, config, tp_rank=0, dist_init_address=address)
+    finally:
+        follower.join(60)
+    assert follower.exitcode != 0
+    # This process left the group: a new TP engine starts here again.
+    with LLM(model, device="cpu", dtype="float32", tp_size=2) as llm:
+        assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)[0].token_ids
+
+
 def test_ranks_that_drift_apart_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """The debug check itself: a rank reporting other tokens fails the step."""
     import minisgl.core.runtime as runtime_module

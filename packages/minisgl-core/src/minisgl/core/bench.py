@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["minisgl", "hf"],
         help="hf runs the same workload through transformers' generate, for comparison",
     )
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one process each)")
     parser.add_argument("--hf-batch-size", type=int, default=32, help="batch size of the hf engine")
     args = parser.parse_args(argv)
     for flag in ("num_prompts", "max_input_len", "max_output_len", "page_size", "hf_batch_size"):
@@ -103,6 +104,7 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> float:
         num_kv_pages=args.num_kv_pages,
         disable_overlap=args.disable_overlap,
         mix_decode_into_prefill=not args.no_mixed_batches,
+        tp_size=args.tp,
     )
     params = [
         SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n)
@@ -114,6 +116,7 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> float:
     llm.generate(workload.prompts, params)
     elapsed = time.perf_counter() - started
     print(llm.runtime.timing.summary())
+    llm.shutdown()
     return elapsed
 
 

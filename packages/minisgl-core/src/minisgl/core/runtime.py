@@ -126,7 +126,16 @@ class Runtime:
         self.dtype = parse_dtype(config.dtype, self.model_config.checkpoint_dtype, self.device)
         self.max_seq_len = min(config.max_seq_len or 1 << 62, self.model_config.max_position_embeddings)
         init_distributed(tp_rank, config.tp_size, dist_init_address or "", self.device)
+        try:
+            self._build(source, hf_config, started)
+        except BaseException:
+            shutdown_distributed()  # leave the group, so that this process can start another runtime
+            raise
+
+    def _build(self, source: Any, hf_config: Any, started: float) -> None:
+        config = self.config
         self.tp = get_tp()
+        _check_same_settings(config, self.model_config)
         self.lockstep = Lockstep()
         model_module = build_model(
             source, hf_config, self.model_config, self.dtype, self.device, config.load_format
@@ -384,14 +393,33 @@ def _record_prompt_logprobs(req: Request, start: int, values: list[float]) -> No
 def _rank_device(device: torch.device, rank: int, tp_size: int) -> torch.device:
     """A TP rank's device: cuda:(rank mod GPUs here) unless an index was given; on the CPU, the cores are
     shared out between the ranks."""
-    if tp_size == 1:
-        return device
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
+        if tp_size > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
         return device
+    if device.index is None and tp_size > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
     if device.index is not None:
-        return device
-    return torch.device("cuda", rank % torch.cuda.device_count())
+        # CUDA graphs, events and FlashInfer's workspaces use the current device.
+        torch.cuda.set_device(device)
+    return device
+
+
+def _check_same_settings(config: EngineConfig, model_config: ModelConfig) -> None:
+    """Ranks (perhaps on other machines, with other environments) must schedule alike: the same engine
+    options apart from the device, the same model, and the same MINISGL_* scheduling variables."""
+    settings = (
+        replace(config, device=""),
+        model_config,
+        {var.name: var.get() for var in env.ALL if var not in (env.LOG_LEVEL, env.KERNEL_CACHE)},
+    )
+    everyone = gather_objects(settings)
+    for rank, theirs in enumerate(everyone):
+        if theirs != settings:
+            raise ValueError(
+                f"TP rank {rank} runs with other settings than rank {get_tp().rank}: {theirs} != {settings}; "
+                "start every rank with the same model, engine flags and MINISGL_* variables"
+            )
 
 
 def _check_ranks_agree(batch: Batch, tokens: list[int | None]) -> None:
