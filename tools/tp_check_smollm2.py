@@ -24,7 +24,9 @@ def main() -> None:
             started = time.time()
             results = llm.chat(conversations, params, use_tqdm=False)
             tokens[tp] = [r.token_ids for r in results]
-            print(f"tp={tp} load {loaded:.1f}s generate {time.time() - started:.1f}s {results[0].text[:60]!r}")
+            print(
+                f"tp={tp} load {loaded:.1f}s generate {time.time() - started:.1f}s {results[0].text[:60]!r}"
+            )
     print("identical:", tokens[1] == tokens[3])
 
 
