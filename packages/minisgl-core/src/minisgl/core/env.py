@@ -70,6 +70,11 @@ DISABLE_FUSED_OPS = EnvVar(
     "MINISGL_DISABLE_FUSED_OPS", False, "use plain torch instead of FlashInfer's fused norm/activation/RoPE"
 )
 LOG_LEVEL = EnvVar("MINISGL_LOG_LEVEL", "INFO", "logging level of the minisgl loggers")
+GGUF_CACHE = EnvVar(
+    "MINISGL_GGUF_CACHE",
+    "",
+    "directory of GGUF models converted to safetensors (default ~/.cache/minisgl/gguf); off: no cache",
+)
 KERNEL_CACHE = EnvVar("MINISGL_KERNEL_CACHE", "", "directory of JIT-built kernels (read by minisgl-kernels)")
 
 ALL = (
@@ -80,6 +85,7 @@ ALL = (
     NEW_TOKEN_RATIO_DECAY,
     DISABLE_FUSED_OPS,
     LOG_LEVEL,
+    GGUF_CACHE,
     KERNEL_CACHE,
 )
 

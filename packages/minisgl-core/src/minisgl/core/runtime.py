@@ -27,6 +27,7 @@ from minisgl.core.distributed import (
     shutdown_distributed,
 )
 from minisgl.core.engine import Engine, PendingStep
+from minisgl.core.gguf_cache import converted
 from minisgl.core.kv_cache import KVCacheManager
 from minisgl.core.kv_pool import KVPool
 from minisgl.core.loader import build_model, load_hf_config, load_model_config, load_tokenizer
@@ -118,6 +119,8 @@ class Runtime:
         self.config = config
         started = time.perf_counter()
         source = resolve_model(model)
+        if config.load_format in ("auto", "dummy"):
+            source = converted(source)  # a GGUF file: its Hugging Face conversion, made once
         hf_config = load_hf_config(source)
         self.device = _rank_device(resolve_device(config.device), tp_rank, config.tp_size)
         self.tokenizer: Any | None = load_tokenizer(source)
@@ -411,7 +414,11 @@ def _check_same_settings(config: EngineConfig, model_config: ModelConfig) -> Non
     settings = (
         replace(config, device=""),
         model_config,
-        {var.name: var.get() for var in env.ALL if var not in (env.LOG_LEVEL, env.KERNEL_CACHE)},
+        {
+            var.name: var.get()
+            for var in env.ALL
+            if var not in (env.LOG_LEVEL, env.KERNEL_CACHE, env.GGUF_CACHE)
+        },
     )
     everyone = gather_objects(settings)
     for rank, theirs in enumerate(everyone):

@@ -32,10 +32,14 @@ def run_tokenizer(args: ServerArgs, addresses: IpcAddresses, ready: Connection) 
     prepare_child(args.log_level, "minisgl-tok")
     parent_pid = os.getppid()
     try:
+        from minisgl.core.gguf_cache import converted
         from minisgl.core.loader import load_tokenizer
         from minisgl.core.model_source import resolve_model
 
-        tokenizer = load_tokenizer(resolve_model(args.model))
+        source = resolve_model(args.model)
+        if args.load_format != "gguf":
+            source = converted(source)  # what the scheduler loads too, converted once
+        tokenizer = load_tokenizer(source)
     except Exception as exc:
         ready.send(("error", f"{type(exc).__name__}: {exc}"))
         return
