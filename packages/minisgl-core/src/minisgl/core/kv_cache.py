@@ -60,14 +60,24 @@ class KVCacheManager:
 
     def grow(self, req: Request, num_tokens: int) -> None:
         """Make sure req has pages for its first num_tokens tokens, evicting cached pages if needed."""
-        missing = -(-num_tokens // self.page_size) - len(req.pages)
-        if missing <= 0:
+        self.grow_all([(req, num_tokens)])
+
+    def grow_all(self, needs: list[tuple[Request, int]]) -> None:
+        """grow() for every (request, num_tokens) of a batch, with one eviction and one allocation."""
+        missing = [(req, -(-n // self.page_size) - len(req.pages)) for req, n in needs]
+        total = sum(count for _, count in missing if count > 0)
+        if total == 0:
             return
-        if missing > self.allocator.num_free:
-            self.allocator.free(self.cache.evict(missing - self.allocator.num_free))
-        new_pages = self.allocator.allocate(missing)
-        self.tables.set_pages(req.table_row, len(req.pages), new_pages)
-        req.pages.extend(new_pages)
+        if total > self.allocator.num_free:
+            self.allocator.free(self.cache.evict(total - self.allocator.num_free))
+        new_pages = self.allocator.allocate(total)
+        start = 0
+        for req, count in missing:
+            if count > 0:
+                mine = new_pages[start : start + count]
+                start += count
+                self.tables.set_pages(req.table_row, len(req.pages), mine)
+                req.pages.extend(mine)
 
     def cache_progress(self, req: Request) -> None:
         """Hand the computed, page-aligned prefix of a still-running request to the prefix cache, so that

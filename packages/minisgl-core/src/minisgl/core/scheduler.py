@@ -95,20 +95,22 @@ class Scheduler:
         expected_new = math.ceil((final - req.seq_len) * self.new_token_ratio)
         return max(0, pages_for(req.seq_len + expected_new, self.page_size) - len(req.pages))
 
-    def _try_admit(self, req: Request) -> bool:
+    def _try_admit(self, req: Request, reserved: int) -> int | None:
+        """Admit req if the KV it is expected to need fits beside `reserved` (what the running requests
+        are expected to need); returns req's own expectation, or None if it must wait."""
         if len(self.running) >= self.max_running_requests or self.kv.tables.num_free_rows == 0:
-            return False
+            return None
         self.kv.attach(req, use_cache=not req.params.prompt_logprobs)
-        reserved = sum(self._expected_pages(r) for r in self.running)
-        if self.kv.available_pages - reserved < self._expected_pages(req):
+        expected = self._expected_pages(req)
+        if self.kv.available_pages - reserved < expected:
             self.kv.detach(req)
             req.num_computed = 0
-            return False
+            return None
         if req.admitted_at < 0:
             req.num_cached = req.num_computed
         req.admitted_at = next(self._admissions)
         self.running.append(req)
-        return True
+        return expected
 
     # ---- batch formation -------------------------------------------------------------------------
 
@@ -126,8 +128,7 @@ class Scheduler:
                 ratio = self.new_token_ratio - self.new_token_ratio_decay
                 self.new_token_ratio = max(self.min_new_token_ratio, ratio)
         if batch is not None:
-            for chunk in batch.chunks:
-                self.kv.grow(chunk.req, chunk.end)
+            self.kv.grow_all([(chunk.req, chunk.end) for chunk in batch.chunks])
         return batch
 
     @staticmethod
@@ -164,14 +165,19 @@ class Scheduler:
                 chunks.append(self._prefill_chunk(req, budget))
                 budget -= chunks[-1].end - chunks[-1].start
         fresh_prompts: set[tuple[int, ...]] = set()
+        # Summed once per batch, then kept up to date: a running request's expectation does not change
+        # while others are admitted (it depends on its own length, pages and the ratio only).
+        reserved = sum(self._expected_pages(r) for r in self.running) if self.waiting else 0
         while self.waiting and budget > 0:
             req = self.waiting[0]
             # An identical prompt admitted in this batch (n samples, repeated prompts) waits one step, so
             # that it shares the first one's KV through the cache instead of computing it again.
             if tuple(req.prompt_ids) in fresh_prompts:
                 break
-            if not self._try_admit(req):
+            expected = self._try_admit(req, reserved)
+            if expected is None:
                 break
+            reserved += expected
             self.waiting.popleft()
             fresh_prompts.add(tuple(req.prompt_ids))
             chunks.append(self._prefill_chunk(req, budget))
