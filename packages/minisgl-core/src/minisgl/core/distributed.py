@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,24 +47,30 @@ class TPInfo:
         return start, min(start + per_rank, total)
 
 
-_TP = TPInfo()
-_COMM: Communicator | None = None
-_CONTROL: Any = None  # the gloo group of control messages
+@dataclass
+class TPGroup:
+    """This process's place in the TP group: with the forward context, the engine's only process-wide
+    state (layers read it when they are built and when they communicate)."""
+
+    info: TPInfo = field(default_factory=TPInfo)
+    comm: Communicator | None = None  # the model's collectives
+    control: Any = None  # the gloo group of control messages
+
+
+_GROUP = TPGroup()
 
 
 def get_tp() -> TPInfo:
-    return _TP
+    return _GROUP.info
 
 
 def set_tp(info: TPInfo) -> None:
-    global _TP
-    _TP = info
+    _GROUP.info = info
 
 
 def init_distributed(rank: int, size: int, init_address: str, device: torch.device) -> None:
     """Join the TP group of `size` ranks that meet at init_address ("host:port", rank 0 listens there).
     Every rank calls this before building its model."""
-    global _COMM, _CONTROL
     if size == 1:
         set_tp(TPInfo())
         return
@@ -77,11 +83,12 @@ def init_distributed(rank: int, size: int, init_address: str, device: torch.devi
         world_size=size,
         timeout=RENDEZVOUS_TIMEOUT,
     )
-    _CONTROL = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    _GROUP.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     set_tp(TPInfo(rank, size))
     # On the CPU the tensors go over gloo too; on CUDA over NCCL.
-    _COMM = _cuda_communicator(rank, size, device) if device.type == "cuda" else TorchCommunicator()
-    logger.info("joined the TP group as rank %d of %d (%s)", rank, size, type(_COMM).__name__)
+    comm = _cuda_communicator(rank, size, device) if device.type == "cuda" else TorchCommunicator()
+    _GROUP.comm = comm
+    logger.info("joined the TP group as rank %d of %d (%s)", rank, size, type(comm).__name__)
 
 
 def _cuda_communicator(rank: int, size: int, device: torch.device) -> Communicator:
@@ -96,11 +103,10 @@ def _cuda_communicator(rank: int, size: int, device: torch.device) -> Communicat
 
 def shutdown_distributed() -> None:
     """Leave the TP group (every rank calls it); tp=1 is a no-op."""
-    global _COMM, _CONTROL
-    close = getattr(_COMM, "close", None)
+    close = getattr(_GROUP.comm, "close", None)
     if close is not None:
         close()
-    _COMM = _CONTROL = None
+    _GROUP.comm = _GROUP.control = None
     if dist.is_initialized():
         dist.destroy_process_group()
     set_tp(TPInfo())
@@ -108,22 +114,24 @@ def shutdown_distributed() -> None:
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum x over the ranks, in place; returns x."""
-    if _TP.size == 1:
+    size, comm = _GROUP.info.size, _GROUP.comm
+    if size == 1:
         return x
-    assert _COMM is not None, "init_distributed() was not called"
-    _COMM.all_reduce(x)
+    assert comm is not None, "init_distributed() was not called"
+    comm.all_reduce(x)
     return x
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's x along the last dimension, rank 0 first."""
-    if _TP.size == 1:
+    size, comm = _GROUP.info.size, _GROUP.comm
+    if size == 1:
         return x
-    assert _COMM is not None, "init_distributed() was not called"
-    gathered = torch.empty((_TP.size, *x.shape), dtype=x.dtype, device=x.device)
-    _COMM.all_gather(gathered, x.contiguous())
+    assert comm is not None, "init_distributed() was not called"
+    gathered = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
+    comm.all_gather(gathered, x.contiguous())
     # (ranks, ..., per_rank) -> (..., ranks * per_rank)
-    return gathered.movedim(0, -2).reshape(*x.shape[:-1], _TP.size * x.shape[-1])
+    return gathered.movedim(0, -2).reshape(*x.shape[:-1], size * x.shape[-1])
 
 
 # ---- control channel (CPU, gloo) --------------------------------------------------------------------
@@ -131,26 +139,26 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 
 def broadcast_from_leader(payload: Any) -> Any:
     """Rank 0's payload, on every rank (the others pass anything, usually None)."""
-    if _TP.size == 1:
+    if _GROUP.info.size == 1:
         return payload
-    holder = [payload if _TP.is_leader else None]
-    dist.broadcast_object_list(holder, src=0, group=_CONTROL)
+    holder = [payload if _GROUP.info.is_leader else None]
+    dist.broadcast_object_list(holder, src=0, group=_GROUP.control)
     return holder[0]
 
 
 def min_over_ranks(value: int) -> int:
     """The smallest of every rank's value (e.g. KV pages, which must agree across ranks)."""
-    if _TP.size == 1:
+    if _GROUP.info.size == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=_CONTROL)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=_GROUP.control)
     return int(tensor.item())
 
 
 def gather_objects(value: Any) -> list[Any]:
     """Every rank's value, indexed by rank (for consistency checks)."""
-    if _TP.size == 1:
+    if _GROUP.info.size == 1:
         return [value]
-    gathered: list[Any] = [None] * _TP.size
-    dist.all_gather_object(gathered, value, group=_CONTROL)
+    gathered: list[Any] = [None] * _GROUP.info.size
+    dist.all_gather_object(gathered, value, group=_GROUP.control)
     return gathered
