@@ -179,6 +179,8 @@ def test_tp_size_needs_a_meeting_address() -> None:
         Runtime("smollm2-135m", EngineConfig(device="cpu", tp_size=2))
     with pytest.raises(ValueError, match="tp_size must be"):
         LLM("smollm2-135m", device="cpu", tp_size=0)
+    with pytest.raises(ValueError, match="names one GPU"):
+        LLM("smollm2-135m", device="cuda:1", tp_size=2)
 
 
 def test_ranks_started_with_other_settings_are_refused(tiny_model_dir: Callable[[str], Path]) -> None:

@@ -231,6 +231,11 @@ class EngineConfig:
             raise ValueError(f"cache must be radix or naive, got {self.cache!r}")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.tp_size > 1 and self.device.startswith("cuda:"):
+            raise ValueError(
+                f"device {self.device!r} names one GPU, but tp_size={self.tp_size} ranks need one each: "
+                "use device='cuda' (rank r takes GPU r)"
+            )
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
