@@ -64,13 +64,22 @@ def _sample_rows(logits: torch.Tensor, requests: list[Request], generator: torch
     # Exponential race: argmax_i(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i; in log space
     # that is argmax(logit_i / T - log E_i), which needs no softmax. Requests with a seed draw their noise
     # from their own generator (the same tokens whatever shares the batch); the others share one draw.
-    noise = torch.empty_like(scaled).exponential_(generator=generator)
+    noise = _exponential_(torch.empty_like(scaled), generator)
     for row, req in enumerate(requests):
         if req.generator is not None:
-            noise[row].exponential_(generator=req.generator)
+            _exponential_(noise[row], req.generator)
     if not any(_filters(r) for r in requests):
         return (scaled - noise.log()).argmax(dim=-1)
     return _sample_filtered(scaled, noise, requests)
+
+
+def _exponential_(noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fill noise with Exp(1) draws, in place. On the CPU torch's exponential_ is slow (31 ms for 32 rows of
+    a 49,152-token vocabulary, on two cores), so draw u ~ U[0, 1) and take -log(1 - u), the same
+    distribution, in 9.5 ms."""
+    if noise.device.type != "cpu":
+        return noise.exponential_(generator=generator)
+    return noise.uniform_(generator=generator).neg_().log1p_().neg_()
 
 
 def _filters(req: Request) -> bool:
