@@ -108,6 +108,35 @@ def test_seeded_sampling_is_identical_on_every_rank_and_across_runs(
     assert len({tuple(t) for t in runs[0]}) == 3
 
 
+def test_every_sampling_feature_matches_tp1(
+    tp_engine: Callable[..., LLM], engines: Any, standard_prompts: list[list[int]]
+) -> None:
+    """Penalties (which wait for the tokens in flight), n samples sharing a prompt, stop tokens, logprobs
+    with alternatives and prompt logprobs: at tp=2 the same tokens as tp=1, the same logprobs within
+    1e-4, and (debug checks) the same on both ranks at every step."""
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5),
+        SamplingParams(max_tokens=12, temperature=0.9, seed=3, n=3),
+        SamplingParams(max_tokens=12, temperature=0.0, logprobs=5, prompt_logprobs=True),
+        SamplingParams(max_tokens=12, temperature=0.7, top_k=10, min_p=0.05, seed=9, frequency_penalty=0.4),
+    ]
+    prompts = standard_prompts[:4]
+    single = engines.get("qwen2").generate(prompts, params, use_tqdm=False)
+    sharded = tp_engine("qwen2", 2).generate(prompts, params, use_tqdm=False)
+    for one, two in zip(single, sharded, strict=True):
+        assert [s.token_ids for s in one.samples or [one]] == [s.token_ids for s in two.samples or [two]]
+    logprobs_one, logprobs_two = single[2], sharded[2]
+    assert logprobs_one.logprobs is not None and logprobs_two.logprobs is not None
+    assert max(abs(a - b) for a, b in zip(logprobs_one.logprobs, logprobs_two.logprobs, strict=True)) < 1e-4
+    for tops_one, tops_two in zip(
+        logprobs_one.top_logprobs or [], logprobs_two.top_logprobs or [], strict=True
+    ):
+        assert list(tops_one) == list(tops_two)
+    prompt_one, prompt_two = logprobs_one.prompt_logprobs or [], logprobs_two.prompt_logprobs or []
+    assert len(prompt_one) == len(prompt_two) == len(prompts[2])
+    assert max(abs(a - b) for a, b in zip(prompt_one[1:], prompt_two[1:], strict=True)) < 1e-4
+
+
 def test_abort_reaches_every_rank(tp_engine: Callable[..., LLM], reference: Callable[[str], Any]) -> None:
     """An abort on rank 0 mid-decode frees the request on every rank; the others finish unchanged."""
     _, refs = reference("qwen2")
