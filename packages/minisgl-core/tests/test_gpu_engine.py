@@ -118,9 +118,7 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_generated_logprobs_match_transformers(model_dir: Path, reference: object, variant: str) -> None:
-    llm = _engine(model_dir, **VARIANTS[variant])
+def _check_generated_logprobs(llm: LLM, reference: object, label: str) -> None:
     prompts = _prompts()
     results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0))
     diffs, agree, total = [], 0, 0
@@ -134,9 +132,31 @@ def test_generated_logprobs_match_transformers(model_dir: Path, reference: objec
         agree += int((ref[positions].argmax(-1) == tokens).sum())
         total += len(tokens)
     diff = torch.cat(diffs)
-    print(f"{variant}: max |dlogprob| {diff.max():.4f} mean {diff.mean():.4f} agreement {agree / total:.3f}")
+    print(f"{label}: max |dlogprob| {diff.max():.4f} mean {diff.mean():.4f} agreement {agree / total:.3f}")
     assert diff.max() <= MAX_ABS and diff.mean() <= MAX_MEAN
     assert agree / total >= MIN_AGREEMENT
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_generated_logprobs_match_transformers(model_dir: Path, reference: object, variant: str) -> None:
+    llm = _engine(model_dir, **VARIANTS[variant])
+    _check_generated_logprobs(llm, reference, variant)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("graphs", [True, False], ids=["tp2+graphs", "tp2-no-graphs"])
+def test_tp2_logprobs_match_transformers(
+    model_dir: Path, reference: object, graphs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ranks (this process on cuda:0, one spawned on cuda:1, NCCL between them) within the same
+    tolerances as one GPU; the debug checks compare both ranks' batches and tokens at every step."""
+    monkeypatch.setenv("MINISGL_DEBUG_CHECKS", "1")
+    options: dict[str, object] = {"tp_size": 2} if graphs else {"tp_size": 2, "cuda_graph_max_bs": 0}
+    with _engine(model_dir, **options) as llm:
+        _check_generated_logprobs(llm, reference, "tp2+graphs" if graphs else "tp2-no-graphs")
     del llm
     gc.collect()
     torch.cuda.empty_cache()

@@ -105,3 +105,31 @@ def test_nccl_inside_cuda_graph() -> None:
         torch.cuda.synchronize()
         assert torch.equal(buffer, torch.full_like(buffer, step + 1))
         assert torch.equal(gathered, buffer)
+
+
+def test_comm_bench_checks_and_times_two_cpu_ranks() -> None:
+    """The multi-rank harness on the CPU (gloo, torch.distributed only): both collectives are checked for
+    exact results on each rank, then timed."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the multi-GPU test below runs instead")
+    from minisgl.kernels import comm_bench
+
+    results = comm_bench.run(world_size=2, sizes_mib=[0.0625], iters=2)
+    assert {(r.communicator, r.collective) for r in results} == {
+        ("torch.distributed", "all_reduce"),
+        ("torch.distributed", "all_gather"),
+    }
+    assert all(r.time_us > 0 and r.bus_gb_s > 0 for r in results)
+    assert "bus GB/s" in comm_bench.render(results, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_two_gpus_exact_and_timed() -> None:
+    """NCCL communicator at world size 2: exact all-reduce and all-gather (bf16, 1 and 64 MiB), timed next
+    to torch.distributed's NCCL group."""
+    from minisgl.kernels import comm_bench
+
+    results = comm_bench.run(world_size=2, sizes_mib=[1, 64], iters=10)
+    print(comm_bench.render(results, 2))
+    assert {r.communicator for r in results} == {"torch.distributed", "minisgl NCCL"}
