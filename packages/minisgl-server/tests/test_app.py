@@ -57,7 +57,7 @@ class FakeClient:
         self._tasks.add(task)
         return generation
 
-    def abort(self, uids: list[int]) -> None:
+    def abort(self, uids: list[int], worker: int = 0) -> None:
         self.aborted.extend(uids)
 
     def _release(self, uids: list[int]) -> None:

@@ -39,6 +39,7 @@ FLAGS = [
     "--nnodes",
     "--node-rank",
     "--dist-init-addr",
+    "--tokenizer-workers",
 ]
 
 
@@ -117,6 +118,7 @@ def test_engine_options_are_engine_config_fields() -> None:
         (["--log-level", "loud"], "--log-level"),
         (["--model", ""], "--model"),
         (["--nnodes", "0"], "--nnodes"),
+        (["--tokenizer-workers", "0"], "--tokenizer-workers"),
         (["--node-rank", "-1"], "--node-rank"),
         (["--dist-init-addr", "10.0.0.1"], "--dist-init-addr"),
         (["--dist-init-addr", "10.0.0.1:99999"], "--dist-init-addr"),

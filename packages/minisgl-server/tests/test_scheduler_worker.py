@@ -88,9 +88,9 @@ class FakeRuntime:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Any:
-    addresses = IpcAddresses.in_directory(tmp_path)
+    addresses = IpcAddresses.in_directory(tmp_path, num_tokenizers=2)
     context = zmq.Context()
-    downstream = pull_socket(context, addresses.tokenizer)
+    downstreams = [pull_socket(context, address) for address in addresses.tokenizers]
     workers: list[SchedulerWorker] = []
 
     def make(max_queued: int | None = None, **runtime_options: Any) -> tuple[SchedulerWorker, FakeRuntime]:
@@ -99,8 +99,9 @@ def setup(tmp_path: Path) -> Any:
         workers.append(worker)
         return worker, runtime
 
-    def received() -> list[Any]:
-        messages = []
+    def received(tokenizer_worker: int = 0) -> list[Any]:
+        """What tokenizer worker 0 (or another) has been sent."""
+        downstream, messages = downstreams[tokenizer_worker], []
         while downstream.poll(200):
             messages.append(msg.decode(downstream.recv()))
         return messages
@@ -108,14 +109,20 @@ def setup(tmp_path: Path) -> Any:
     yield make, received
     for worker in workers:
         worker.receiver.close(0)
-        worker.sender.close(0)
+        for sender in worker.senders:
+            sender.close(0)
         worker.context.term()
-    downstream.close(0)
+    for downstream in downstreams:
+        downstream.close(0)
     context.term()
 
 
 def group(
-    *requests: tuple[int, list[int]], max_tokens: int = 4, auto: bool = False, **params: Any
+    *requests: tuple[int, list[int]],
+    max_tokens: int = 4,
+    auto: bool = False,
+    worker: int = 0,
+    **params: Any,
 ) -> msg.TokenizedGroup:
     return msg.TokenizedGroup(
         [
@@ -123,7 +130,8 @@ def group(
                 uid, msg.int32_array(ids), SamplingParams(max_tokens=max_tokens, **params), auto
             )
             for uid, ids in requests
-        ]
+        ],
+        worker,
     )
 
 
@@ -209,3 +217,28 @@ def test_stats_reply(setup: Any) -> None:
 def test_prepare_keeps_params_valid() -> None:
     params = SamplingParams(max_tokens=3, stop_token_ids=[9])
     assert dataclasses.replace(params, max_tokens=5).stop_token_id_set == frozenset({9})
+
+
+def test_each_tokenizer_worker_gets_the_outputs_of_its_own_requests(setup: Any) -> None:
+    """With two tokenizer workers, one step's tokens are split between them; errors and aborts go to the
+    worker whose group they concern."""
+    make, received = setup
+    worker, runtime = make(max_running=3)
+    worker._handle(group((1, [3, 4]), worker=0))
+    worker._handle(group((2, [3, 4]), (3, [5]), worker=1))
+    worker._step()
+    first = received(0)
+    second = received(1)
+    assert [m.uids.tolist() for m in first] == [[1]]
+    assert [m.uids.tolist() for m in second] == [[2, 3]]
+    worker._handle(msg.AbortRequests([3]))
+    worker._handle(group((4, []), worker=1))  # refused: the error goes to worker 1
+    while runtime.has_work():
+        worker._step()
+    to_first, to_second = received(0), received(1)
+    assert sum(len(m.uids) for m in to_first) == 2 and {f.uid for m in to_first for f in m.finished} == {1}
+    errors = [m for m in to_second if isinstance(m, msg.RequestError)]
+    assert [e.uids for e in errors] == [[4]]
+    ends = {f.uid: f.reason for m in to_second if isinstance(m, msg.StepOutputs) for f in m.finished}
+    assert ends == {2: "stop", 3: "abort"}
+    assert not worker.worker_of  # nothing left behind

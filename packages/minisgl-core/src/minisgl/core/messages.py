@@ -72,6 +72,8 @@ class TokenizedRequest:
 @dataclass
 class TokenizedGroup:
     requests: list[TokenizedRequest]
+    # The tokenizer worker that owns these requests: their tokens go back to it.
+    worker: int = 0
 
 
 # ---- scheduler -> detokenizer -------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class ServerArgs:
     load_format: str = "auto"
     seed: int = 0
     # process and logging
+    tokenizer_workers: int = 1
     startup_timeout: float = 600.0
     log_level: str = "info"
     log_requests: bool = False
@@ -330,6 +331,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto, safetensors, gguf, or dummy (random weights on the real config, for benchmarks)",
     )
     group.add_argument("--seed", type=int, default=d.seed, help="seed of requests that give none (default 0)")
+    group.add_argument(
+        "--tokenizer-workers",
+        type=_int_at_least(1),
+        default=d.tokenizer_workers,
+        help="tokenizer/detokenizer processes; requests are spread over them (default 1)",
+    )
     group.add_argument(
         "--startup-timeout",
         type=_positive_float,

@@ -2,7 +2,8 @@
 
 Used by the HTTP API and by the shell's local mode. Everything runs on the caller's asyncio loop; one
 listener task reads the PULL socket and routes each output to the Generation it belongs to. Outputs for
-requests nobody waits for any more are dropped.
+requests nobody waits for any more are dropped. With several tokenizer workers, groups are dealt to them
+in turn; a group's aborts follow it to its worker.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ class EngineError(RuntimeError):
 class Generation:
     """The outputs of one submitted group, in arrival order. Iterate it; close() aborts what is left."""
 
-    def __init__(self, client: EngineClient, uids: list[int]) -> None:
+    def __init__(self, client: EngineClient, uids: list[int], worker: int = 0) -> None:
         self.client = client
         self.uids = uids
+        self.worker = worker  # the tokenizer worker that owns the group
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.unfinished = set(uids)
 
@@ -78,16 +80,20 @@ class Generation:
         """Stop listening; abort the requests that have not finished (a client that went away)."""
         self.client._release(self.uids)
         if self.unfinished:
-            self.client.abort(sorted(self.unfinished))
+            self.client.abort(sorted(self.unfinished), self.worker)
             self.unfinished.clear()
 
 
 class EngineClient:
     def __init__(self, addresses: IpcAddresses) -> None:
         self.context = zmq.asyncio.Context()
-        self.sender = self.context.socket(zmq.PUSH)
-        self.sender.setsockopt(zmq.LINGER, 0)
-        self.sender.connect(addresses.tokenizer)
+        self.senders = []
+        for address in addresses.tokenizers:
+            sender = self.context.socket(zmq.PUSH)
+            sender.setsockopt(zmq.LINGER, 0)
+            sender.connect(address)
+            self.senders.append(sender)
+        self._next_worker = itertools.cycle(range(len(self.senders)))
         self.receiver = self.context.socket(zmq.PULL)
         self.receiver.setsockopt(zmq.LINGER, 0)
         self.receiver.bind(addresses.frontend)
@@ -107,7 +113,8 @@ class EngineClient:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
-        self.sender.close(0)
+        for sender in self.senders:
+            sender.close(0)
         self.receiver.close(0)
         self.context.term()
 
@@ -121,18 +128,19 @@ class EngineClient:
     # ---- requests ---------------------------------------------------------------------------------
 
     def submit(self, requests: list[msg.GenerateRequest]) -> Generation:
-        generation = Generation(self, [r.uid for r in requests])
+        generation = Generation(self, [r.uid for r in requests], next(self._next_worker))
         if self.gone is not None:
             generation.queue.put_nowait(EngineGone(self.gone))
             return generation
         for uid in generation.uids:
             self._routes[uid] = generation
-        self._send(msg.GenerateGroup(requests))
+        self._send(msg.GenerateGroup(requests), generation.worker)
         return generation
 
-    def abort(self, uids: list[int]) -> None:
+    def abort(self, uids: list[int], worker: int = 0) -> None:
+        """Abort requests of one group; `worker` is the tokenizer worker the group was sent to."""
         if uids and self.gone is None:
-            self._send(msg.AbortRequests(uids))
+            self._send(msg.AbortRequests(uids), worker)
 
     def _release(self, uids: list[int]) -> None:
         for uid in uids:
@@ -151,11 +159,11 @@ class EngineClient:
         finally:
             self._stats_waiters.pop(query_id, None)
 
-    def _send(self, message: Any) -> None:
+    def _send(self, message: Any, worker: int = 0) -> None:
         # A PUSH socket with a connected peer queues without blocking; NOBLOCK turns a stuck engine into an
         # error instead of a frozen event loop.
         try:
-            self.sender.send(msg.encode(message), zmq.NOBLOCK)
+            self.senders[worker].send(msg.encode(message), zmq.NOBLOCK)
         except zmq.Again:
             raise EngineError(
                 503, "the engine is not accepting requests", None, "engine_unavailable"

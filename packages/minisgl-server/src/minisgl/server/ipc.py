@@ -3,9 +3,12 @@
 Each socket is an ipc:// path in a private temporary directory of the launching process, so two servers
 on one machine never collide and no TCP port is used between processes. Who binds what:
 
-    tokenizer worker   PULL  <- API server (requests, aborts) and scheduler (step outputs)
-    scheduler rank 0   PULL  <- tokenizer worker
-    API server         PULL  <- tokenizer worker (text outputs, errors, stats)
+    tokenizer worker i PULL  <- API server (requests, aborts) and scheduler (step outputs of its requests)
+    scheduler rank 0   PULL  <- every tokenizer worker
+    API server         PULL  <- every tokenizer worker (text outputs, errors, stats)
+
+With --tokenizer-workers N each request belongs to one worker, chosen by the API server; the scheduler
+sends each worker the tokens of its own requests.
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ logger = logging.getLogger("minisgl.server")
 
 @dataclass(frozen=True)
 class IpcAddresses:
-    tokenizer: str
+    tokenizers: tuple[str, ...]  # one per tokenizer worker
     scheduler: str
     frontend: str
 
     @classmethod
-    def in_directory(cls, directory: Path) -> IpcAddresses:
+    def in_directory(cls, directory: Path, num_tokenizers: int = 1) -> IpcAddresses:
         return cls(
-            tokenizer=f"ipc://{directory / 'tokenizer'}",
+            tokenizers=tuple(f"ipc://{directory / f'tokenizer-{i}'}" for i in range(num_tokenizers)),
             scheduler=f"ipc://{directory / 'scheduler'}",
             frontend=f"ipc://{directory / 'frontend'}",
         )

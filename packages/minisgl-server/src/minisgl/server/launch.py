@@ -82,7 +82,7 @@ def launch_engine(args: ServerArgs) -> EngineProcesses:
         args = args.replace(dist_init_addr=f"127.0.0.1:{_free_port()}")
     context = mp.get_context("spawn")
     directory = Path(tempfile.mkdtemp(prefix="minisgl-"))
-    engine = EngineProcesses(IpcAddresses.in_directory(directory), directory)
+    engine = EngineProcesses(IpcAddresses.in_directory(directory, args.tokenizer_workers), directory)
     pipes: dict[str, Connection] = {}
     try:
         from minisgl.server.scheduler_worker import run_scheduler
@@ -97,24 +97,25 @@ def launch_engine(args: ServerArgs) -> EngineProcesses:
                 )
             )
             pipes[name] = receive
-        if args.node_rank == 0:
+        for worker in range(args.tokenizer_workers if args.node_rank == 0 else 0):
+            name = "minisgl-tokenizer" if args.tokenizer_workers == 1 else f"minisgl-tokenizer-{worker}"
             receive, send = context.Pipe(duplex=False)
             engine.processes.append(
                 context.Process(
                     target=run_tokenizer,
-                    args=(args, engine.addresses, send),
-                    name="minisgl-tokenizer",
+                    args=(args, engine.addresses, worker, send),
+                    name=name,
                     daemon=True,
                 )
             )
-            pipes["minisgl-tokenizer"] = receive
+            pipes[name] = receive
         logger.info(
             "loading %s: TP ranks %d..%d of %d on this node%s",
             args.model,
             args.local_ranks[0],
             args.local_ranks[-1],
             args.tp,
-            ", and a tokenizer process" if args.node_rank == 0 else "",
+            f", and {args.tokenizer_workers} tokenizer process(es)" if args.node_rank == 0 else "",
         )
         for process in engine.processes:
             process.start()

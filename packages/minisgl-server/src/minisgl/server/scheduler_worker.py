@@ -14,6 +14,8 @@ import logging
 import os
 import signal
 import time
+from collections import defaultdict
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -94,7 +96,9 @@ class SchedulerWorker:
         self.args = args
         self.context = zmq.Context()
         self.receiver = pull_socket(self.context, addresses.scheduler)
-        self.sender = push_socket(self.context, addresses.tokenizer)
+        # One socket per tokenizer worker; each request's outputs go to the worker that sent it.
+        self.senders = [push_socket(self.context, address) for address in addresses.tokenizers]
+        self.worker_of: dict[int, int] = {}  # uid -> tokenizer worker
         self.poller = zmq.Poller()
         self.poller.register(self.receiver, zmq.POLLIN)
         self.requests: dict[int, Any] = {}  # uid -> core Request
@@ -135,7 +139,7 @@ class SchedulerWorker:
             if self.runtime.has_work():
                 self._step()
             elif self.pending_finished:
-                self._send(msg.StepOutputs(msg.int64_array([]), msg.int32_array([])))
+                self._send_outputs([], [], [], [])
             elif not busy and parent_is_gone(parent_pid):
                 logger.error("the launching process is gone; exiting")
                 return
@@ -150,11 +154,33 @@ class SchedulerWorker:
             except zmq.Again:
                 return received
 
-    def _send(self, message: Any) -> None:
-        if isinstance(message, msg.StepOutputs):
-            message.finished = self.pending_finished + message.finished
-            self.pending_finished = []
-        self.sender.send(msg.encode(message))
+    def _send(self, message: Any, worker: int = 0) -> None:
+        self.senders[worker].send(msg.encode(message))
+
+    def _send_outputs(
+        self,
+        uids: list[int],
+        tokens: list[int],
+        logprobs: list[msg.TokenLogprobs],
+        finished: list[msg.FinishedRequest],
+    ) -> None:
+        """One StepOutputs per tokenizer worker that has something in this step (aborts included)."""
+        finished = self.pending_finished + finished
+        self.pending_finished = []
+        parts: dict[int, _WorkerOutputs] = defaultdict(_WorkerOutputs)
+        for uid, token in zip(uids, tokens, strict=True):
+            part = parts[self.worker_of.get(uid, 0)]
+            part.uids.append(uid)
+            part.tokens.append(token)
+        for entry in logprobs:
+            parts[self.worker_of.get(entry.uid, 0)].logprobs.append(entry)
+        for end in finished:
+            parts[self.worker_of.pop(end.uid, 0)].finished.append(end)
+        for worker, part in parts.items():
+            message = msg.StepOutputs(
+                msg.int64_array(part.uids), msg.int32_array(part.tokens), part.logprobs, part.finished
+            )
+            self._send(message, worker)
 
     # ---- messages ---------------------------------------------------------------------------------
 
@@ -182,7 +208,8 @@ class SchedulerWorker:
                     f"the server is overloaded: {limit} requests are already queued",
                     None,
                     "queue_full",
-                )
+                ),
+                group.worker,
             )
             return
         prepared = []
@@ -191,13 +218,14 @@ class SchedulerWorker:
                 prompt_ids, params = self._prepare(request)
                 self.runtime.check_request(prompt_ids, params)
             except ValueError as exc:
-                self._send(msg.RequestError(uids, 400, str(exc), _param_of(str(exc)), None))
+                self._send(msg.RequestError(uids, 400, str(exc), _param_of(str(exc)), None), group.worker)
                 return
             prepared.append((request.uid, prompt_ids, params))
         for uid, prompt_ids, params in prepared:
             req = self.runtime.add_request(prompt_ids, params)
             self.requests[uid] = req
             self.uid_of_rid[req.rid] = uid
+            self.worker_of[uid] = group.worker
             self.num_requests += 1
 
     def _prepare(self, request: msg.TokenizedRequest) -> tuple[list[int], Any]:
@@ -260,7 +288,7 @@ class SchedulerWorker:
             self.requests.pop(uid, None)
             finished.append(self._finished(uid, req, req.finish_reason or "stop"))
         if uids or finished or self.pending_finished:
-            self._send(msg.StepOutputs(msg.int64_array(uids), msg.int32_array(tokens), logprobs, finished))
+            self._send_outputs(uids, tokens, logprobs, finished)
 
     def _finished(self, uid: int, req: Any, reason: str) -> msg.FinishedRequest:
         last = req.output_ids[-1] if req.output_ids else None
@@ -291,6 +319,14 @@ class SchedulerWorker:
             max_running_requests=self.runtime.config.max_running_requests,
         )
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in stats.items()}
+
+
+@dataclass
+class _WorkerOutputs:
+    uids: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[msg.TokenLogprobs] = field(default_factory=list)
+    finished: list[msg.FinishedRequest] = field(default_factory=list)
 
 
 def _param_of(message: str) -> str | None:

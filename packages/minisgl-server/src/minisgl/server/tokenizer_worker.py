@@ -27,9 +27,9 @@ IDLE_POLL_MS = 500
 MAX_DRAIN = 256
 
 
-def run_tokenizer(args: ServerArgs, addresses: IpcAddresses, ready: Connection) -> None:
-    """Entry point of the tokenizer/detokenizer process."""
-    prepare_child(args.log_level, "minisgl-tok")
+def run_tokenizer(args: ServerArgs, addresses: IpcAddresses, worker: int, ready: Connection) -> None:
+    """Entry point of tokenizer/detokenizer process number `worker`."""
+    prepare_child(args.log_level, "minisgl-tok" if args.tokenizer_workers == 1 else f"minisgl-tok{worker}")
     parent_pid = os.getppid()
     try:
         from minisgl.core.gguf_cache import converted
@@ -43,10 +43,10 @@ def run_tokenizer(args: ServerArgs, addresses: IpcAddresses, ready: Connection) 
     except Exception as exc:
         ready.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    worker = TokenizerWorker(tokenizer, addresses)
+    process = TokenizerWorker(tokenizer, addresses, worker)
     ready.send(("ready", {"tokenizer": type(tokenizer).__name__ if tokenizer is not None else None}))
     ready.close()
-    worker.run(parent_pid)
+    process.run(parent_pid)
 
 
 @dataclass
@@ -62,11 +62,12 @@ class RequestState:
 
 
 class TokenizerWorker:
-    def __init__(self, tokenizer: Any, addresses: IpcAddresses) -> None:
+    def __init__(self, tokenizer: Any, addresses: IpcAddresses, worker: int = 0) -> None:
         self.tokenizer = tokenizer
         self.detokenizer = Detokenizer(tokenizer) if tokenizer is not None else None
+        self.worker = worker
         self.context = zmq.Context()
-        self.receiver = pull_socket(self.context, addresses.tokenizer)
+        self.receiver = pull_socket(self.context, addresses.tokenizers[worker])
         self.to_scheduler = push_socket(self.context, addresses.scheduler)
         self.to_frontend = push_socket(self.context, addresses.frontend)
         self.states: dict[int, RequestState] = {}
@@ -134,7 +135,7 @@ class TokenizerWorker:
                 DecodeState(stop=list(request.stop), skip_special_tokens=request.skip_special_tokens),
                 request.params.logprobs,
             )
-        self.to_scheduler.send(msg.encode(msg.TokenizedGroup(tokenized)))
+        self.to_scheduler.send(msg.encode(msg.TokenizedGroup(tokenized, self.worker)))
 
     def _prompt_ids(self, request: msg.GenerateRequest, memo: dict[str, Any]) -> Any:
         if request.prompt_ids is not None:
