@@ -156,12 +156,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         running.wait_ready()
         yield running
     finally:
-        children = child_pids(running.process.pid)
-        code = running.stop(signal.SIGINT)
-        leftovers = leftover_children(children)
-        for pid in children:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        assert code == 0, f"SIGINT exit status {code}:\n{running.log_tail()}"
-        assert not leftovers, f"children left running after SIGINT: {leftovers}"
-        assert wait_until(lambda: port_is_free(running.port), 10), "the port is still bound"
+        stop_cleanly(running, signal.SIGINT)
+
+
+def stop_cleanly(running: Server, signum: int) -> None:
+    """Stop the server with signum and check that it exited with status 0, that none of its processes is
+    left (those are killed) and that its port is free again."""
+    children = child_pids(running.process.pid)
+    code = running.stop(signum)
+    leftovers = leftover_children(children)
+    for pid in children:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert code == 0, f"exit status {code} after signal {signum}:\n{running.log_tail()}"
+    assert not leftovers, f"children left running after signal {signum}: {leftovers}"
+    assert wait_until(lambda: port_is_free(running.port), 10), "the port is still bound"

@@ -16,9 +16,9 @@ from conftest import (
     MODEL,
     Server,
     child_pids,
-    leftover_children,
     process_name,
     start_server,
+    stop_cleanly,
     wait_until,
 )
 
@@ -32,10 +32,7 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         running.wait_ready()
         yield running
     finally:
-        children = child_pids(running.process.pid)
-        code = running.stop(signal.SIGTERM)
-        assert code == 0, running.log_tail()
-        assert not leftover_children(children)
+        stop_cleanly(running, signal.SIGTERM)
 
 
 def chat(server: Server, question: str, **options: Any) -> Any:
