@@ -117,6 +117,10 @@ def test_tp2_server_answers_like_tp1(
             chunks = list(pool.map(lambda i: stream(server, i), range(8)))
         assert all(count >= 1 for count, _ in chunks), chunks
         assert all(finish == "length" for _, finish in chunks[::2]), chunks
+        # Refused requests never reach the other rank: the next one is still answered alike.
+        too_long = {"prompt": PROMPT, "max_tokens": 5000}
+        refused = httpx.post(f"{server.url}/v1/completions", json=too_long, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens", refused.text
         assert complete(server) == expected
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
         children = child_pids(server.process.pid)
