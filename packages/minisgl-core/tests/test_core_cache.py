@@ -496,6 +496,26 @@ def test_n_samples_share_the_prompt_kv(
     _assert_all_pages_home(llm.runtime)
 
 
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_a_prefix_shared_within_one_batch_is_computed_once(
+    make_llm: Callable[..., Any], standard_prompts: list[list[int]], page_size: int
+) -> None:
+    """Prompts that arrive together and start alike (a shared system prompt): the first computes the
+    shared part, the others wait one step and take it from the cache; the tokens are those of the naive
+    cache, which computes every prompt in full."""
+    shared = standard_prompts[7][:48]
+    prompts = [[*shared, 100 + i, 200 + i, 300 + i] for i in range(6)]
+    naive = [r.token_ids for r in make_llm(cache="naive").generate(prompts, _greedy(6), use_tqdm=False)]
+    llm = make_llm(page_size=page_size)
+    results = llm.generate(prompts, _greedy(6), use_tqdm=False)
+    assert [r.token_ids for r in results] == naive
+    assert results[0].num_cached_tokens == 0
+    assert all(r.num_cached_tokens == len(shared) // page_size * page_size for r in results[1:]), [
+        r.num_cached_tokens for r in results
+    ]
+    _assert_all_pages_home(llm.runtime)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_logprobs_top_alternatives(
     make_llm: Callable[..., Any], standard_prompts: list[list[int]], temperature: float

@@ -66,6 +66,11 @@ INIT_NEW_TOKEN_RATIO = EnvVar(
 )
 MIN_NEW_TOKEN_RATIO = EnvVar("MINISGL_MIN_NEW_TOKEN_RATIO", 0.1, "the floor the ratio decays to")
 NEW_TOKEN_RATIO_DECAY = EnvVar("MINISGL_NEW_TOKEN_RATIO_DECAY", 0.001, "ratio decrease per decode step")
+IN_BATCH_PREFIX_TOKENS = EnvVar(
+    "MINISGL_IN_BATCH_PREFIX_TOKENS",
+    32,
+    "a prompt whose first N tokens another request of the same prefill batch computes waits a step for them",
+)
 DISABLE_FUSED_OPS = EnvVar(
     "MINISGL_DISABLE_FUSED_OPS", False, "use plain torch instead of FlashInfer's fused norm/activation/RoPE"
 )
@@ -83,6 +88,7 @@ ALL = (
     INIT_NEW_TOKEN_RATIO,
     MIN_NEW_TOKEN_RATIO,
     NEW_TOKEN_RATIO_DECAY,
+    IN_BATCH_PREFIX_TOKENS,
     DISABLE_FUSED_OPS,
     LOG_LEVEL,
     GGUF_CACHE,

@@ -4,6 +4,8 @@ Policy (one step at a time):
 - Prefill first: requests owing more than one token of KV (chunked prefill in progress, then waiting
   requests in FIFO order) share a budget of `max_prefill_tokens` tokens; the last one may be cut into a
   chunk that continues next step. A waiting request reuses the longest cached prefix of its tokens.
+  A request whose first tokens (a shared system prompt, the same prompt n times) are being computed by
+  another request of the same batch waits one step and then takes them from the cache.
 - Otherwise decode: every running request computes one token.
 - Admission does not reserve each request's whole max_tokens: it expects a running request to still
   generate `new_token_ratio` of its remaining budget (the ratio decays while decoding goes well). When a
@@ -57,6 +59,8 @@ class Scheduler:
         self.min_new_token_ratio = env.MIN_NEW_TOKEN_RATIO.get()
         self.new_token_ratio_decay = env.NEW_TOKEN_RATIO_DECAY.get()
         self.new_token_ratio = self.init_new_token_ratio
+        # Prompts whose first this-many tokens are being computed in the batch being formed wait a step.
+        self.shared_prefix_tokens = max(1, env.IN_BATCH_PREFIX_TOKENS.get())
         self.num_retractions = 0
         self._admissions = itertools.count()
 
@@ -164,22 +168,24 @@ class Scheduler:
             if req.is_prefilling and budget > 0:
                 chunks.append(self._prefill_chunk(req, budget))
                 budget -= chunks[-1].end - chunks[-1].start
-        fresh_prompts: set[tuple[int, ...]] = set()
+        # First tokens that requests of this batch compute (not from the cache): a later request starting
+        # with them waits one step, then shares them through the cache instead of computing them again.
+        fresh_prefixes: set[tuple[int, ...]] = set()
         # Summed once per batch, then kept up to date: a running request's expectation does not change
         # while others are admitted (it depends on its own length, pages and the ratio only).
         reserved = sum(self._expected_pages(r) for r in self.running) if self.waiting else 0
         while self.waiting and budget > 0:
             req = self.waiting[0]
-            # An identical prompt admitted in this batch (n samples, repeated prompts) waits one step, so
-            # that it shares the first one's KV through the cache instead of computing it again.
-            if tuple(req.prompt_ids) in fresh_prompts:
+            prefix = self._shared_prefix(req)
+            if prefix is not None and prefix in fresh_prefixes:
                 break
             expected = self._try_admit(req, reserved)
             if expected is None:
                 break
             reserved += expected
             self.waiting.popleft()
-            fresh_prompts.add(tuple(req.prompt_ids))
+            if prefix is not None and req.num_computed < len(prefix):
+                fresh_prefixes.add(prefix)
             chunks.append(self._prefill_chunk(req, budget))
             budget -= chunks[-1].end - chunks[-1].start
         if not chunks:
@@ -193,6 +199,13 @@ class Scheduler:
             ]
             chunks = decoding + chunks
         return Batch(chunks, is_decode=False)
+
+    def _shared_prefix(self, req: Request) -> tuple[int, ...] | None:
+        """The first tokens by which requests of one batch are recognized as sharing a prefix: the whole
+        prompt when it is short (n samples, repeated prompts). None for a request that reads no cache."""
+        if req.params.prompt_logprobs:
+            return None
+        return tuple(req.prompt_ids[: self.shared_prefix_tokens])
 
     @staticmethod
     def _prefill_chunk(req: Request, budget: int) -> Chunk:
