@@ -25,6 +25,16 @@ def test_off_reads_the_gguf_file(monkeypatch: pytest.MonkeyPatch) -> None:
     assert converted(source) is source
 
 
+def test_an_unwritable_cache_falls_back_to_the_gguf_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MINISGL_GGUF_CACHE", str(blocker / "cache"))
+    source = resolve_model("smollm2-135m")
+    assert converted(source) is source
+
+
 def test_the_conversion_is_exact_and_made_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MINISGL_GGUF_CACHE", str(tmp_path))
     source = resolve_model("smollm2-135m")

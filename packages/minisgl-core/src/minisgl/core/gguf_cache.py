@@ -59,10 +59,16 @@ def converted(source: ModelSource) -> ModelSource:
         return source
     entry = root / f"{gguf.stem}-{_key(gguf)}"
     if not (entry / COMPLETE_MARKER).is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        with _file_lock(root / f"{entry.name}.lock"):
-            if not (entry / COMPLETE_MARKER).is_file():
-                _convert(source, entry)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with _file_lock(root / f"{entry.name}.lock"):
+                if not (entry / COMPLETE_MARKER).is_file():
+                    _convert(source, entry)
+        except OSError as exc:  # a read-only or full disk: slower, but the model still loads
+            logger.warning(
+                "cannot keep a converted copy of %s in %s (%s); reading it directly", gguf.name, root, exc
+            )
+            return source
     return ModelSource(source.name, entry)
 
 
