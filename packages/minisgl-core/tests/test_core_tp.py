@@ -238,12 +238,12 @@ def test_ranks_started_with_other_settings_are_refused(tiny_model_dir: Callable[
 
 def test_ranks_that_drift_apart_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """The debug check itself: a rank reporting other tokens fails the step."""
-    import minisgl.core.runtime as runtime_module
+    import minisgl.core.distributed as distributed_module
     from minisgl.core.batch import Batch
 
     batch = Batch([], is_decode=True)
-    monkeypatch.setattr(runtime_module, "gather_objects", lambda mine: [mine, ([], [5])])
+    monkeypatch.setattr(distributed_module, "gather_objects", lambda mine: [mine, ([], [5])])
     with pytest.raises(RuntimeError, match="TP ranks disagree"):
         _check_ranks_agree(batch, [4])
-    monkeypatch.setattr(runtime_module, "gather_objects", lambda mine: [mine, mine])
+    monkeypatch.setattr(distributed_module, "gather_objects", lambda mine: [mine, mine])
     _check_ranks_agree(batch, [4])

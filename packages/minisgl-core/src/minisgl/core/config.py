@@ -87,12 +87,7 @@ class ModelConfig:
         ):
             if size % tp_size:
                 raise ValueError(f"tp size {tp_size} does not divide the model's {what} ({size})")
-        kv = self.num_kv_heads
-        if kv % tp_size and tp_size % kv:
-            raise ValueError(
-                f"tp size {tp_size} and the model's {kv} KV heads: one must divide the other "
-                "(KV heads are split over ranks, or each replicated on tp/kv ranks)"
-            )
+        check_kv_split(self.num_kv_heads, tp_size)
 
     @classmethod
     def from_hf(cls, hf_config: Any, extra_eos_ids: tuple[int, ...] = ()) -> ModelConfig:
@@ -236,6 +231,15 @@ class EngineConfig:
                 f"device {self.device!r} names one GPU, but tp_size={self.tp_size} ranks need one each: "
                 "use device='cuda' (rank r takes GPU r)"
             )
+
+
+def check_kv_split(num_kv_heads: int, tp_size: int) -> None:
+    """KV heads are split over ranks, or each replicated on tp/kv ranks: one must divide the other."""
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        raise ValueError(
+            f"tp size {tp_size} and the model's {num_kv_heads} KV heads: one must divide the other "
+            "(KV heads are split over ranks, or each replicated on tp/kv ranks)"
+        )
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:

@@ -162,3 +162,11 @@ def gather_objects(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * _GROUP.info.size
     dist.all_gather_object(gathered, value, group=_GROUP.control)
     return gathered
+
+
+def disagreeing_rank(value: Any) -> tuple[int, Any] | None:
+    """(rank, its value) of the first rank whose value differs from this rank's; None when all agree."""
+    for rank, theirs in enumerate(gather_objects(value)):
+        if theirs != value:
+            return rank, theirs
+    return None

@@ -20,7 +20,7 @@ from minisgl.core.batch import Batch
 from minisgl.core.config import EngineConfig, ModelConfig, pages_for, parse_dtype, resolve_device
 from minisgl.core.cuda_graph import DecodeGraphRunner
 from minisgl.core.distributed import (
-    gather_objects,
+    disagreeing_rank,
     get_tp,
     init_distributed,
     min_over_ranks,
@@ -360,8 +360,8 @@ class Runtime:
         req = self.scheduler.abort(rid)
         if req is not None:
             self.lockstep.record(AbortRequest(rid))
-        if req is not None and self.debug_checks:
-            self.scheduler.check_integrity()
+            if self.debug_checks:
+                self.scheduler.check_integrity()
         return req
 
     def check_integrity(self) -> None:
@@ -420,25 +420,23 @@ def _check_same_settings(config: EngineConfig, model_config: ModelConfig) -> Non
             if var not in (env.LOG_LEVEL, env.KERNEL_CACHE, env.GGUF_CACHE)
         },
     )
-    everyone = gather_objects(settings)
-    for rank, theirs in enumerate(everyone):
-        if theirs != settings:
-            raise ValueError(
-                f"TP rank {rank} runs with other settings than rank {get_tp().rank}: {theirs} != {settings}; "
-                "start every rank with the same model, engine flags and MINISGL_* variables"
-            )
+    differs = disagreeing_rank(settings)
+    if differs is not None:
+        rank, theirs = differs
+        raise ValueError(
+            f"TP rank {rank} runs with other settings than rank {get_tp().rank}: {theirs} != {settings}; "
+            "start every rank with the same model, engine flags and MINISGL_* variables"
+        )
 
 
 def _check_ranks_agree(batch: Batch, tokens: list[int | None]) -> None:
     """MINISGL_DEBUG_CHECKS at tp>1: every rank must have scheduled the same batch and sampled the same
     tokens; a difference means the ranks have drifted apart."""
     mine = ([(c.req.rid, c.start, c.end) for c in batch.chunks], tokens)
-    everyone = gather_objects(mine)
-    for rank, theirs in enumerate(everyone):
-        if theirs != mine:
-            raise RuntimeError(
-                f"TP ranks disagree: rank {get_tp().rank} ran {mine}, rank {rank} ran {theirs}"
-            )
+    differs = disagreeing_rank(mine)
+    if differs is not None:
+        rank, theirs = differs
+        raise RuntimeError(f"TP ranks disagree: rank {get_tp().rank} ran {mine}, rank {rank} ran {theirs}")
 
 
 def _with_tokenizer_eos(config: ModelConfig, tokenizer: Any | None) -> ModelConfig:

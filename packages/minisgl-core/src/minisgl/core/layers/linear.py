@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minisgl.core.config import check_kv_split
 from minisgl.core.distributed import all_reduce, get_tp
 
 
@@ -51,13 +52,6 @@ class ColumnParallelLinear(nn.Module):
         target.data[offset : offset + local].copy_(tensor[tp.rank * local : (tp.rank + 1) * local])
 
 
-def _check_kv_split(num_kv_heads: int, tp_size: int) -> None:
-    if num_kv_heads % tp_size and tp_size % num_kv_heads:
-        raise ValueError(
-            f"{num_kv_heads} KV heads cannot be split over tp size {tp_size}: one must divide the other"
-        )
-
-
 class QKVParallelLinear(ColumnParallelLinear):
     """The fused q, k, v projection. With fewer KV heads than ranks, KV heads are replicated."""
 
@@ -67,7 +61,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         tp = get_tp()
         if num_heads % tp.size:
             raise ValueError(f"num_heads {num_heads} is not divisible by tp size {tp.size}")
-        _check_kv_split(num_kv_heads, tp.size)
+        check_kv_split(num_kv_heads, tp.size)
         self.num_kv_heads_total = num_kv_heads
         self.local_kv_heads = max(1, num_kv_heads // tp.size)
         # Size the kv shards as if they were split evenly; replication is handled in load_weight.
