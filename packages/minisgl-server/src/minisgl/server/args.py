@@ -121,7 +121,7 @@ class ServerArgs:
 # ---- value checks (argparse type functions: their message follows "argument --flag: ") ---------------
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -136,14 +136,14 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 
 def _power_of_two(text: str) -> int:
-    value = _int_at_least(1)(text)
+    value = int_at_least(1)(text)
     if value & (value - 1):
         raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
     return value
 
 
 def _port(text: str) -> int:
-    value = _int_at_least(0)(text)
+    value = int_at_least(0)(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port in 0..65535, got {value}")
     return value
@@ -232,14 +232,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto (float32 on CPU, the checkpoint's half type on GPU), float32, bfloat16 or float16",
     )
     group.add_argument(
-        "--tp", "--tp-size", type=_int_at_least(1), default=d.tp, help="tensor-parallel ranks (default 1)"
+        "--tp", "--tp-size", type=int_at_least(1), default=d.tp, help="tensor-parallel ranks (default 1)"
     )
     group.add_argument(
-        "--nnodes", type=_int_at_least(1), default=d.nnodes, help="machines the --tp ranks span (default 1)"
+        "--nnodes", type=int_at_least(1), default=d.nnodes, help="machines the --tp ranks span (default 1)"
     )
     group.add_argument(
         "--node-rank",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=d.node_rank,
         help="this machine's index among --nnodes; node 0 serves HTTP (default 0)",
     )
@@ -266,26 +266,26 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--page-size", type=_power_of_two, default=d.page_size, help="tokens per KV page")
     group.add_argument(
         "--max-running-requests",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=d.max_running_requests,
         help=f"requests decoded together at most (default {d.max_running_requests})",
     )
     group.add_argument(
         "--max-prefill-length",
         "--max-prefill-tokens",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=d.max_prefill_length,
         help=f"prompt tokens per prefill step; longer prompts are chunked (default {d.max_prefill_length})",
     )
     group.add_argument(
         "--max-queued-requests",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=d.max_queued_requests,
         help="requests waiting to run at most; more are refused with HTTP 503 (default: no limit)",
     )
     group.add_argument(
         "--cuda-graph-max-bs",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=d.cuda_graph_max_bs,
         help="largest decode batch captured in a CUDA graph; 0 disables graphs (default: automatic)",
     )
@@ -313,14 +313,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--num-kv-pages",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=d.num_kv_pages,
         help="KV cache size in pages; overrides --memory-ratio and --cpu-kv-cache-gib",
     )
     group.add_argument(
         "--context-length",
         "--max-seq-len",
-        type=_int_at_least(2),
+        type=int_at_least(2),
         default=d.context_length,
         help="longest sequence (prompt + output); default: the model's maximum",
     )
@@ -333,7 +333,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=d.seed, help="seed of requests that give none (default 0)")
     group.add_argument(
         "--tokenizer-workers",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=d.tokenizer_workers,
         help="tokenizer/detokenizer processes; requests are spread over them (default 1)",
     )

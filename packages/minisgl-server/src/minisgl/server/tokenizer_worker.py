@@ -101,7 +101,6 @@ class TokenizerWorker:
                 self.states.pop(uid, None)
             self._flush_then_forward(message, outputs)
         elif isinstance(message, msg.StatsReply):
-            message.stats["num_detokenizing"] = len(self.states)
             self._flush_then_forward(message, outputs)
         else:
             logger.error("tokenizer got an unexpected %s; ignored", type(message).__name__)

@@ -163,7 +163,7 @@ def _line_reader(interactive: bool) -> Callable[[], Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minisgl.server.args import add_engine_arguments
+    from minisgl.server.args import add_engine_arguments, int_at_least
 
     parser = argparse.ArgumentParser(
         prog="minisgl-shell",
@@ -172,23 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat = parser.add_argument_group("chat")
     chat.add_argument("--url", default=None, help="use a running server (e.g. http://127.0.0.1:1919)")
     chat.add_argument("--api-key", default=None, help="the server's API key, with --url")
-    chat.add_argument("--max-tokens", type=_positive_int, default=512, help="longest reply (default 512)")
+    chat.add_argument("--max-tokens", type=int_at_least(1), default=512, help="longest reply (default 512)")
     chat.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
     chat.add_argument("--system", default=None, help="a system message starting every conversation")
     add_engine_arguments(parser)
     parser.set_defaults(log_level="warning")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
