@@ -20,7 +20,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from minisgl.kernels.nccl import Communicator, TorchCommunicator, create_communicator, nccl_available
+from minisgl.kernels.nccl import (
+    Communicator,
+    TorchCommunicator,
+    create_communicator,
+    nccl_available,
+    nccl_unique_id,
+)
 
 logger = logging.getLogger("minisgl")
 
@@ -93,8 +99,6 @@ def init_distributed(rank: int, size: int, init_address: str, device: torch.devi
 
 def _cuda_communicator(rank: int, size: int, device: torch.device) -> Communicator:
     if nccl_available():
-        from minisgl.kernels.nccl import nccl_unique_id
-
         unique_id = broadcast_from_leader(nccl_unique_id() if rank == 0 else None)
         return create_communicator(rank, size, device, unique_id=unique_id)
     logger.warning("minisgl-kernels could not load NCCL; using torch.distributed's NCCL group")
