@@ -1,6 +1,7 @@
-"""Fused kernels for CUDA tensors (FlashInfer's RMSNorm, add+RMSNorm, SiLU-and-mul and RoPE), with the
-plain torch code as the CPU path and reference. A decode step of a small model is otherwise dozens of
-tiny elementwise kernels per layer. MINISGL_DISABLE_FUSED_OPS=1 keeps the torch code on the GPU too."""
+"""Fused kernels for CUDA tensors (FlashInfer's RMSNorm, add+RMSNorm, SiLU-and-mul, RoPE and sampling),
+with the plain torch code as the CPU path and reference. A decode step of a small model is otherwise
+dozens of tiny elementwise kernels per layer. MINISGL_DISABLE_FUSED_OPS=1 keeps the torch code on the GPU
+too."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ def _flashinfer() -> Any | None:
 
 def _fused(x: torch.Tensor) -> Any | None:
     return _flashinfer() if x.is_cuda else None
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the fused kernels run for this tensor (a CUDA tensor, FlashInfer installed, not disabled)."""
+    return _fused(x) is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -82,3 +88,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+    """One draw per row from softmax(logits) (float32 logits) in one fused kernel (FlashInfer's Gumbel-max
+    sampling, its noise drawn from `generator`), as int64 ids; None where there is no fused kernel (the
+    caller then samples with torch)."""
+    fi = _fused(logits)
+    if fi is None:
+        return None
+    return fi.sampling.sampling_from_logits(logits, generator=generator).long()

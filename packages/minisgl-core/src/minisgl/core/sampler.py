@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minisgl.core import fused_ops
 from minisgl.core.request import Request
 from minisgl.core.transfer import to_device
 
@@ -27,6 +28,9 @@ class SampleOutput:
 
 def sample(logits: torch.Tensor, requests: list[Request], generator: torch.Generator) -> SampleOutput:
     """Logprobs are those of the model's distribution, before penalties and temperature."""
+    tokens = _sample_plain_batch(logits, requests, generator)
+    if tokens is not None:
+        return _with_logprobs(logits, tokens, requests)
     raw = logits.float()
     logits = _apply_penalties(raw, requests)
     tokens = logits.argmax(dim=-1)
@@ -35,6 +39,38 @@ def sample(logits: torch.Tensor, requests: list[Request], generator: torch.Gener
         index = to_device(random_rows, torch.int64, logits.device)
         tokens[index] = _sample_rows(logits[index], [requests[i] for i in random_rows], generator)
     return _with_logprobs(raw, tokens, requests)
+
+
+def _sample_plain_batch(
+    logits: torch.Tensor, requests: list[Request], generator: torch.Generator
+) -> torch.Tensor | None:
+    """The common batch (no penalties, no top-k/top-p/min-p, no per-request seed) in two or three kernels:
+    argmax for greedy rows, one fused Gumbel-max draw at each row's temperature for the others. None when
+    the batch is not that simple or there is no fused kernel (the general path below handles it)."""
+    if any(_needs_general_path(r) for r in requests):
+        return None
+    greedy = [r.params.is_greedy for r in requests]
+    if all(greedy):
+        return logits.argmax(dim=-1)
+    if not fused_ops.available(logits):
+        return None
+    temperatures = to_device(
+        [1.0 if g else r.params.temperature for g, r in zip(greedy, requests, strict=True)],
+        torch.float32,
+        logits.device,
+    )
+    # bf16 logits / float32 temperatures is one kernel with a float32 result.
+    drawn = fused_ops.sample_from_logits(logits / temperatures.unsqueeze(1), generator)
+    if drawn is None:
+        return None
+    if not any(greedy):
+        return drawn
+    return torch.where(to_device(greedy, torch.bool, logits.device), logits.argmax(dim=-1), drawn)
+
+
+def _needs_general_path(req: Request) -> bool:
+    params = req.params
+    return params.has_penalties or (not params.is_greedy and (_filters(req) or req.generator is not None))
 
 
 def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -113,7 +149,7 @@ def _with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, requests: list[Re
     if not rows:
         return SampleOutput(tokens, [], None, None, None)
     index = to_device(rows, torch.int64, logits.device)
-    logprobs = logits[index].log_softmax(dim=-1)
+    logprobs = logits[index].float().log_softmax(dim=-1)
     chosen = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1)
     max_k = max(requests[i].params.logprobs or 0 for i in rows)
     if max_k == 0:
