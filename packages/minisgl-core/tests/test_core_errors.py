@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 from tiny_models import MAX_POSITIONS, VOCAB_SIZE
 
 MODEL = "llama"
@@ -133,3 +135,39 @@ def test_valid_edge_sampling_params_are_accepted(llm: Any) -> None:
     for good in (dict(top_p=1.0), dict(top_k=-1), dict(top_k=1), dict(temperature=0.0), dict(top_p=1e-6)):
         result = llm.generate([[5, 6, 7]], _sp(max_tokens=2, ignore_eos=True, **good))[0]
         assert len(result.token_ids) == 2, good
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("fi", "'fi' needs a CUDA device"),
+        ("fa3", "'fa3' needs a CUDA device"),
+        ("torch,fa3", "'fa3' needs a CUDA device"),
+        ("flash", "'flash' is not one of: auto, torch, fi, fa3"),
+        ("fi,torch,fi", "PREFILL,DECODE"),
+    ],
+)
+def test_attention_backend_that_cannot_run_here(spec: str, message: str) -> None:
+    from minisgl.core.attention import resolve_attention
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_attention(spec, torch.device("cpu"))
+
+
+def test_attention_auto_on_the_cpu_is_torch() -> None:
+    from minisgl.core.attention import resolve_attention
+
+    assert resolve_attention("auto", torch.device("cpu")) == ("torch", "torch")
+    assert resolve_attention("torch,auto", torch.device("cpu")) == ("torch", "torch")
+
+
+def test_tensor_core_decode_rule() -> None:
+    """The measured rule (tools/attn_bench.py on an H100): CUDA-core decode only for pages of one token
+    and up to 4 query heads per KV head; FA3 always uses tensor cores."""
+    from minisgl.core.attention.flashinfer_backend import use_tensor_core_decode
+
+    assert not use_tensor_core_decode(group_size=4, page_size=1, kernels="fa2")
+    assert not use_tensor_core_decode(group_size=2, page_size=8, kernels="fa2")
+    assert use_tensor_core_decode(group_size=2, page_size=16, kernels="fa2")
+    assert use_tensor_core_decode(group_size=8, page_size=1, kernels="fa2")
+    assert use_tensor_core_decode(group_size=1, page_size=1, kernels="fa3")

@@ -9,6 +9,7 @@ uniform in [100, 1024], 133,966 output tokens); scale it down on a CPU with the 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -53,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--page-size", type=int, default=1)
+    parser.add_argument(
+        "--page-size", type=int, default=None, help="tokens per KV page (default: 16 on CUDA, 1 on the CPU)"
+    )
     parser.add_argument("--max-running-requests", type=int, default=256)
     parser.add_argument("--max-prefill-tokens", type=int, default=8192)
     parser.add_argument(
@@ -77,11 +80,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["minisgl", "hf"],
         help="hf runs the same workload through transformers' generate, for comparison",
     )
+    parser.add_argument(
+        "--time-device",
+        action="store_true",
+        help="time every step on the device too (CUDA events; adds a little host work per step)",
+    )
+    parser.add_argument("--timeline", default=None, help="write every step's timing to this JSON file")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one process each)")
     parser.add_argument("--hf-batch-size", type=int, default=32, help="batch size of the hf engine")
     args = parser.parse_args(argv)
     for flag in ("num_prompts", "max_input_len", "max_output_len", "page_size", "hf_batch_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     return args
 
@@ -111,11 +120,15 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> float:
         for n in workload.output_lens
     ]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-    llm.runtime.timing = StepTiming()
+    timing = llm.runtime.timing = StepTiming()
+    llm.runtime.engine.time_device = args.time_device
     started = time.perf_counter()
     llm.generate(workload.prompts, params)
     elapsed = time.perf_counter() - started
-    print(llm.runtime.timing.summary())
+    print(timing.summary())
+    if args.timeline:
+        with open(args.timeline, "w") as file:
+            json.dump(timing.to_json(), file)
     llm.shutdown()
     return elapsed
 

@@ -178,7 +178,9 @@ class EngineConfig:
 
     device: str = "auto"
     dtype: str = "auto"
-    page_size: int = 1
+    # Tokens per KV page; None: 16 on CUDA (FlashInfer's tensor-core decode reads pages of 16 fastest), 1
+    # on the CPU.
+    page_size: int | None = None
     max_running_requests: int = 256
     # Token budget of one prefill batch; longer prompts are prefilled in chunks of at most this size.
     max_prefill_tokens: int = 8192
@@ -192,7 +194,8 @@ class EngineConfig:
     load_format: str = "auto"
     # "radix" reuses the KV of shared prefixes; "naive" computes every prompt in full.
     cache: str = "radix"
-    # Attention backend: "auto" (fi on CUDA, torch on CPU), "torch", "fi", or "prefill,decode".
+    # Attention backend: "auto" (fa3,fi on Hopper, fi on other GPUs, torch on the CPU), "torch", "fi",
+    # "fa3", or "prefill,decode".
     attn: str = "auto"
     # Decode steps of running requests ride along in prefill batches instead of waiting for them.
     mix_decode_into_prefill: bool = True
@@ -204,7 +207,7 @@ class EngineConfig:
     tp_size: int = 1
 
     def validate(self) -> None:
-        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+        if self.page_size is not None and (self.page_size < 1 or self.page_size & (self.page_size - 1)):
             raise ValueError(f"page_size must be a power of two >= 1, got {self.page_size}")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
@@ -231,6 +234,10 @@ class EngineConfig:
                 f"device {self.device!r} names one GPU, but tp_size={self.tp_size} ranks need one each: "
                 "use device='cuda' (rank r takes GPU r)"
             )
+
+
+def default_page_size(device: torch.device) -> int:
+    return 16 if device.type == "cuda" else 1
 
 
 def check_kv_split(num_kv_heads: int, tp_size: int) -> None:

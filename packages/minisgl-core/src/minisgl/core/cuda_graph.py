@@ -106,15 +106,16 @@ class DecodeGraphRunner:
         hidden = self.model(self.input_ids[:size], self.positions[:size])
         return self.model.compute_logits(hidden)
 
-    def run(
+    def prepare(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         out_slots: torch.Tensor,
         page_table: torch.Tensor,
         kv_lens: list[int],
-    ) -> torch.Tensor:
-        """Logits of one decode step of len(kv_lens) requests (all sampling)."""
+    ) -> int:
+        """Load one decode step of len(kv_lens) requests into the graph inputs and plan its attention;
+        returns the graph's batch size. `replay` then runs it."""
         real = len(kv_lens)
         size = self.batch_sizes[bisect.bisect_left(self.batch_sizes, real)]
         self.input_ids[:real].copy_(input_ids)
@@ -125,5 +126,9 @@ class DecodeGraphRunner:
         self.out_slots[real:size].fill_(self.dummy_page * self.page_size)
         index = paged_index(page_table, kv_lens, self.page_size, size - real, self.dummy_page)
         self.backend.plan_decode(self.wrappers[size], index, self.page_size)
+        return size
+
+    def replay(self, size: int, real: int) -> torch.Tensor:
+        """Logits of the `real` requests of the step `prepare` loaded (all sampling)."""
         self.graphs[size].replay()
         return self.logits[size][:real]

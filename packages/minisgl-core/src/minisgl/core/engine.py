@@ -4,6 +4,7 @@ the sampled tokens back into the device token table."""
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,14 @@ class PendingStep:
     done: torch.cuda.Event | None
     requested_logprobs: list[int]  # k asked for, per row of result.logprob_rows
     prompt_logprobs: dict[int, torch.Tensor]
+    # Set when the engine times steps on the device: recorded before the step's first device work.
+    started: torch.cuda.Event | None = None
+
+    def device_seconds(self) -> float | None:
+        """Device time from the stream reaching this step to its end (call after wait), if timed."""
+        if self.started is None or self.done is None:
+            return None
+        return self.started.elapsed_time(self.done) / 1000
 
     def wait(self) -> StepOutput:
         """Block until the step has finished on the device; returns its results on the host."""
@@ -93,6 +102,10 @@ class Engine:
         self.generator = generator
         self.graphs = graphs
         self._is_cuda = device.type == "cuda"
+        # Record CUDA events around every step (for benchmarks: device busy time against wall time).
+        self.time_device = False
+        # Seconds the last launch waited for the device (for the planner's host buffers).
+        self.last_launch_wait = 0.0
         # Set once a step's host-to-device planning copies have run: FlashInfer's planner reuses pinned
         # host buffers, so the next plan must not overwrite them before then.
         self._planned: torch.cuda.Event | None = None
@@ -100,16 +113,27 @@ class Engine:
     @torch.inference_mode()
     def launch(self, batch: Batch) -> PendingStep:
         """Enqueue one step on the device and return without waiting for it."""
+        waiting_since = time.perf_counter()
         if self._planned is not None:
             self._planned.synchronize()
+        self.last_launch_wait = time.perf_counter() - waiting_since
+        started = self._event() if self.time_device else None
+        pending = self._launch(batch)
+        pending.started = started
+        return pending
+
+    def _launch(self, batch: Batch) -> PendingStep:
         self.tables.flush()
         layout, token_rows = self._layout(batch)
         input_ids = self.tables.token_table[token_rows, layout.positions]
         if batch.is_decode and self.graphs is not None and self.graphs.fits(len(batch.chunks)):
-            graph_logits = self.graphs.run(
+            size = self.graphs.prepare(
                 input_ids, layout.positions, layout.out_slots, layout.page_table, layout.kv_lens_host
             )
+            # Marked before the replay: the next launch waits only for this plan's copies, so the host
+            # prepares and launches the next graph while this one runs.
             self._mark_planned()
+            graph_logits = self.graphs.replay(size, len(batch.chunks))
             return self._sample(batch.chunks, list(range(len(batch.chunks))), graph_logits, {})
         metadata = self.backend.prepare(layout, self.kv_pool)
         self._mark_planned()
@@ -132,9 +156,15 @@ class Engine:
         return self._sample(batch.chunks, sampling, logits, prompt_logprobs)
 
     def _mark_planned(self) -> None:
-        if self._is_cuda:
-            self._planned = torch.cuda.Event()
-            self._planned.record()
+        self._planned = self._event()
+
+    def _event(self) -> torch.cuda.Event | None:
+        """A CUDA event recorded on the current stream now (None on the CPU)."""
+        if not self._is_cuda:
+            return None
+        event = torch.cuda.Event(enable_timing=self.time_device)
+        event.record()
+        return event
 
     def _layout(self, batch: Batch) -> tuple[BatchLayout, torch.Tensor]:
         """The batch's layout for the attention backend, and the table row of every token."""
@@ -172,7 +202,8 @@ class Engine:
         prompt_logprobs: dict[int, torch.Tensor],
     ) -> PendingStep:
         if logits is None:
-            return PendingStep(len(chunks), [], None, None, None, [], prompt_logprobs)
+            done = self._event() if self.time_device else None
+            return PendingStep(len(chunks), [], None, None, done, [], prompt_logprobs)
         requests = [chunks[i].req for i in sampling]
         result = sample(logits, requests, self.generator)
         # The next step reads its input ids from the token table: write the new tokens there on the device.
@@ -181,10 +212,7 @@ class Engine:
         self.tables.token_table[rows, columns] = result.tokens
         tokens_host = torch.empty(len(sampling), dtype=torch.int64, pin_memory=self._is_cuda)
         tokens_host.copy_(result.tokens, non_blocking=True)
-        done = None
-        if self._is_cuda:
-            done = torch.cuda.Event()
-            done.record()
+        done = self._event()
         requested = [requests[row].params.logprobs or 0 for row in result.logprob_rows]
         return PendingStep(len(chunks), sampling, result, tokens_host, done, requested, prompt_logprobs)
 

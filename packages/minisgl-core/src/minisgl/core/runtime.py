@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,7 +17,14 @@ from minisgl.core import env
 from minisgl.core.attention import SplitBackend, create_backend
 from minisgl.core.attention.flashinfer_backend import FlashInferBackend
 from minisgl.core.batch import Batch
-from minisgl.core.config import EngineConfig, ModelConfig, pages_for, parse_dtype, resolve_device
+from minisgl.core.config import (
+    EngineConfig,
+    ModelConfig,
+    default_page_size,
+    pages_for,
+    parse_dtype,
+    resolve_device,
+)
 from minisgl.core.cuda_graph import DecodeGraphRunner
 from minisgl.core.distributed import (
     disagreeing_rank,
@@ -67,35 +74,56 @@ class StepResult:
 
 
 @dataclass
+class StepRecord:
+    """One completed step: what it ran and how long it took."""
+
+    is_decode: bool
+    num_chunks: int
+    num_tokens: int
+    kv_tokens: int  # cached plus new tokens the step's attention read
+    wall_seconds: float
+    host_wait_seconds: float  # of the wall time, the host waiting for the device
+    device_seconds: float | None  # set when the engine times steps on the device
+
+
+@dataclass
 class StepTiming:
     """Wall time of steps by kind of the batch they complete. With overlap scheduling a step launches one
     batch and completes the previous one, so the split between kinds is approximate (on the CPU, where a
-    launch computes the whole forward pass, it is off by one batch)."""
+    launch computes the whole forward pass, it is off by one batch). With device timing on, the device
+    time of each step too: wall time minus device time is when the device waited for the host."""
 
-    prefill_steps: int = 0
-    prefill_seconds: float = 0.0
-    prefill_tokens: int = 0
-    decode_steps: int = 0
-    decode_seconds: float = 0.0
-    decode_tokens: int = 0
+    steps: list[StepRecord] = field(default_factory=list)
 
-    def record(self, batch: Batch, seconds: float) -> None:
-        if batch.is_decode:
-            self.decode_steps += 1
-            self.decode_seconds += seconds
-            self.decode_tokens += batch.num_tokens
-        else:
-            self.prefill_steps += 1
-            self.prefill_seconds += seconds
-            self.prefill_tokens += batch.num_tokens
+    def record(self, batch: Batch, wall: float, host_wait: float, device: float | None) -> None:
+        kv_tokens = sum(chunk.end for chunk in batch.chunks)
+        self.steps.append(
+            StepRecord(
+                batch.is_decode, len(batch.chunks), batch.num_tokens, kv_tokens, wall, host_wait, device
+            )
+        )
 
     def summary(self) -> str:
-        decode_bs = self.decode_tokens / max(1, self.decode_steps)
-        return (
-            f"prefill: {self.prefill_steps} steps, {self.prefill_tokens} tokens, {self.prefill_seconds:.2f} s; "
-            f"decode: {self.decode_steps} steps, mean batch {decode_bs:.1f}, {self.decode_seconds:.2f} s "
-            f"({1000 * self.decode_seconds / max(1, self.decode_steps):.2f} ms/step)"
-        )
+        lines = []
+        for name, decode in (("prefill", False), ("decode", True)):
+            steps = [s for s in self.steps if s.is_decode == decode]
+            wall = sum(s.wall_seconds for s in steps)
+            tokens = sum(s.num_tokens for s in steps)
+            line = f"{name}: {len(steps)} steps, {tokens} tokens, {wall:.2f} s"
+            if decode:
+                line += (
+                    f", mean batch {tokens / max(1, len(steps)):.1f}"
+                    f" ({1000 * wall / max(1, len(steps)):.2f} ms/step)"
+                )
+            line += f", host waited {sum(s.host_wait_seconds for s in steps):.2f} s"
+            timed = [s.device_seconds for s in steps if s.device_seconds is not None]
+            if timed:
+                line += f"; device busy {sum(timed):.2f} s"
+            lines.append(line)
+        return "; ".join(lines)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [asdict(s) for s in self.steps]
 
 
 class Runtime:
@@ -123,6 +151,8 @@ class Runtime:
             source = converted(source)  # a GGUF file: its Hugging Face conversion, made once
         hf_config = load_hf_config(source)
         self.device = _rank_device(resolve_device(config.device), tp_rank, config.tp_size)
+        self.page_size = config.page_size or default_page_size(self.device)
+        self.config = config = replace(config, page_size=self.page_size)
         self.tokenizer: Any | None = load_tokenizer(source)
         self.model_config = _with_tokenizer_eos(load_model_config(source, hf_config), self.tokenizer)
         self.model_config.check_tp(config.tp_size)
@@ -149,14 +179,14 @@ class Runtime:
         self.kv_pool = KVPool(
             self.model_config.num_layers,
             num_pages + 1,
-            config.page_size,
+            self.page_size,
             self.model_config.local_kv_heads(config.tp_size),
             self.model_config.head_dim,
             self.dtype,
             self.device,
         )
         self.tables = RequestTables(
-            config.max_running_requests, self.max_seq_len, config.page_size, self.device
+            config.max_running_requests, self.max_seq_len, self.page_size, self.device
         )
         self.kv = KVCacheManager(num_pages, self.tables, config.cache)
         self.engine = self._build_engine(model_module, dummy_page=num_pages)
@@ -171,7 +201,8 @@ class Runtime:
             config.mix_decode_into_prefill,
         )
         self._rids = itertools.count()
-        self.timing = StepTiming()
+        # Per-step timing, for benchmarks (None: not recorded; a server would keep every step forever).
+        self.timing: StepTiming | None = None
         # Overlap scheduling keeps up to two batches in flight: one running, one being prepared.
         overlap = not (config.disable_overlap or env.DISABLE_OVERLAP_SCHEDULING.get())
         self.max_in_flight = 2 if overlap else 1
@@ -184,7 +215,7 @@ class Runtime:
             self.device,
             self.dtype,
             num_pages,
-            config.page_size,
+            self.page_size,
             config.cache,
             self.max_seq_len,
             time.perf_counter() - started,
@@ -199,6 +230,7 @@ class Runtime:
             cfg.head_dim,
             self.dtype,
             self.device,
+            self.page_size,
         )
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         engine = Engine(model, self.kv_pool, self.tables, backend, self.device, generator)
@@ -226,8 +258,8 @@ class Runtime:
         else:
             budget = self.config.cpu_kv_cache_gib * (1 << 30)
         # More pages than every row filled to the context length can never be used.
-        useful = self.config.max_running_requests * pages_for(self.max_seq_len, self.config.page_size)
-        pages = min(int(budget // (per_token * self.config.page_size)), useful)
+        useful = self.config.max_running_requests * pages_for(self.max_seq_len, self.page_size)
+        pages = min(int(budget // (per_token * self.page_size)), useful)
         if pages < 1:
             raise ValueError("not enough memory for a single KV page; free memory or raise memory_ratio")
         return pages
@@ -301,22 +333,26 @@ class Runtime:
     def _step(self) -> StepResult:
         started = time.perf_counter()
         if self.in_flight and self.scheduler.needs_latest_tokens():
-            return self._complete(self.in_flight.popleft(), started)
+            return self._complete(self.in_flight.popleft(), started, 0.0)
         launched = False
+        launch_wait = 0.0
         if len(self.in_flight) < self.max_in_flight:
             batch = self.scheduler.schedule(allow_retract=not self.in_flight)
             if batch is not None:
                 self.in_flight.append(Launched(batch, self.engine.launch(batch)))
+                launch_wait = self.engine.last_launch_wait
                 self.scheduler.on_launch(batch)
                 launched = True
         if not self.in_flight:
             raise RuntimeError("requests are waiting but none can run: the KV pool is too small for them")
         if launched and len(self.in_flight) < self.max_in_flight:
             return StepResult(None, [], [])
-        return self._complete(self.in_flight.popleft(), started)
+        return self._complete(self.in_flight.popleft(), started, launch_wait)
 
-    def _complete(self, launched: Launched, started: float) -> StepResult:
+    def _complete(self, launched: Launched, started: float, launch_wait: float) -> StepResult:
+        waiting_since = time.perf_counter()
         batch, output = launched.batch, launched.pending.wait()
+        host_wait = launch_wait + time.perf_counter() - waiting_since
         live = [c.req.finish_reason is None for c in batch.chunks]
         for chunk, alive, prompt_logprobs, logprob, top in zip(
             batch.chunks, live, output.prompt_logprobs, output.logprobs, output.top_logprobs, strict=True
@@ -338,7 +374,9 @@ class Runtime:
             self.scheduler.check_integrity()
         if self.debug_checks and self.tp.size > 1:
             _check_ranks_agree(batch, output.tokens)
-        self.timing.record(batch, time.perf_counter() - started)
+        if self.timing is not None:
+            wall = time.perf_counter() - started
+            self.timing.record(batch, wall, host_wait, launched.pending.device_seconds())
         return StepResult(batch, new_tokens, finished)
 
     def _finish_on_stop_strings(self, batch: Batch) -> list[Request]:

@@ -35,7 +35,7 @@ class DeviceInfo:
         """The attention backends this device can run, in minisgl's names (`--attn`).
 
         `torch` runs anywhere; `fi` (FlashInfer) needs Turing (sm_75) or newer; `fa3`
-        (FlashAttention-3 through sgl_kernel) is written for Hopper (sm_90) only.
+        (FlashInfer's FlashAttention-3 kernels) is written for Hopper (sm_90) only.
         """
         backends = ["torch"]
         if self.capability >= (7, 5):

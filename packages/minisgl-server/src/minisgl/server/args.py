@@ -40,7 +40,7 @@ class ServerArgs:
     dist_init_addr: str | None = None
     attn: str = "auto"
     cache: str = "radix"
-    page_size: int = 1
+    page_size: int | None = None  # None: 16 on CUDA, 1 on the CPU
     max_running_requests: int = 256
     max_prefill_length: int = 8192
     max_queued_requests: int | None = None
@@ -263,7 +263,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.cache,
         help="radix reuses the KV of shared prompt prefixes; naive does not (default radix)",
     )
-    group.add_argument("--page-size", type=_power_of_two, default=d.page_size, help="tokens per KV page")
+    group.add_argument(
+        "--page-size",
+        type=_power_of_two,
+        default=d.page_size,
+        help="tokens per KV page (default: 16 on CUDA, 1 on the CPU)",
+    )
     group.add_argument(
         "--max-running-requests",
         type=int_at_least(1),

@@ -1,8 +1,11 @@
 """Attention backends behind one interface.
 
 - `torch`: the portable reference (CPU and any GPU); the CPU default.
-- `fi`: FlashInfer paged prefill and decode; the CUDA default.
-`attn="p,d"` picks one backend for prefill batches and one for decode batches.
+- `fi`: FlashInfer's FlashAttention-2 kernels for paged prefill and decode (Turing and newer).
+- `fa3`: FlashInfer's FlashAttention-3 kernels (Hopper only).
+`attn="p,d"` picks one backend for prefill batches and one for decode batches. `auto` is `fa3,fi` on
+Hopper (FA3 prefill; FA3's decode reads the KV cache at half the bandwidth of FA2's, tools/attn_bench.py),
+`fi` on other CUDA GPUs and `torch` on the CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, Bat
 from minisgl.core.attention.torch_backend import TorchAttentionBackend
 from minisgl.core.kv_pool import KVPool
 
-BACKEND_NAMES = ("torch", "fi")
+BACKEND_NAMES = ("torch", "fi", "fa3")
 
 
 @dataclass
@@ -49,26 +52,57 @@ class SplitBackend(AttentionBackend):
 
 
 def resolve_attention(spec: str, device: torch.device) -> tuple[str, str]:
-    """Parse "auto", "name" or "prefill,decode" into (prefill, decode) backend names."""
+    """Parse "auto", "name" or "prefill,decode" into (prefill, decode) backend names, and check that this
+    device runs them."""
     names = [part.strip() for part in spec.split(",")]
+    if names == ["auto"]:
+        names = list(_auto(device))
     if len(names) == 1:
         names *= 2
     if len(names) != 2:
         raise ValueError(f"attn must be NAME or PREFILL,DECODE, got {spec!r}")
-    resolved = []
-    for name in names:
-        if name == "auto":
-            name = "fi" if device.type == "cuda" else "torch"
-        if name not in BACKEND_NAMES:
-            raise ValueError(f"attention backend {name!r} is not one of: auto, {', '.join(BACKEND_NAMES)}")
-        if name != "torch" and device.type != "cuda":
-            raise ValueError(f"attention backend {name!r} needs a CUDA device; use attn='torch' on the CPU")
-        resolved.append(name)
+    auto = _auto(device)
+    resolved = [auto[i] if name == "auto" else name for i, name in enumerate(names)]
+    for name in resolved:
+        _check_runs_here(name, device)
     return resolved[0], resolved[1]
 
 
+def _auto(device: torch.device) -> tuple[str, str]:
+    if device.type != "cuda":
+        return "torch", "torch"
+    if torch.cuda.get_device_capability(device)[0] == 9:
+        return "fa3", "fi"
+    return "fi", "fi"
+
+
+def _check_runs_here(name: str, device: torch.device) -> None:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"attention backend {name!r} is not one of: auto, {', '.join(BACKEND_NAMES)}")
+    if name == "torch":
+        return
+    if device.type != "cuda":
+        raise ValueError(f"attention backend {name!r} needs a CUDA device; use attn='torch' on the CPU")
+    major, minor = torch.cuda.get_device_capability(device)
+    if name == "fa3" and major != 9:
+        raise ValueError(
+            f"attention backend 'fa3' (FlashAttention-3) runs on Hopper GPUs (sm_90) only; this GPU is "
+            f"sm_{major}{minor}: use attn='fi'"
+        )
+    if name == "fi" and (major, minor) < (7, 5):
+        raise ValueError(
+            f"attention backend 'fi' needs a Turing or newer GPU (sm_75+); this is sm_{major}{minor}"
+        )
+
+
 def create_backend(
-    spec: str, num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    spec: str,
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    page_size: int,
 ) -> AttentionBackend:
     prefill_name, decode_name = resolve_attention(spec, device)
     built: dict[str, AttentionBackend] = {}
@@ -78,7 +112,10 @@ def create_backend(
         else:
             from minisgl.core.attention.flashinfer_backend import FlashInferBackend
 
-            built[name] = FlashInferBackend(num_qo_heads, num_kv_heads, head_dim, dtype, device)
+            kernels = "fa3" if name == "fa3" else "fa2"
+            built[name] = FlashInferBackend(
+                num_qo_heads, num_kv_heads, head_dim, dtype, device, page_size, kernels
+            )
     if prefill_name == decode_name:
         return built[prefill_name]
     return SplitBackend(built[prefill_name], built[decode_name])

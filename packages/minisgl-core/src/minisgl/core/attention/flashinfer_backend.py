@@ -1,4 +1,5 @@
-"""FlashInfer paged attention: batch prefill (with a cached prefix, causal) and batch decode.
+"""FlashInfer paged attention: batch prefill (with a cached prefix, causal) and batch decode, with
+FlashInfer's FlashAttention-2 kernels (`fi`) or its FlashAttention-3 kernels (`fa3`, Hopper).
 
 The pool's per-layer (num_pages, page_size, kv_heads, head_dim) tensors are FlashInfer's NHD paged
 layout as they are. `prepare` plans one wrapper per batch: the page-count prefix sums and last-page
@@ -70,24 +71,39 @@ def paged_index(
     )
 
 
+def use_tensor_core_decode(group_size: int, page_size: int, kernels: str) -> bool:
+    """Decode with FlashInfer's tensor-core (prefill) kernels or its CUDA-core decode kernel. Measured on
+    an H100 (tools/attn_bench.py, batch 128, 400-1600 tokens, head_dim 128, bf16): with pages of 16 the
+    tensor-core kernel reads the KV cache at 2.81 TB/s for 2 and 4 query heads per KV head, the CUDA-core
+    one at 2.75 and 2.05 TB/s; with pages of 1 the CUDA-core one (2.72 / 1.78 TB/s) beats the tensor-core
+    one (0.8 TB/s). FA3 has only tensor-core kernels."""
+    return kernels == "fa3" or page_size >= 16 or group_size > 4
+
+
 class FlashInferBackend(AttentionBackend):
     def __init__(
-        self, num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+        self,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        page_size: int,
+        kernels: str = "fa2",
     ) -> None:
+        """kernels: "fa2" or "fa3", FlashInfer's implementation of prefill and tensor-core decode."""
         self.flashinfer = import_flashinfer()
         self.num_qo_heads = num_qo_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
+        self.kernels = kernels
+        self.use_tensor_cores = use_tensor_core_decode(num_qo_heads // num_kv_heads, page_size, kernels)
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill_wrapper = self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.prefill_wrapper = self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend=kernels
+        )
         self.decode_wrapper = self.make_decode_wrapper()
-
-    @property
-    def use_tensor_cores(self) -> bool:
-        # Tensor-core decode pays off only for large GQA groups; measured on an H100 with page_size 1, it
-        # read the KV at 0.8 TB/s for groups of 4, where the CUDA-core kernel reaches 2.8 TB/s.
-        return self.num_qo_heads // self.num_kv_heads > 4
 
     def make_decode_wrapper(self, **graph_buffers: torch.Tensor) -> Any:
         return self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
@@ -95,6 +111,7 @@ class FlashInferBackend(AttentionBackend):
             "NHD",
             use_cuda_graph=bool(graph_buffers),
             use_tensor_cores=self.use_tensor_cores,
+            backend=self.kernels if self.use_tensor_cores else "auto",
             **graph_buffers,
         )
 
