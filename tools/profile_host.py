@@ -37,13 +37,13 @@ def main() -> None:
     prompts = tiny_models.make_prompts(1, [16] * args.requests)
     params = SamplingParams(max_tokens=64, temperature=0.6, ignore_eos=True)
     llm.generate(prompts[:4], params, use_tqdm=False)  # warm-up
-    llm.runtime.timing = StepTiming()
+    timing = llm.runtime.timing = StepTiming()
     profile = cProfile.Profile()
     started = time.perf_counter()
     profile.enable()
     llm.generate(prompts, params, use_tqdm=False)
     profile.disable()
-    print(f"total {time.perf_counter() - started:.3f} s; {llm.runtime.timing.summary()}")
+    print(f"total {time.perf_counter() - started:.3f} s; {timing.summary()}")
     pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
 
 
