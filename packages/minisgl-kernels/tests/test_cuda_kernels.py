@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from minisgl.kernels import device_info, gather_rows, jit, reference, store_kv
+from minisgl.kernels import device_info, gather_rows, jit, reference, rope_store, store_kv
 
 pytestmark = [
     pytest.mark.gpu,
@@ -230,3 +230,72 @@ def test_bad_lanes_per_row_is_refused() -> None:
     out = torch.zeros(2, 8, device="cuda")
     with pytest.raises(ValueError, match="power of two"):
         cuda_ops(0).gather_rows(table, torch.tensor([0, 1], device="cuda"), out, 0, 4, 3)
+
+
+def _rope_inputs(
+    tokens: int, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, row_pad: int = 0
+) -> dict[str, object]:
+    width = (q_heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(tokens, width + row_pad, device="cuda", dtype=dtype)[:, :width]  # strided rows
+    slots = torch.randperm(4 * tokens + 8, device="cuda")[:tokens]
+    freqs = torch.outer(torch.arange(4096.0), 1.0 / (1e6 ** (torch.arange(0, head_dim, 2) / head_dim)))
+    return dict(
+        qkv=qkv,
+        positions=torch.randint(0, 4096, (tokens,), device="cuda"),
+        slots=slots,
+        cos_sin=torch.cat((freqs.cos(), freqs.sin()), dim=-1).cuda(),
+        q_weight=torch.rand(head_dim, device="cuda", dtype=dtype) + 0.5,
+        k_weight=torch.rand(head_dim, device="cuda", dtype=dtype) + 0.5,
+        eps=1e-6,
+        k_cache=torch.full((4 * tokens + 8, kv_heads, head_dim), float("nan"), device="cuda", dtype=dtype),
+        v_cache=torch.full((4 * tokens + 8, kv_heads, head_dim), float("nan"), device="cuda", dtype=dtype),
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "head_dim"), [(16, 8, 128), (32, 8, 128), (8, 1, 64), (4, 2, 256)]
+)
+@pytest.mark.parametrize("norm", [True, False])
+def test_rope_store_matches_reference(
+    dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int, norm: bool
+) -> None:
+    for tokens in (1, 7, 300):
+        args = _rope_inputs(tokens, q_heads, kv_heads, head_dim, dtype, row_pad=8)
+        if not norm:
+            args.update(q_weight=None, k_weight=None)
+        expected_args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        q = rope_store(**args)  # type: ignore[arg-type]
+        q_ref = reference.rope_store(**expected_args)  # type: ignore[arg-type]
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(q, q_ref, atol=tolerance, rtol=tolerance)
+        for name in ("k_cache", "v_cache"):
+            actual, expected = args[name], expected_args[name]
+            assert isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor)
+            # Rows the kernel must not touch stay NaN in both; written rows agree.
+            assert torch.equal(actual.isnan(), expected.isnan())
+            torch.testing.assert_close(
+                actual.nan_to_num(0.0), expected.nan_to_num(0.0), atol=tolerance, rtol=tolerance
+            )
+
+
+def test_rope_store_in_a_cuda_graph() -> None:
+    args = _rope_inputs(32, 16, 8, 128, torch.bfloat16)
+    expected_args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    q_ref = reference.rope_store(**expected_args)  # type: ignore[arg-type]
+    rope_store(**args)  # type: ignore[arg-type]  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q = rope_store(**args)  # type: ignore[arg-type]
+    graph.replay()
+    torch.testing.assert_close(q, q_ref, atol=2e-2, rtol=2e-2)
+
+
+def test_rope_store_rejects_bad_arguments() -> None:
+    args = _rope_inputs(4, 16, 8, 128, torch.bfloat16)
+    with pytest.raises(TypeError, match="int64"):
+        rope_store(**{**args, "positions": args["positions"].int()})  # type: ignore[arg-type, union-attr]
+    with pytest.raises(ValueError, match="columns"):
+        rope_store(**{**args, "q_heads": 8})  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import minisgl.kernels
-from minisgl.kernels.reference import first_mismatch, gather_rows, store_kv
+from minisgl.kernels.reference import first_mismatch, gather_rows, rope_store, store_kv
 
 
 def test_version() -> None:
@@ -126,3 +126,35 @@ def test_references_agree_on_cuda() -> None:
 
     a = torch.tensor([1, 2, 3, 4], device="cuda")
     assert first_mismatch(a, torch.tensor([1, 2, 0], device="cuda")) == 2
+
+
+def test_rope_store_reference_rotates_normalized_heads_and_stores() -> None:
+    """Checked against properties, not a second copy of the formula: at position 0 the rotation is the
+    identity, so the queries are the RMS-normalized heads; at any position it keeps each (i, i + d/2)
+    pair's length; V is stored as is; only the given slots are written."""
+    torch.manual_seed(0)
+    q_heads, kv_heads, d, tokens = 4, 2, 8, 3
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * d)
+    freqs = torch.outer(torch.arange(16.0), 1.0 / (1e4 ** (torch.arange(0, d, 2) / d)))
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    weight = torch.rand(d) + 0.5
+    k_cache = torch.full((10, kv_heads, d), float("nan"))
+    v_cache = torch.full((10, kv_heads, d), float("nan"))
+    slots = torch.tensor([7, 2, 5])
+
+    def run(positions: torch.Tensor) -> torch.Tensor:
+        return rope_store(
+            qkv, positions, slots, cos_sin, weight, weight, 1e-6, k_cache, v_cache, q_heads, kv_heads
+        )
+
+    q_heads_in = qkv[:, : q_heads * d].reshape(tokens, q_heads, d)
+    normalized = q_heads_in * torch.rsqrt(q_heads_in.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    torch.testing.assert_close(run(torch.zeros(tokens, dtype=torch.int64)), normalized)
+    rotated = run(torch.tensor([3, 9, 15]))
+    half = d // 2
+    pair_length = lambda x: x[..., :half] ** 2 + x[..., half:] ** 2  # noqa: E731
+    torch.testing.assert_close(pair_length(rotated), pair_length(normalized))
+    v = qkv[:, (q_heads + kv_heads) * d :].reshape(tokens, kv_heads, d)
+    assert torch.equal(v_cache[slots], v)
+    untouched = [s for s in range(10) if s not in slots.tolist()]
+    assert k_cache[untouched].isnan().all() and not k_cache[slots].isnan().any()

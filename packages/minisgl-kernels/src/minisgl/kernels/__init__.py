@@ -1,6 +1,6 @@
 """minisgl's kernels: small JIT-built CUDA/C++ ops, each with a pure-torch reference.
 
-    from minisgl.kernels import store_kv, gather_rows, first_mismatch
+    from minisgl.kernels import store_kv, gather_rows, rope_store, first_mismatch
 
 The wrappers take torch tensors and dispatch on the device: CUDA tensors run kernels compiled on first
 use for the GPU's architecture (through apache-tvm-ffi, cached on disk, see `minisgl.kernels.jit`),
@@ -21,6 +21,7 @@ from minisgl.kernels.nccl import (
     nccl_unique_id,
 )
 from minisgl.kernels.prefix import first_mismatch
+from minisgl.kernels.rope_store import rope_store
 
 __all__ = [
     "Communicator",
@@ -35,5 +36,6 @@ __all__ = [
     "gather_rows",
     "nccl_available",
     "nccl_unique_id",
+    "rope_store",
     "store_kv",
 ]

@@ -69,3 +69,38 @@ def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int:
     n = min(a.shape[0], b.shape[0])
     differs = torch.nonzero(a[:n] != b[:n].to(a.device))
     return int(differs[0, 0]) if differs.numel() else n
+
+
+def rope_store(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_heads: int,
+    kv_heads: int,
+) -> torch.Tensor:
+    """Reference of `minisgl.kernels.rope_store`, in float32 and rounded once at the end."""
+    head_dim = k_cache.shape[-1]
+    tokens = qkv.shape[0]
+    q, k, v = qkv.float().split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.reshape(tokens, q_heads, head_dim)
+    k = k.reshape(tokens, kv_heads, head_dim)
+    if q_weight is not None and k_weight is not None:
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + eps) * q_weight.float()
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + eps) * k_weight.float()
+    cos, sin = cos_sin[positions.long()].float().chunk(2, dim=-1)
+    cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
+    sin = torch.cat((sin, sin), dim=-1).unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = head_dim // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    k_cache[slots.long()] = rotate(k).to(k_cache.dtype)
+    v_cache[slots.long()] = v.reshape(tokens, kv_heads, head_dim).to(v_cache.dtype)
+    return rotate(q).to(qkv.dtype)

@@ -1,0 +1,61 @@
+"""Attention inputs in one kernel: q/k RMSNorm (optional), rotary embedding, and the KV store."""
+
+from __future__ import annotations
+
+import torch
+
+from minisgl.kernels import reference
+from minisgl.kernels._dispatch import cuda_ops, device_index, use_cuda_kernels
+
+
+def rope_store(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_heads: int,
+    kv_heads: int,
+) -> torch.Tensor:
+    """Split a fused qkv projection into attention inputs; returns the queries (tokens, q_heads, head_dim).
+
+    qkv: (tokens, (q_heads + 2 * kv_heads) * head_dim), its last dim dense (q heads, then k, then v).
+    With q_weight and k_weight (head_dim,), each query and key head is RMS-normalized first (Qwen3); both
+    are then rotated by the rotate-half rotary embedding at `positions` from `cos_sin`, a float32
+    (max_positions, head_dim) table holding the cos of the head_dim / 2 frequencies, then their sin. The
+    keys and the values are written to row `slots[i]` of k_cache and v_cache, (num_slots, kv_heads,
+    head_dim) views of one layer's pool. positions and slots: int64 (tokens,). head_dim: 64, 128 or 256.
+
+    CUDA tensors run one kernel on the current stream (capturable in a CUDA graph), computing in float32
+    and rounding once; other devices run `reference.rope_store`. This replaces two copies, two RMSNorms,
+    a RoPE and a KV store: five to six launches per layer.
+    """
+    if not use_cuda_kernels(qkv):
+        return reference.rope_store(
+            qkv, positions, slots, cos_sin, q_weight, k_weight, eps, k_cache, v_cache, q_heads, kv_heads
+        )
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("q_weight and k_weight go together (both or neither)")
+    head_dim = k_cache.shape[-1]
+    q = torch.empty(qkv.shape[0], q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    use_norm = q_weight is not None
+    cuda_ops(device_index(qkv)).rope_store(
+        qkv,
+        positions,
+        slots,
+        cos_sin,
+        q_weight if q_weight is not None else qkv,
+        k_weight if k_weight is not None else qkv,
+        q,
+        k_cache,
+        v_cache,
+        q_heads,
+        kv_heads,
+        eps,
+        int(use_norm),
+    )
+    return q
