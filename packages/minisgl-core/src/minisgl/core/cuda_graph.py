@@ -82,7 +82,7 @@ class DecodeGraphRunner:
                 wrapper, paged_index(empty, [], self.page_size, size, self.dummy_page), self.page_size
             )
             metadata = FlashInferMetadata(wrapper, self.out_slots[:size])
-            with forward_context(ForwardContext(self.kv_pool, self.backend, metadata)):
+            with forward_context(ForwardContext(self.kv_pool, self.backend, metadata, self.out_slots[:size])):
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):

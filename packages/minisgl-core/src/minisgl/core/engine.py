@@ -137,7 +137,7 @@ class Engine:
             return self._sample(batch.chunks, list(range(len(batch.chunks))), graph_logits, {})
         metadata = self.backend.prepare(layout, self.kv_pool)
         self._mark_planned()
-        with forward_context(ForwardContext(self.kv_pool, self.backend, metadata)):
+        with forward_context(ForwardContext(self.kv_pool, self.backend, metadata, layout.out_slots)):
             hidden = self.model(input_ids, layout.positions)
         first_rows = list(itertools.accumulate(layout.query_lens_host, initial=0))
         prompt_logprobs = {

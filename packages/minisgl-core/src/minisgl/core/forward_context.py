@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 if TYPE_CHECKING:
     from minisgl.core.attention.base import AttentionBackend, AttentionMetadata
     from minisgl.core.kv_pool import KVPool
@@ -19,6 +21,8 @@ class ForwardContext:
     kv_pool: KVPool
     backend: AttentionBackend
     metadata: AttentionMetadata
+    # (num_tokens,) the KV slot of each token of the batch, where its new K and V are stored.
+    out_slots: torch.Tensor
 
 
 _CURRENT: ForwardContext | None = None

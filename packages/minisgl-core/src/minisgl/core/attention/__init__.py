@@ -41,8 +41,8 @@ class SplitBackend(AttentionBackend):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         layer: int,
         kv_pool: KVPool,
         metadata: AttentionMetadata,

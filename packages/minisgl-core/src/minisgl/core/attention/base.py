@@ -46,10 +46,11 @@ class AttentionBackend(ABC):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         layer: int,
         kv_pool: KVPool,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        """q: (tokens, heads, d); k, v: (tokens, kv_heads, d). Stores k and v, returns (tokens, heads * d)."""
+        """q: (tokens, heads, d); k, v: (tokens, kv_heads, d), stored first; None when the caller has
+        stored them already (the fused rope_store kernel). Returns (tokens, heads * d)."""

@@ -152,13 +152,14 @@ class FlashInferBackend(AttentionBackend):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         layer: int,
         kv_pool: KVPool,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         assert isinstance(metadata, FlashInferMetadata)
-        kv_pool.store(layer, metadata.out_slots, k, v)
+        if k is not None and v is not None:
+            kv_pool.store(layer, metadata.out_slots, k, v)
         out = metadata.wrapper.run(q.contiguous(), (kv_pool.k_cache(layer), kv_pool.v_cache(layer)))
         return out.reshape(q.shape[0], -1)

@@ -63,14 +63,15 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         layer: int,
         kv_pool: KVPool,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         assert isinstance(metadata, TorchAttentionMetadata)
-        kv_pool.store(layer, metadata.out_slots, k, v)
+        if k is not None and v is not None:
+            kv_pool.store(layer, metadata.out_slots, k, v)
         keys = kv_pool.k_slots(layer)[metadata.kv_slots]  # (batch, max_kv, kv_heads, d)
         values = kv_pool.v_slots(layer)[metadata.kv_slots]
         num_heads, head_dim = q.shape[1], q.shape[2]

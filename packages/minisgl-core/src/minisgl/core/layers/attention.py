@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from minisgl.core.forward_context import current_forward_context
+from minisgl.kernels import rope_store
 
 
 class PagedAttention(nn.Module):
@@ -17,3 +18,31 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = current_forward_context()
         return ctx.backend.forward(q, k, v, self.layer_id, ctx.kv_pool, ctx.metadata)
+
+    def forward_fused(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None,
+        num_heads: int,
+        num_kv_heads: int,
+    ) -> torch.Tensor:
+        """The same from the fused qkv projection on CUDA: the optional q/k RMSNorm (weights, eps), the
+        rotary embedding and the KV store run as one minisgl-kernels kernel, then attention."""
+        ctx = current_forward_context()
+        q_weight, k_weight, eps = qk_norm if qk_norm is not None else (None, None, 0.0)
+        q = rope_store(
+            qkv,
+            positions,
+            ctx.out_slots,
+            cos_sin,
+            q_weight,
+            k_weight,
+            eps,
+            ctx.kv_pool.k_slots(self.layer_id),
+            ctx.kv_pool.v_slots(self.layer_id),
+            num_heads,
+            num_kv_heads,
+        )
+        return ctx.backend.forward(q, None, None, self.layer_id, ctx.kv_pool, ctx.metadata)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from minisgl.core import fused_ops
 from minisgl.core.config import ModelConfig
 from minisgl.core.distributed import get_tp
 from minisgl.core.layers.activation import silu_and_mul
@@ -38,8 +39,17 @@ class Attention(nn.Module):
         self.attn = PagedAttention(layer_id)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        if fused_ops.available(qkv) and self.head_dim in (64, 128, 256):
+            qk_norm = None
+            if self.q_norm is not None and self.k_norm is not None:
+                qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+            out = self.attn.forward_fused(
+                qkv, positions, self.rotary.cos_sin, qk_norm, self.num_heads, self.num_kv_heads
+            )
+            return self.o_proj(out)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
