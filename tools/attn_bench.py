@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 WORKSPACE = 256 << 20
+Key = tuple[tuple[int, int], str]  # ((query heads, KV heads), variant name)
 
 
 @dataclass
@@ -71,6 +72,15 @@ def reference(case: Case) -> torch.Tensor:
     return out
 
 
+def paged_index(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashInfer's page list of the case: page-count prefix sums (host), page ids, last-page lengths."""
+    counts = [-(-n // case.page_size) for n in case.kv_lens]
+    indptr = torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32)
+    indices = torch.cat([case.page_table[i, :c] for i, c in enumerate(counts)])
+    last = torch.tensor([(n - 1) % case.page_size + 1 for n in case.kv_lens], dtype=torch.int32)
+    return indptr, indices, last
+
+
 def flashinfer_decode(case: Case, tensor_cores: bool, backend: str) -> Callable[[], torch.Tensor]:
     import flashinfer
 
@@ -78,10 +88,7 @@ def flashinfer_decode(case: Case, tensor_cores: bool, backend: str) -> Callable[
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
         workspace, "NHD", use_tensor_cores=tensor_cores, backend=backend
     )
-    counts = [-(-n // case.page_size) for n in case.kv_lens]
-    indptr = torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32)
-    indices = torch.cat([case.page_table[i, :c] for i, c in enumerate(counts)])
-    last = torch.tensor([(n - 1) % case.page_size + 1 for n in case.kv_lens], dtype=torch.int32)
+    indptr, indices, last = paged_index(case)
     wrapper.plan(
         indptr,
         indices,
@@ -102,11 +109,8 @@ def flashinfer_prefill(case: Case, backend: str) -> Callable[[], torch.Tensor]:
 
     workspace = torch.zeros(WORKSPACE, dtype=torch.uint8, device="cuda")
     wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
-    counts = [-(-n // case.page_size) for n in case.kv_lens]
     qo_indptr = torch.tensor(list(itertools.accumulate(case.kv_lens, initial=0)), dtype=torch.int32)
-    indptr = torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32)
-    indices = torch.cat([case.page_table[i, :c] for i, c in enumerate(counts)])
-    last = torch.tensor([(n - 1) % case.page_size + 1 for n in case.kv_lens], dtype=torch.int32)
+    indptr, indices, last = paged_index(case)
     wrapper.plan(
         qo_indptr,
         indptr,
@@ -197,13 +201,13 @@ def main() -> None:
     rng = torch.Generator().manual_seed(0)
     kv_lens = torch.randint(args.min_len, args.max_len + 1, (args.batch,), generator=rng).tolist()
     names = args.variants.split(",")
-    shapes = [tuple(int(x) for x in s.split("/")) for s in args.shapes.split(",")]
-    cases = {
+    shapes = [(int(s.split("/")[0]), int(s.split("/")[1])) for s in args.shapes.split(",")]
+    cases: dict[Key, Case] = {
         (s, n): make_case(s[0], s[1], 128, VARIANTS[n][0], kv_lens, seed=1) for s in shapes for n in names
     }
 
     # Build (JIT-compile) every variant first, in parallel: compiling is most of a first call's cost.
-    def build(key: tuple[tuple[int, int], str]) -> tuple[object, Callable[[], torch.Tensor] | str, float]:
+    def build(key: Key) -> tuple[Key, Callable[[], torch.Tensor] | str, float]:
         started = time.perf_counter()
         try:
             fn = VARIANTS[key[1]][1](cases[key])

@@ -39,11 +39,11 @@ def report(steps: list[dict[str, Any]], kv_bytes_per_token: float | None, weight
     device = sum(s["device_seconds"] or 0.0 for s in steps)
     print(f"all: wall {wall:.2f} s, device {device:.2f} s, device waited for the host {wall - device:.2f} s")
 
-    decode = [s for s in steps if s["is_decode"] and s["device_seconds"] is not None]
-    if not decode:
+    decode_steps = [s for s in steps if s["is_decode"] and s["device_seconds"] is not None]
+    if not decode_steps:
         return
     by_bin: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for s in decode:
+    for s in decode_steps:
         by_bin[(s["num_chunks"] - 1) // 32].append(s)
     print("decode batch | steps | wall ms | device ms | host busy ms | mean kv tokens")
     for b in sorted(by_bin):
@@ -55,7 +55,9 @@ def report(steps: list[dict[str, Any]], kv_bytes_per_token: float | None, weight
             f"{1000 * sum(r['wall_seconds'] - r.get('host_wait_seconds', 0.0) for r in rows) / n:12.2f} | "
             f"{sum(r['kv_tokens'] for r in rows) / n:10.0f}"
         )
-    fixed, per_token = fit_line([s["kv_tokens"] for s in decode], [s["device_seconds"] for s in decode])
+    fixed, per_token = fit_line(
+        [s["kv_tokens"] for s in decode_steps], [s["device_seconds"] for s in decode_steps]
+    )
     print(f"decode device time ~ {1000 * fixed:.3f} ms + {1e6 * per_token:.4f} us per kv token")
     if kv_bytes_per_token and per_token > 0:
         print(f"  KV read at {kv_bytes_per_token / per_token / 1e12:.2f} TB/s (slope)")
