@@ -57,6 +57,8 @@ def test_defaults() -> None:
     assert args == ServerArgs()
     assert (args.model, args.host, args.port, args.device) == ("smollm2-135m", "127.0.0.1", 1919, "auto")
     assert args.model_name == "smollm2-135m"
+    # The engine picks the page size for the device (16 on CUDA, 1 on the CPU) unless one is given.
+    assert args.page_size is None and args.engine_options()["page_size"] is None
 
 
 def test_values_are_parsed() -> None:
