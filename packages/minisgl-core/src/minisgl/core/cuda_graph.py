@@ -81,7 +81,7 @@ class DecodeGraphRunner:
             self.backend.plan_decode(
                 wrapper, paged_index(empty, [], self.page_size, size, self.dummy_page), self.page_size
             )
-            metadata = FlashInferMetadata(wrapper, self.out_slots[:size])
+            metadata = FlashInferMetadata(wrapper)
             with forward_context(ForwardContext(self.kv_pool, self.backend, metadata, self.out_slots[:size])):
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())

@@ -90,11 +90,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-def sample_from_logits(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One draw per row from softmax(logits) (float32 logits) in one fused kernel (FlashInfer's Gumbel-max
-    sampling, its noise drawn from `generator`), as int64 ids; None where there is no fused kernel (the
-    caller then samples with torch)."""
+    sampling, its noise drawn from `generator`), as int64 ids. Only where `available(logits)`: the torch
+    sampler (sampler.py) is the other path."""
     fi = _fused(logits)
     if fi is None:
-        return None
+        raise RuntimeError("sample_from_logits needs the fused kernels; check fused_ops.available first")
     return fi.sampling.sampling_from_logits(logits, generator=generator).long()

@@ -144,7 +144,6 @@ class Runtime:
             raise ValueError("tp_size > 1 needs dist_init_address (host:port where the ranks meet)")
         if not 0 <= tp_rank < config.tp_size:
             raise ValueError(f"tp_rank {tp_rank} is outside [0, tp_size={config.tp_size})")
-        self.config = config
         started = time.perf_counter()
         source = resolve_model(model)
         if config.load_format in ("auto", "dummy"):

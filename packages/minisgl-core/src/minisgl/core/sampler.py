@@ -61,8 +61,6 @@ def _sample_plain_batch(
     )
     # bf16 logits / float32 temperatures is one kernel with a float32 result.
     drawn = fused_ops.sample_from_logits(logits / temperatures.unsqueeze(1), generator)
-    if drawn is None:
-        return None
     if not any(greedy):
         return drawn
     return torch.where(to_device(greedy, torch.bool, logits.device), logits.argmax(dim=-1), drawn)

@@ -41,22 +41,18 @@ class SplitBackend(AttentionBackend):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor | None,
-        v: torch.Tensor | None,
         layer: int,
         kv_pool: KVPool,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         assert isinstance(metadata, SplitMetadata)
-        return metadata.backend.forward(q, k, v, layer, kv_pool, metadata.inner)
+        return metadata.backend.forward(q, layer, kv_pool, metadata.inner)
 
 
 def resolve_attention(spec: str, device: torch.device) -> tuple[str, str]:
     """Parse "auto", "name" or "prefill,decode" into (prefill, decode) backend names, and check that this
     device runs them."""
     names = [part.strip() for part in spec.split(",")]
-    if names == ["auto"]:
-        names = list(_auto(device))
     if len(names) == 1:
         names *= 2
     if len(names) != 2:

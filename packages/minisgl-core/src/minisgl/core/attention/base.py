@@ -46,11 +46,9 @@ class AttentionBackend(ABC):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor | None,
-        v: torch.Tensor | None,
         layer: int,
         kv_pool: KVPool,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        """q: (tokens, heads, d); k, v: (tokens, kv_heads, d), stored first; None when the caller has
-        stored them already (the fused rope_store kernel). Returns (tokens, heads * d)."""
+        """q: (tokens, heads, d), attending over the layer's pool, where the batch's new K and V are
+        already stored (by PagedAttention). Returns (tokens, heads * d)."""

@@ -36,7 +36,6 @@ def import_flashinfer() -> Any:
 @dataclass
 class FlashInferMetadata(AttentionMetadata):
     wrapper: Any
-    out_slots: torch.Tensor
 
 
 @dataclass
@@ -132,7 +131,7 @@ class FlashInferBackend(AttentionBackend):
         index = paged_index(layout.page_table, layout.kv_lens_host, kv_pool.page_size)
         if layout.is_decode:
             self.plan_decode(self.decode_wrapper, index, kv_pool.page_size)
-            return FlashInferMetadata(self.decode_wrapper, layout.out_slots)
+            return FlashInferMetadata(self.decode_wrapper)
         qo_indptr = pinned(list(itertools.accumulate(layout.query_lens_host, initial=0)), torch.int32)
         self.prefill_wrapper.plan(
             qo_indptr,
@@ -147,19 +146,15 @@ class FlashInferBackend(AttentionBackend):
             q_data_type=self.dtype,
             kv_data_type=self.dtype,
         )
-        return FlashInferMetadata(self.prefill_wrapper, layout.out_slots)
+        return FlashInferMetadata(self.prefill_wrapper)
 
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor | None,
-        v: torch.Tensor | None,
         layer: int,
         kv_pool: KVPool,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         assert isinstance(metadata, FlashInferMetadata)
-        if k is not None and v is not None:
-            kv_pool.store(layer, metadata.out_slots, k, v)
         out = metadata.wrapper.run(q.contiguous(), (kv_pool.k_cache(layer), kv_pool.v_cache(layer)))
         return out.reshape(q.shape[0], -1)

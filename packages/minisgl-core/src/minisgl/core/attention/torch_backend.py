@@ -16,7 +16,6 @@ from minisgl.core.transfer import to_device
 
 @dataclass
 class TorchAttentionMetadata(AttentionMetadata):
-    out_slots: torch.Tensor
     # (batch, max_kv) slot of each key position; padding points at slot 0 and is masked out.
     kv_slots: torch.Tensor
     # (num_tokens,) index of each query token in the flattened (batch * max_q) padded layout.
@@ -52,7 +51,6 @@ class TorchAttentionBackend(AttentionBackend):
         )
         kv_slots = torch.where(kv_positions.view(1, -1) < layout.kv_lens.view(-1, 1), kv_slots, 0)
         return TorchAttentionMetadata(
-            out_slots=layout.out_slots.long(),
             kv_slots=kv_slots,
             padded_index=padded_index,
             mask=mask.unsqueeze(1),
@@ -63,15 +61,11 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor | None,
-        v: torch.Tensor | None,
         layer: int,
         kv_pool: KVPool,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         assert isinstance(metadata, TorchAttentionMetadata)
-        if k is not None and v is not None:
-            kv_pool.store(layer, metadata.out_slots, k, v)
         keys = kv_pool.k_slots(layer)[metadata.kv_slots]  # (batch, max_kv, kv_heads, d)
         values = kv_pool.v_slots(layer)[metadata.kv_slots]
         num_heads, head_dim = q.shape[1], q.shape[2]

@@ -17,7 +17,8 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = current_forward_context()
-        return ctx.backend.forward(q, k, v, self.layer_id, ctx.kv_pool, ctx.metadata)
+        ctx.kv_pool.store(self.layer_id, ctx.out_slots, k, v)
+        return ctx.backend.forward(q, self.layer_id, ctx.kv_pool, ctx.metadata)
 
     def forward_fused(
         self,
@@ -45,4 +46,4 @@ class PagedAttention(nn.Module):
             num_heads,
             num_kv_heads,
         )
-        return ctx.backend.forward(q, None, None, self.layer_id, ctx.kv_pool, ctx.metadata)
+        return ctx.backend.forward(q, self.layer_id, ctx.kv_pool, ctx.metadata)
