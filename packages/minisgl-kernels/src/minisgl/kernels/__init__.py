@@ -21,9 +21,10 @@ from minisgl.kernels.nccl import (
     nccl_unique_id,
 )
 from minisgl.kernels.prefix import first_mismatch
-from minisgl.kernels.rope_store import rope_store
+from minisgl.kernels.rope_store import ROPE_STORE_HEAD_DIMS, rope_store
 
 __all__ = [
+    "ROPE_STORE_HEAD_DIMS",
     "Communicator",
     "DeviceInfo",
     "KernelBuildError",

@@ -7,6 +7,9 @@ import torch
 from minisgl.kernels import reference
 from minisgl.kernels._dispatch import cuda_ops, device_index, use_cuda_kernels
 
+# The head sizes the CUDA kernel is built for (csrc/rope_store.cu); callers keep other models on torch.
+ROPE_STORE_HEAD_DIMS = (64, 128, 256)
+
 
 def rope_store(
     qkv: torch.Tensor,
@@ -28,7 +31,7 @@ def rope_store(
     are then rotated by the rotate-half rotary embedding at `positions` from `cos_sin`, a float32
     (max_positions, head_dim) table holding the cos of the head_dim / 2 frequencies, then their sin. The
     keys and the values are written to row `slots[i]` of k_cache and v_cache, (num_slots, kv_heads,
-    head_dim) views of one layer's pool. positions and slots: int64 (tokens,). head_dim: 64, 128 or 256.
+    head_dim) views of one layer's pool. positions and slots: int64 (tokens,). head_dim: one of ROPE_STORE_HEAD_DIMS.
 
     CUDA tensors run one kernel on the current stream (capturable in a CUDA graph), computing in float32
     and rounding once; other devices run `reference.rope_store`. This replaces two copies, two RMSNorms,

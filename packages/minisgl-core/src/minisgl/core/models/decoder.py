@@ -18,6 +18,7 @@ from minisgl.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from minisgl.core.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from minisgl.core.layers.norm import RMSNorm
 from minisgl.core.layers.rotary import RotaryEmbedding
+from minisgl.kernels import ROPE_STORE_HEAD_DIMS
 
 
 class Attention(nn.Module):
@@ -40,7 +41,7 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
-        if fused_ops.available(qkv) and self.head_dim in (64, 128, 256):
+        if fused_ops.available(qkv) and self.head_dim in ROPE_STORE_HEAD_DIMS:
             qk_norm = None
             if self.q_norm is not None and self.k_norm is not None:
                 qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
