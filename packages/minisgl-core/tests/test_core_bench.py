@@ -40,3 +40,35 @@ def test_page_size_defaults_to_one_on_the_cpu(tiny_model_dir: Callable[[str], Pa
     assert llm.runtime.page_size == 1 and llm.runtime.stats()["page_size"] == 1
     with pytest.raises(ValueError, match="page_size must be a power of two"):
         LLM(str(tiny_model_dir("llama")), device="cpu", page_size=3)
+
+
+def test_default_workload_is_designs() -> None:
+    """DESIGN.md's offline workload: 256 requests, lengths in [100, 1024], 133,966 output tokens."""
+    workload = bench.make_workload(256, 1024, 1024)
+    assert workload.num_output_tokens == 133_966
+    assert sum(map(len, workload.prompts)) == 142_827
+
+
+def test_fixed_lengths_workload() -> None:
+    """--min-*-len = --max-*-len gives the online comparison's fixed 512-token prompts, 256 outputs."""
+    workload = bench.make_workload(8, 512, 256, min_input_len=512, min_output_len=256)
+    assert [len(p) for p in workload.prompts] == [512] * 8 and workload.output_lens == [256] * 8
+    assert all(0 <= t <= 10000 for p in workload.prompts for t in p)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--min-input-len", "600", "--max-input-len", "512"],
+            "--min-input-len 600 is above --max-input-len",
+        ),
+        (["--min-output-len", "0"], "--min-output-len must be >= 1"),
+    ],
+)
+def test_bad_length_flags_are_refused(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

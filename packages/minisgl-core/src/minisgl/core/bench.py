@@ -29,15 +29,25 @@ class Workload:
         return sum(self.output_lens)
 
 
-def make_workload(num_prompts: int, max_input_len: int, max_output_len: int, seed: int = 0) -> Workload:
-    """Prompts first, then output lengths, from one `random.seed(seed)` stream (nano-vllm's order)."""
+def make_workload(
+    num_prompts: int,
+    max_input_len: int,
+    max_output_len: int,
+    seed: int = 0,
+    min_input_len: int | None = None,
+    min_output_len: int | None = None,
+) -> Workload:
+    """Prompts first, then output lengths, from one `random.seed(seed)` stream (nano-vllm's order).
+    Lengths are uniform in [min, max]; the minimum defaults to nano-vllm's min(100, max lengths)."""
     random.seed(seed)
-    min_len = min(100, max_input_len, max_output_len)
+    default_min = min(100, max_input_len, max_output_len)
+    min_input_len = default_min if min_input_len is None else min_input_len
+    min_output_len = default_min if min_output_len is None else min_output_len
     prompts = [
-        [random.randint(0, 10000) for _ in range(random.randint(min_len, max_input_len))]
+        [random.randint(0, 10000) for _ in range(random.randint(min_input_len, max_input_len))]
         for _ in range(num_prompts)
     ]
-    output_lens = [random.randint(min_len, max_output_len) for _ in range(num_prompts)]
+    output_lens = [random.randint(min_output_len, max_output_len) for _ in range(num_prompts)]
     return Workload(prompts, output_lens)
 
 
@@ -51,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--max-input-len", type=int, default=1024)
     parser.add_argument("--max-output-len", type=int, default=1024)
+    parser.add_argument(
+        "--min-input-len", type=int, default=None, help="default: min(100, --max-input-len, --max-output-len)"
+    )
+    parser.add_argument("--min-output-len", type=int, default=None, help="default: as --min-input-len")
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -89,9 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one process each)")
     parser.add_argument("--hf-batch-size", type=int, default=32, help="batch size of the hf engine")
     args = parser.parse_args(argv)
-    for flag in ("num_prompts", "max_input_len", "max_output_len", "page_size", "hf_batch_size"):
+    flags = ("num_prompts", "max_input_len", "max_output_len", "min_input_len", "min_output_len")
+    for flag in (*flags, "page_size", "hf_batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    for kind in ("input", "output"):
+        low, high = getattr(args, f"min_{kind}_len"), getattr(args, f"max_{kind}_len")
+        if low is not None and low > high:
+            parser.error(f"--min-{kind}-len {low} is above --max-{kind}-len {high}")
     return args
 
 
@@ -181,7 +200,13 @@ def run_hf(args: argparse.Namespace, workload: Workload) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    workload = make_workload(args.num_prompts, args.max_input_len, args.max_output_len)
+    workload = make_workload(
+        args.num_prompts,
+        args.max_input_len,
+        args.max_output_len,
+        min_input_len=args.min_input_len,
+        min_output_len=args.min_output_len,
+    )
     elapsed = (run_hf if args.engine == "hf" else run_minisgl)(args, workload)
     tokens = workload.num_output_tokens
     print(
