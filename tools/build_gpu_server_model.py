@@ -1,27 +1,68 @@
-"""Write a model directory for GPU server checks without real weights: the bundled Qwen3-0.6B config
-(random weights via --load-format dummy) with the embedded SmolLM2 tokenizer (its ids fit Qwen3's vocab).
+"""Write a model directory for GPU server checks and online benchmarks without real weights: a bundled
+config (random weights via --load-format dummy) with a synthetic word-level tokenizer of the config's
+whole vocabulary, so that every id the random model samples decodes to text and is streamed.
 
-    python tools/build_gpu_server_model.py OUT_DIR
+    python tools/build_gpu_server_model.py OUT_DIR [--config qwen3-0.6b]
+
+Token i decodes to the word "w<i>" (words are joined by spaces); the config's BOS/EOS ids are ChatML
+special tokens and the tokenizer carries a ChatML chat template, so /v1/chat/completions works too. The
+SmolLM2 tokenizer used before covers only 49,152 of Qwen3's 151,936 ids: most sampled tokens decoded to
+nothing and were never streamed, which left TPOT unmeasurable.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
-import sys
 from pathlib import Path
 
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
-from minisgl.core.model_source import BUNDLED_CONFIG_DIR, resolve_model
+from minisgl.core.model_source import BUNDLED_CONFIG_DIR
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def synthetic_tokenizer(vocab_size: int, bos_id: int, eos_id: int) -> PreTrainedTokenizerFast:
+    specials = {bos_id: "<|endoftext|>", eos_id: "<|im_end|>"}
+    start_id = next(i for i in range(vocab_size - 1, -1, -1) if i not in specials)
+    specials[start_id] = "<|im_start|>"
+    vocab = {specials.get(i, f"w{i}"): i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=specials[bos_id],
+        eos_token=specials[eos_id],
+        unk_token=specials[bos_id],
+        pad_token=specials[bos_id],
+        additional_special_tokens=[specials[start_id]],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(BUNDLED_CONFIG_DIR / "qwen3-0.6b" / "config.json", out / "config.json")
-    source = resolve_model("smollm2-135m")
-    AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file).save_pretrained(out)
-    print(f"wrote {out}")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--config", default="qwen3-0.6b", help="a bundled config name")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    config_path = BUNDLED_CONFIG_DIR / args.config / "config.json"
+    shutil.copy(config_path, args.out / "config.json")
+    config = json.loads(config_path.read_text())
+    tokenizer = synthetic_tokenizer(config["vocab_size"], config["bos_token_id"], config["eos_token_id"])
+    tokenizer.save_pretrained(args.out)
+    sample = tokenizer.decode([1, 2, 3, config["vocab_size"] - 2])
+    print(f"wrote {args.out}: {args.config} config, {len(tokenizer)} tokens (decode [1,2,3,..] = {sample!r})")
 
 
 if __name__ == "__main__":
