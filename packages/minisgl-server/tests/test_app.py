@@ -326,3 +326,67 @@ def test_a_client_that_leaves_mid_stream_aborts_its_requests() -> None:
 def test_a_client_that_leaves_while_waiting_aborts_its_request() -> None:
     fake = asyncio.run(_call_then_disconnect(silent, CHAT, after_chunks=0))
     assert fake.aborted == [1]
+
+
+def test_coalesce_joins_each_requests_outputs_in_order() -> None:
+    from minisgl.server.engine_client import coalesce
+
+    outputs = [
+        msg.RequestOutput(1, "He", 1, [["He", -0.1, []]]),
+        msg.RequestOutput(2, "A", 1),
+        msg.RequestOutput(1, "llo", 2, [["l", -0.2, []], ["lo", -0.3, []]]),
+        msg.RequestOutput(2, "", 0, None, "stop", 3, 1, 1),
+        msg.RequestOutput(1, "!", 1, [["!", -0.4, []]], "length", 4, 0, 4),
+    ]
+    first, second = coalesce(outputs)
+    assert first == msg.RequestOutput(
+        1,
+        "Hello!",
+        4,
+        [["He", -0.1, []], ["l", -0.2, []], ["lo", -0.3, []], ["!", -0.4, []]],
+        "length",
+        4,
+        0,
+        4,
+    )
+    assert second == msg.RequestOutput(2, "A", 1, None, "stop", 3, 1, 1)
+    assert coalesce([outputs[1]]) == [outputs[1]]
+
+
+async def burst(generation: Generation, requests: list[msg.GenerateRequest]) -> None:
+    """Every request's first token, then 19 more and the finish all at once: a stream that fell behind."""
+    for r in requests:
+        generation.queue.put_nowait(msg.RequestOutput(r.uid, "t0", 1))
+    await asyncio.sleep(0.05)
+    for i in range(1, 20):
+        for r in requests:
+            generation.queue.put_nowait(msg.RequestOutput(r.uid, f" t{i}", 1))
+    for r in requests:
+        generation.queue.put_nowait(msg.RequestOutput(r.uid, "", 0, None, "length", 3, 0, 20))
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_stream_that_falls_behind_catches_up_in_merged_chunks(chat: bool) -> None:
+    http, _ = make(burst)
+    if chat:
+        body: dict[str, Any] = {**CHAT, "n": 2, "max_tokens": 20}
+        path = "/v1/chat/completions"
+    else:
+        body = {"model": MODEL, "prompt": "x", "n": 2, "max_tokens": 20}
+        path = "/v1/completions"
+    body.update(stream=True, stream_options={"include_usage": True})
+    events = sse_events(http.post(path, json=body).text)
+    text = {0: "", 1: ""}
+    finish = {}
+    token_chunks = 0
+    for event in events[:-1]:
+        for choice in event["choices"]:
+            piece = choice["delta"].get("content", "") if chat else choice["text"]
+            text[choice["index"]] += piece
+            token_chunks += bool(piece)
+            if choice["finish_reason"]:
+                finish[choice["index"]] = choice["finish_reason"]
+    expected = "t0" + "".join(f" t{i}" for i in range(1, 20))
+    assert text == {0: expected, 1: expected} and finish == {0: "length", 1: "length"}
+    assert token_chunks < 2 * 20  # the 19 late tokens of each choice did not each get a chunk
+    assert events[-1]["usage"]["completion_tokens"] == 40

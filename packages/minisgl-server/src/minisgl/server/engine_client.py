@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -69,12 +70,25 @@ class Generation:
     async def outputs(self) -> AsyncIterator[msg.RequestOutput]:
         """Outputs until every request finished; raises EngineError for a refused group or a dead engine."""
         while self.unfinished:
-            event = await self.next_event()
-            if isinstance(event, msg.RequestError):
-                raise EngineError(event.status, event.message, event.param, event.code)
-            if isinstance(event, EngineGone):
-                raise EngineError(503, event.reason, None, "engine_unavailable")
-            yield event
+            yield _output_or_raise(await self.next_event())
+
+    async def output_batches(self) -> AsyncIterator[list[msg.RequestOutput]]:
+        """Like outputs(), but each item is everything that arrived while the consumer was busy, with the
+        outputs of one request merged (see coalesce). A stream that keeps up gets one token at a time; one
+        that falls behind catches up in a few large pieces instead of many small ones."""
+        while self.unfinished:
+            batch = [await self.next_event()]
+            while self.unfinished and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                if isinstance(batch[-1], msg.RequestOutput) and batch[-1].finish_reason is not None:
+                    self.unfinished.discard(batch[-1].uid)
+                elif not isinstance(batch[-1], msg.RequestOutput):
+                    self.unfinished.clear()
+            outputs = [e for e in batch if isinstance(e, msg.RequestOutput)]
+            if outputs:
+                yield coalesce(outputs)
+            for event in batch:
+                _output_or_raise(event)
 
     def close(self) -> None:
         """Stop listening; abort the requests that have not finished (a client that went away)."""
@@ -82,6 +96,35 @@ class Generation:
         if self.unfinished:
             self.client.abort(sorted(self.unfinished), self.worker)
             self.unfinished.clear()
+
+
+def _output_or_raise(event: Event) -> msg.RequestOutput:
+    if isinstance(event, msg.RequestError):
+        raise EngineError(event.status, event.message, event.param, event.code)
+    if isinstance(event, EngineGone):
+        raise EngineError(503, event.reason, None, "engine_unavailable")
+    return event
+
+
+def coalesce(outputs: list[msg.RequestOutput]) -> list[msg.RequestOutput]:
+    """One output per request, in order of first appearance: the texts, token counts and logprobs of its
+    outputs joined; the finish reason and final counts are the last output's."""
+    merged: dict[int, msg.RequestOutput] = {}
+    for output in outputs:
+        seen = merged.get(output.uid)
+        if seen is None:
+            merged[output.uid] = output
+            continue
+        logprobs = None
+        if seen.logprobs is not None or output.logprobs is not None:
+            logprobs = (seen.logprobs or []) + (output.logprobs or [])
+        merged[output.uid] = dataclasses.replace(
+            output,
+            text=seen.text + output.text,
+            num_new_tokens=seen.num_new_tokens + output.num_new_tokens,
+            logprobs=logprobs,
+        )
+    return list(merged.values())
 
 
 class EngineClient:

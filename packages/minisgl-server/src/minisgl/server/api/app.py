@@ -288,6 +288,13 @@ class _Run:
         async for output in self.generation.outputs():
             yield output
 
+    async def _output_batches(self) -> AsyncIterator[list[msg.RequestOutput]]:
+        if self.first is not None:
+            first, self.first = self.first, None
+            yield [first]
+        async for outputs in self.generation.output_batches():
+            yield outputs
+
     def _record(self, output: msg.RequestOutput) -> Any:
         now = time.perf_counter()
         choice = self.builder.add(output, now)
@@ -319,10 +326,14 @@ class _Run:
             for chunk in self.builder.opening_chunks():
                 yield chunk
             try:
-                async for output in self._outputs():
-                    choice = self._record(output)
-                    for chunk in self.builder.output_chunks(output, choice):
-                        yield chunk
+                # Everything that arrived since the last write goes out in one write: under load this
+                # costs the event loop one pass per request per wake-up instead of one per token.
+                async for outputs in self._output_batches():
+                    chunks = []
+                    for output in outputs:
+                        chunks += self.builder.output_chunks(output, self._record(output))
+                    if chunks:
+                        yield "".join(chunks)
             except EngineError as exc:
                 # Headers are sent: say why in an error frame, and end every open choice with "abort".
                 yield "data: " + json.dumps(ApiError(exc.status, exc.message, code=exc.code).body()) + "\n\n"
