@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pytest
+from aiohttp import web
 
 from minisgl.server import bench_serve
 from minisgl.server.bench_serve import RequestResult, percentiles, random_workload, summarize, trace_workload
@@ -41,32 +42,58 @@ def test_percentiles() -> None:
     assert percentiles([]) == {}
 
 
-def fake_server(request: httpx.Request) -> httpx.Response:
-    if request.url.path == "/v1/models":
-        return httpx.Response(200, json={"data": [{"id": "m"}]})
-    body = json.loads(request.content)
+async def fake_server(request: web.Request) -> web.StreamResponse:
+    """/v1/completions streams max_tokens one-letter chunks, each in its own write; a one-token prompt is
+    refused with 503, and a two-token prompt gets an error frame mid-stream."""
+    body = await request.json()
     if len(body["prompt"]) == 1:
-        return httpx.Response(503, json={"error": {"message": "queue full"}})
-    chunks = [{"choices": [{"index": 0, "text": "a"}]} for _ in range(body["max_tokens"])]
-    chunks.append({"choices": [], "usage": {"completion_tokens": body["max_tokens"]}})
-    text = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-    return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+        return web.json_response({"error": {"message": "queue full"}}, status=503)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for i in range(body["max_tokens"]):
+        if i == 1 and len(body["prompt"]) == 2:
+            await response.write(b'data: {"error": {"message": "engine died"}}\n\n')
+            return response
+        await response.write(f"data: {json.dumps({'choices': [{'index': 0, 'text': 'a'}]})}\r\n\r\n".encode())
+        await asyncio.sleep(0.002)
+    usage = {"choices": [], "usage": {"completion_tokens": body["max_tokens"]}}
+    await response.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+    return response
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"data": [{"id": "m"}]})
+
+
+async def run_against_fake_server(items: list[bench_serve.WorkItem], model: str | None) -> Any:
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", fake_server)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        return await bench_serve.run_workload(f"http://127.0.0.1:{port}", model, items, 2, 0.0)
+    finally:
+        await runner.cleanup()
 
 
 def test_run_against_a_fake_server() -> None:
     items = [
         bench_serve.WorkItem([1, 2, 3], 4),
         bench_serve.WorkItem([9], 2),
+        bench_serve.WorkItem([1, 2, 3, 4], 3),
         bench_serve.WorkItem([1, 2], 3),
     ]
-    results, start, end = asyncio.run(
-        bench_serve.run_workload("http://x", None, items, 2, 0.0, transport=httpx.MockTransport(fake_server))
-    )
-    assert [r.ok for r in results] == [True, False, True]
+    results, start, end = asyncio.run(run_against_fake_server(items, None))
+    assert [r.ok for r in results] == [True, False, True, False]
     assert results[0].output_tokens == 4 and results[0].ttft is not None and results[0].tpot is not None
-    assert "503" in (results[1].error or "")
+    assert results[0].tpot > 0.001  # the chunks were timed as they arrived, not all at once at the end
+    assert "503" in (results[1].error or "") and results[3].error == "engine died"
     report = summarize(results, start, end)
-    assert (report.num_ok, report.num_failed, report.output_tokens, report.input_tokens) == (2, 1, 7, 5)
+    assert (report.num_ok, report.num_failed, report.output_tokens, report.input_tokens) == (2, 2, 7, 7)
     text = bench_serve.format_report(report)
     for word in ("TTFT", "TPOT", "E2E", "p50", "p90", "p99", "output tok/s"):
         assert word in text
