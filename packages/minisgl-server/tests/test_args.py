@@ -118,6 +118,8 @@ def test_engine_options_are_engine_config_fields() -> None:
         (["--load-format", "pickle"], "--load-format"),
         (["--context-length", "1"], "--context-length"),
         (["--log-level", "loud"], "--log-level"),
+        (["--log-interval", "-1"], "--log-interval"),
+        (["--log-interval", "nan"], "--log-interval"),
         (["--model", ""], "--model"),
         (["--nnodes", "0"], "--nnodes"),
         (["--tokenizer-workers", "0"], "--tokenizer-workers"),

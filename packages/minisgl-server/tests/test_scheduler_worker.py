@@ -4,6 +4,7 @@ limit answers 503, bad requests answer 400 without touching the engine, aborts r
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,6 +39,8 @@ class FakeRuntime:
             "num_running": len(self.running),
             "num_waiting": len(self.waiting),
             "pages_total": 64,
+            "pages_used": 8,
+            "pages_cached": 2,
             "page_size": 1,
         }
 
@@ -83,7 +86,7 @@ class FakeRuntime:
                 finished.append(req)
         new_tokens = list(zip(self.running, tokens, strict=True))
         self.running = [r for r in self.running if r.finish_reason is None]
-        return SimpleNamespace(new_tokens=new_tokens, finished=finished)
+        return SimpleNamespace(batch=None, new_tokens=new_tokens, finished=finished)
 
 
 @pytest.fixture
@@ -93,9 +96,12 @@ def setup(tmp_path: Path) -> Any:
     downstreams = [pull_socket(context, address) for address in addresses.tokenizers]
     workers: list[SchedulerWorker] = []
 
-    def make(max_queued: int | None = None, **runtime_options: Any) -> tuple[SchedulerWorker, FakeRuntime]:
+    def make(
+        max_queued: int | None = None, log_interval: float = 10.0, **runtime_options: Any
+    ) -> tuple[SchedulerWorker, FakeRuntime]:
         runtime = FakeRuntime(**runtime_options)
-        worker = SchedulerWorker(runtime, ServerArgs(max_queued_requests=max_queued), addresses)
+        args = ServerArgs(max_queued_requests=max_queued, log_interval=log_interval)
+        worker = SchedulerWorker(runtime, args, addresses)
         workers.append(worker)
         return worker, runtime
 
@@ -148,6 +154,25 @@ def test_requests_run_and_report_tokens_and_finish(setup: Any) -> None:
     (finished,) = steps[-1].finished
     assert finished == msg.FinishedRequest(1, "stop", 2, 1, 3, last_token_is_stop=True)
     assert not worker.requests and not worker.uid_of_rid
+
+
+@pytest.mark.parametrize("interval", [1e-9, 0.0])
+def test_activity_lines_while_working(setup: Any, interval: float, caplog: pytest.LogCaptureFixture) -> None:
+    make, received = setup
+    worker, _ = make(log_interval=interval)
+    worker._handle(group((1, [3, 4]), (2, [5])))
+    with caplog.at_level(logging.INFO, logger="minisgl.server.scheduler"):
+        worker.run(parent_pid=-1)  # "the parent is gone" ends the loop once the work is done
+    lines = [
+        r.getMessage() for r in caplog.records if " in " in r.getMessage() and "running" in r.getMessage()
+    ]
+    if interval == 0.0:
+        assert lines == []
+        return
+    assert len(lines) == 3  # one per step: every step makes the tiny interval due
+    assert lines[0].startswith("1 step in ") and "2 running, 0 waiting, KV 12.5% used" in lines[0]
+    assert lines[-1].endswith("2 finished")
+    assert len(received()) == 3
 
 
 def test_queue_limit_counts_requests_beyond_free_slots(setup: Any) -> None:

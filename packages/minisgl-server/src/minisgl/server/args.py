@@ -58,6 +58,7 @@ class ServerArgs:
     startup_timeout: float = 600.0
     log_level: str = "info"
     log_requests: bool = False
+    log_interval: float = 10.0  # seconds between the scheduler's activity lines; 0: none
 
     @property
     def model_name(self) -> str:
@@ -166,6 +167,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0.0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -374,6 +385,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--log-requests", action="store_true", help="log one line per finished request (default: off)"
+    )
+    group.add_argument(
+        "--log-interval",
+        type=_non_negative_float,
+        default=d.log_interval,
+        help="seconds between the scheduler's activity lines while it has work: requests running and "
+        f"waiting, KV use, prompt and generation tok/s (default {d.log_interval:g}; 0: none)",
     )
 
 

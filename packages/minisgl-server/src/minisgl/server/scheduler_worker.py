@@ -23,6 +23,7 @@ import numpy as np
 import zmq
 
 from minisgl.core import messages as msg
+from minisgl.server.activity import ActivityLog
 from minisgl.server.args import ServerArgs
 from minisgl.server.ipc import IpcAddresses, parent_is_gone, prepare_child, pull_socket, push_socket
 
@@ -109,6 +110,7 @@ class SchedulerWorker:
         self.num_requests = 0
         self.num_rejected = 0
         self.stopping = False
+        self.activity = ActivityLog(args.log_interval)
 
     def request_stop(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
         self.stopping = True
@@ -138,11 +140,21 @@ class SchedulerWorker:
                 self._handle(message)
             if self.runtime.has_work():
                 self._step()
-            elif self.pending_finished:
+                if self.activity.due():
+                    self._log_activity()
+                continue
+            self._log_activity()
+            self.activity.rest()
+            if self.pending_finished:
                 self._send_outputs([], [], [], [])
             elif not busy and parent_is_gone(parent_pid):
                 logger.error("the launching process is gone; exiting")
                 return
+
+    def _log_activity(self) -> None:
+        line = self.activity.take_line(self._runtime_stats)
+        if line is not None:
+            logger.info("%s", line)
 
     def _receive(self, timeout_ms: int) -> list[Any]:
         if not self.poller.poll(timeout_ms):
@@ -289,6 +301,8 @@ class SchedulerWorker:
             finished.append(self._finished(uid, req, req.finish_reason or "stop"))
         if uids or finished or self.pending_finished:
             self._send_outputs(uids, tokens, logprobs, finished)
+        computed = result.batch.chunks if result.batch is not None else []
+        self.activity.record(sum(c.end - c.start for c in computed if c.is_prefill), len(uids), len(finished))
 
     def _finished(self, uid: int, req: Any, reason: str) -> msg.FinishedRequest:
         last = req.output_ids[-1] if req.output_ids else None
