@@ -5,9 +5,8 @@
 For each projection of one layer (fused qkv, o, fused gate/up, down, and the LM head) and each token count
 M, it times `F.linear(x, w)` as CUDA-graph replays over enough weight copies that the L2 cache cannot hold
 them, and prints the bandwidth (weight and activation bytes moved once) and the compute rate. It also
-prints the rate of a 2 GiB `copy_` for reference; on the H200 that copy read lower (2.7 TB/s) than the
-largest GEMM (the LM head, 4.1 TB/s), so compare the decode GEMMs with the LM head rather than the copy.
---blas picks PyTorch's BLAS library.
+prints the best rate of minisgl-kernels' benchmark copies for reference (4.12 TB/s on the H200, where the
+LM head GEMM reads 4.06). --blas picks PyTorch's BLAS library.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from minisgl.kernels.bench import copy_bandwidths, gpu_time_us
 
 CONFIGS = Path(__file__).resolve().parents[1] / "packages/minisgl-core/src/minisgl/core/model_configs"
 L2_DEFEAT_BYTES = 256 << 20  # several times the H100's 50 MB L2
@@ -39,25 +40,6 @@ def projection_shapes(model: str) -> dict[str, tuple[int, int]]:
     }
 
 
-def replay_ms(fn: object, graph_repeats: int = 20) -> float:
-    """Median time of one call of `fn`, captured in a CUDA graph and replayed."""
-    assert callable(fn)
-    fn()  # warm-up: cuBLAS picks its kernel and workspace outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(graph_repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def time_linear(m: int, out_features: int, in_features: int) -> tuple[float, float, float]:
     """(microseconds per call, TB/s, TFLOP/s) of x[m, in] @ w[out, in]^T in bf16."""
     weight_bytes = out_features * in_features * 2
@@ -71,17 +53,9 @@ def time_linear(m: int, out_features: int, in_features: int) -> tuple[float, flo
         for w in weights:
             F.linear(x, w)
 
-    seconds = replay_ms(run) / 1000 / copies
+    seconds = gpu_time_us(run, reps=1, iters=20) / 1e6 / copies
     moved = weight_bytes + 2 * m * (in_features + out_features)
     return seconds * 1e6, moved / seconds / 1e12, 2 * m * out_features * in_features / seconds / 1e12
-
-
-def copy_bandwidth() -> float:
-    """TB/s of a 2 GiB device-to-device copy (read + write)."""
-    src = torch.empty(1 << 30, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    seconds = replay_ms(lambda: dst.copy_(src)) / 1000
-    return 2 * src.numel() * 2 / seconds / 1e12
 
 
 def main() -> None:
@@ -94,7 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
-    print(f"{torch.cuda.get_device_name()}: copy {copy_bandwidth():.2f} TB/s; blas {args.blas}")
+    copy = max(copy_bandwidths(iters=10).values()) / 1e12
+    print(f"{torch.cuda.get_device_name()}: copy {copy:.2f} TB/s; blas {args.blas}")
     shapes = projection_shapes(args.model)
     print(f"{'M':>6} " + " ".join(f"{name:>22}" for name in shapes) + "   (us, TB/s, TFLOP/s)")
     for m in (int(t) for t in args.tokens.split(",")):
