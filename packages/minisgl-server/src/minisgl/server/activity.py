@@ -52,11 +52,13 @@ class ActivityLog:
         seconds = max(now - self.since, 1e-9)
         counters = stats()
         total, used = int(counters["pages_total"]), int(counters["pages_used"])
-        line = (
-            f"{self.steps:,} step{'s' if self.steps != 1 else ''} in {seconds:.1f} s: {counters['num_running']} running, "
-            f"{counters['num_waiting']} waiting, KV {100 * used / max(total, 1):.1f}% used "
-            f"({int(counters['pages_cached']):,} pages cached), prompt {self.prompt_tokens / seconds:,.0f} tok/s, "
-            f"generation {self.generated_tokens / seconds:,.0f} tok/s, {self.finished} finished"
+        steps = f"{self.steps:,} step{'s' if self.steps != 1 else ''} in {seconds:.1f} s"
+        requests = f"{counters['num_running']} running, {counters['num_waiting']} waiting"
+        kv = f"KV {100 * used / max(total, 1):.1f}% used ({int(counters['pages_cached']):,} pages cached)"
+        rates = (
+            f"prompt {self.prompt_tokens / seconds:,.0f} tok/s, "
+            f"generation {self.generated_tokens / seconds:,.0f} tok/s"
         )
+        line = f"{steps}: {requests}, {kv}, {rates}, {self.finished} finished"
         self.since, self.steps, self.prompt_tokens, self.generated_tokens, self.finished = now, 0, 0, 0, 0
         return line

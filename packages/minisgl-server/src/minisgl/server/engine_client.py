@@ -60,7 +60,10 @@ class Generation:
         return not self.unfinished
 
     async def next_event(self) -> Event:
-        event = await self.queue.get()
+        return self._taken(await self.queue.get())
+
+    def _taken(self, event: Event) -> Event:
+        """Note what a taken event ends: its request, or (an error) the whole group."""
         if isinstance(event, msg.RequestOutput) and event.finish_reason is not None:
             self.unfinished.discard(event.uid)
         elif not isinstance(event, msg.RequestOutput):
@@ -79,11 +82,7 @@ class Generation:
         while self.unfinished:
             batch = [await self.next_event()]
             while self.unfinished and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                if isinstance(batch[-1], msg.RequestOutput) and batch[-1].finish_reason is not None:
-                    self.unfinished.discard(batch[-1].uid)
-                elif not isinstance(batch[-1], msg.RequestOutput):
-                    self.unfinished.clear()
+                batch.append(self._taken(self.queue.get_nowait()))
             outputs = [e for e in batch if isinstance(e, msg.RequestOutput)]
             if outputs:
                 yield coalesce(outputs)
