@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -17,15 +17,12 @@ from typing import Any
 class ActivityLog:
     interval: float  # seconds between lines; 0 turns them off
     clock: Callable[[], float] = time.monotonic
-    since: float = field(init=False)
+    since: float = 0.0  # start of the current period, set by its first step
     steps: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     finished: int = 0
     resting: bool = True  # no work since the last line: the next period starts with the next step
-
-    def __post_init__(self) -> None:
-        self.since = self.clock()
 
     def record(self, prompt_tokens: int, generated_tokens: int, finished: int) -> None:
         """One completed step."""

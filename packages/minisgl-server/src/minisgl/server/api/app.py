@@ -281,13 +281,6 @@ class _Run:
     def accept(self, first: msg.RequestOutput) -> None:
         self.first = first
 
-    async def _outputs(self) -> AsyncIterator[msg.RequestOutput]:
-        if self.first is not None:
-            first, self.first = self.first, None
-            yield first
-        async for output in self.generation.outputs():
-            yield output
-
     async def _output_batches(self) -> AsyncIterator[list[msg.RequestOutput]]:
         if self.first is not None:
             first, self.first = self.first, None
@@ -317,8 +310,9 @@ class _Run:
         return choice
 
     async def collect(self) -> dict[str, Any]:
-        async for output in self._outputs():
-            self._record(output)
+        async for outputs in self._output_batches():
+            for output in outputs:
+                self._record(output)
         return self.builder.response()
 
     async def stream(self) -> AsyncIterator[str]:
