@@ -16,6 +16,7 @@ from minisgl.core.forward_context import ForwardContext, forward_context
 from minisgl.core.kv_pool import KVPool
 from minisgl.core.models.decoder import DecoderForCausalLM
 from minisgl.core.sampler import SampleOutput, sample
+from minisgl.core.structured import mask_logits
 from minisgl.core.tables import RequestTables
 from minisgl.core.transfer import to_device
 
@@ -205,6 +206,7 @@ class Engine:
             done = self._event() if self.time_device else None
             return PendingStep(len(chunks), [], None, None, done, [], prompt_logprobs)
         requests = [chunks[i].req for i in sampling]
+        mask_logits(logits, requests)  # structured output: only the constrained rows change
         result = sample(logits, requests, self.generator)
         # The next step reads its input ids from the token table: write the new tokens there on the device.
         rows = to_device([r.table_row for r in requests], torch.int64, self.device)

@@ -11,6 +11,7 @@ from minisgl.core.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from minisgl.core.radix_cache import RadixNode
+    from minisgl.core.structured import GrammarState
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -42,6 +43,8 @@ class Request:
     # Where a stop string starts in the decoded output text, when one ended the request.
     stop_text_offset: int | None = None
     generator: torch.Generator | None = None
+    # Structured output: where the request is in its grammar (None for a free request).
+    grammar: GrammarState | None = None
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)

@@ -45,6 +45,7 @@ from minisgl.core.request import Request
 from minisgl.core.sampling_params import SamplingParams
 from minisgl.core.scheduler import Scheduler
 from minisgl.core.stop_strings import StopStringChecker
+from minisgl.core.structured import GrammarCompiler
 from minisgl.core.tables import RequestTables
 
 logger = logging.getLogger("minisgl")
@@ -190,6 +191,9 @@ class Runtime:
         self.kv = KVCacheManager(num_pages, self.tables, config.cache)
         self.engine = self._build_engine(model_module, dummy_page=num_pages)
         self.stop_checker = StopStringChecker(self.tokenizer)
+        self.grammars = GrammarCompiler(
+            self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids
+        )
         self.debug_checks = env.DEBUG_CHECKS.get()
         self.scheduler = Scheduler(
             self.kv,
@@ -275,6 +279,7 @@ class Runtime:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+        self.grammars.state_for(params)  # compiles (and caches) the grammar, or says why it cannot
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
         self._check_leader("add_request")
@@ -287,7 +292,7 @@ class Runtime:
         generator = None
         if params.seed is not None and not params.is_greedy:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        req = Request(rid, prompt_ids, params, generator=generator)
+        req = Request(rid, prompt_ids, params, generator=generator, grammar=self.grammars.state_for(params))
         self.scheduler.add(req)
         return req
 
@@ -363,6 +368,7 @@ class Runtime:
                 chunk.req.output_logprobs.append(logprob)
                 chunk.req.output_top_logprobs.append(top or {})
         finished = self.scheduler.process(batch, output.tokens)
+        finished += self._advance_grammars(batch, output.tokens)
         finished += self._finish_on_stop_strings(batch)
         new_tokens = [
             (chunk.req, token)
@@ -377,6 +383,23 @@ class Runtime:
             wall = time.perf_counter() - started
             self.timing.record(batch, wall, host_wait, launched.pending.device_seconds())
         return StepResult(batch, new_tokens, finished)
+
+    def _advance_grammars(self, batch: Batch, tokens: list[int | None]) -> list[Request]:
+        """Each constrained request's matcher takes its new token; a request whose grammar has ended
+        (its stop token accepted, even under ignore_eos) is finished."""
+        finished = []
+        for chunk, token in zip(batch.chunks, tokens, strict=True):
+            req = chunk.req
+            if req.grammar is None or token is None or req.finish_reason is not None:
+                continue
+            if not req.grammar.accept(token):
+                logger.error("request %d: token %d is outside its grammar; stopping it", req.rid, token)
+            elif not req.grammar.terminated:
+                continue
+            req.finish_reason = "stop"
+            self.scheduler.finish(req)
+            finished.append(req)
+        return finished
 
     def _finish_on_stop_strings(self, batch: Batch) -> list[Request]:
         finished = []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_TOP_LOGPROBS = 20
 
@@ -34,6 +36,13 @@ class SamplingParams:
     logprobs: int | None = None
     # Logprob of every prompt token given the tokens before it (the first is None).
     prompt_logprobs: bool = False
+    # Structured output (at most one): the output must match a JSON schema (a JSON string or a dict), a
+    # regular expression, or an EBNF grammar (see minisgl.core.structured).
+    json_schema: str | dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    # With a grammar: it applies only after this token (a reasoning model's "</think>") is generated.
+    grammar_after: str | None = None
     stop_token_id_set: frozenset[int] = field(init=False, repr=False, default=frozenset())
 
     def __post_init__(self) -> None:
@@ -75,6 +84,18 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
+        self._validate_grammar()
         for token_id in self.stop_token_ids or ():
             if not isinstance(token_id, int) or token_id < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {token_id!r}")
+
+    def _validate_grammar(self) -> None:
+        if isinstance(self.json_schema, dict):
+            self.json_schema = json.dumps(self.json_schema)
+        given = [name for name in ("json_schema", "regex", "ebnf") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"json_schema, regex and ebnf exclude each other, got {' and '.join(given)}")
+        for name in (*given, "grammar_after"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")

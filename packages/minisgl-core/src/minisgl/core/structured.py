@@ -1,0 +1,160 @@
+"""Structured output: requests whose tokens must follow a grammar (a JSON schema, a regex or an EBNF
+grammar), through xgrammar.
+
+Each constrained request owns a `GrammarState` (an xgrammar matcher). Before sampling, `mask_logits`
+fills the next-token bitmask of every constrained row on the host and applies it on the device that holds
+the logits, to those rows only; free rows are untouched. After a step's tokens reach the host, each
+matcher accepts its token. The matcher needs token N before it can build the mask for token N+1, so the
+scheduler completes the batch in flight before launching the next one while a constrained request runs
+(Scheduler.needs_latest_tokens), which gives up overlap scheduling for those steps. The matcher lives on
+the Request, so a retracted request resumes with its state intact.
+
+EOS is allowed only where the grammar can end: the model's EOS ids are the matcher's stop tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from minisgl.core.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
+
+
+def grammar_of(params: SamplingParams) -> tuple[str, str] | None:
+    """(field, source) of the request's grammar, or None for a free request."""
+    for name in GRAMMAR_FIELDS:
+        source = getattr(params, name)
+        if source is not None:
+            return name, source
+    return None
+
+
+def check_grammar(params: SamplingParams) -> None:
+    """Parse the request's grammar (no tokenizer needed); ValueError naming the field if it is invalid."""
+    grammar = grammar_of(params)
+    if grammar is None:
+        return
+    name, source = grammar
+    try:
+        _parse(name, source)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{name} is invalid: {_first_line(exc)}") from None
+
+
+def _parse(name: str, source: str) -> xgr.Grammar:
+    if name == "json_schema":
+        return xgr.Grammar.from_json_schema(source, any_whitespace=False)
+    if name == "regex":
+        return xgr.Grammar.from_regex(source)
+    return xgr.Grammar.from_ebnf(source)
+
+
+def _first_line(exc: Exception) -> str:
+    """xgrammar's messages start with a '[time] file:line: ' prefix; keep what a client can use."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
+
+
+class GrammarState:
+    """One request's place in its grammar. With `start_token` set (a reasoning model's end-of-thinking
+    token) the grammar applies only after that token has been generated."""
+
+    def __init__(self, matcher: xgr.GrammarMatcher, start_token: int | None = None) -> None:
+        self.matcher = matcher
+        self.start_token = start_token
+        self.active = start_token is None
+
+    def accept(self, token: int) -> bool:
+        """Advance past a generated token; False if the grammar does not allow it (masking prevents that)."""
+        if not self.active:
+            self.active = token == self.start_token
+            return True
+        return bool(self.matcher.accept_token(token))
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar ended (its stop token was accepted): the request is complete."""
+        return self.active and bool(self.matcher.is_terminated())
+
+
+class GrammarCompiler:
+    """Compiles grammars against one tokenizer; xgrammar's compiler caches compiled grammars by source."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = list(stop_token_ids)
+        self._compiler: xgr.GrammarCompiler | None = None
+
+    def _get(self) -> xgr.GrammarCompiler:
+        if self._compiler is None:  # built on first use: a server without grammars never pays for it
+            info = xgr.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
+            )
+            self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        return self._compiler
+
+    def state_for(self, params: SamplingParams) -> GrammarState | None:
+        """A fresh matcher for the request's grammar (None for a free request); ValueError if invalid."""
+        grammar = grammar_of(params)
+        if grammar is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError(f"{grammar[0]} needs a tokenizer, and this model has none")
+        name, source = grammar
+        compiler = self._get()
+        try:
+            if name == "json_schema":
+                compiled = compiler.compile_json_schema(source, any_whitespace=False)
+            elif name == "regex":
+                compiled = compiler.compile_regex(source)
+            else:
+                compiled = compiler.compile_grammar(source)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ValueError(f"{name} is invalid: {_first_line(exc)}") from None
+        return GrammarState(xgr.GrammarMatcher(compiled), self._start_token(params))
+
+    def _start_token(self, params: SamplingParams) -> int | None:
+        if params.grammar_after is None:
+            return None
+        ids = self.tokenizer.encode(params.grammar_after, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"grammar_after must be a single token, {params.grammar_after!r} is {len(ids)}")
+        return int(ids[0])
+
+
+@dataclass
+class _Constrained:
+    rows: list[int]
+    states: list[GrammarState]
+
+
+def _constrained(requests: list[Any]) -> _Constrained:
+    rows, states = [], []
+    for i, req in enumerate(requests):
+        state = req.grammar
+        if state is not None and state.active:
+            rows.append(i)
+            states.append(state)
+    return _Constrained(rows, states)
+
+
+def mask_logits(logits: torch.Tensor, requests: list[Any]) -> None:
+    """Forbid, in place, every token the grammar of a constrained row does not allow next."""
+    constrained = _constrained(requests)
+    if not constrained.rows:
+        return
+    bitmask = xgr.allocate_token_bitmask(len(requests), logits.shape[-1])
+    for row, state in zip(constrained.rows, constrained.states, strict=True):
+        state.matcher.fill_next_token_bitmask(bitmask, row)
+    if logits.device.type != "cpu":
+        bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=constrained.rows)
