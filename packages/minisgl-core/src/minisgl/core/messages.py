@@ -37,6 +37,9 @@ class GenerateRequest:
     # Stop strings the detokenizer trims from the text (the runtime also stops on them).
     stop: list[str] = field(default_factory=list)
     skip_special_tokens: bool = True
+    # Chats: the tools and extra arguments the chat template is rendered with.
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 @dataclass

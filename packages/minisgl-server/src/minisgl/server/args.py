@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from minisgl.server.api.parsers import REASONING_PARSERS, TOOL_PARSERS
+
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_PORT = 1919
 ATTENTION_BACKENDS = ("torch", "fi", "fa3")
@@ -58,6 +60,9 @@ class ServerArgs:
     startup_timeout: float = 600.0
     log_level: str = "info"
     log_requests: bool = False
+    # chat output: the tool-call format ("none": tool calling off) and the think-block format
+    tool_call_parser: str = "hermes"
+    reasoning_parser: str | None = None
     log_interval: float = 10.0  # seconds between the scheduler's activity lines; 0: none
 
     @property
@@ -381,6 +386,20 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         default=None,
         help="require `Authorization: Bearer KEY` on /v1/* requests (default: no key)",
+    )
+    group.add_argument(
+        "--tool-call-parser",
+        type=_choice((*TOOL_PARSERS, "none")),
+        default=d.tool_call_parser,
+        help="the format of the model's tool calls, parsed into message.tool_calls when a request has "
+        f"tools: {', '.join(TOOL_PARSERS)}, or none to refuse tools (default {d.tool_call_parser})",
+    )
+    group.add_argument(
+        "--reasoning-parser",
+        type=_choice(tuple(REASONING_PARSERS)),
+        default=None,
+        help="split a reasoning model's <think> block into message.reasoning_content: "
+        f"{', '.join(REASONING_PARSERS)} (default: none, the block stays in content)",
     )
     group.add_argument(
         "--log-requests", action="store_true", help="log one line per finished request (default: off)"

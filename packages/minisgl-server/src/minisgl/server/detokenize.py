@@ -101,7 +101,7 @@ class Detokenizer:
         """Text not handed out yet, less a tail that may still become a stop string (unless final)."""
         end = len(state.text)
         if not final and not state.stopped and state.stop:
-            end -= _stop_prefix_len(state.text, state.stop)
+            end -= stop_prefix_len(state.text, state.stop)
         end = max(end, state.sent)
         piece = state.text[state.sent : end]
         state.sent = end
@@ -122,7 +122,7 @@ def _first_stop(text: str, stops: list[str], start: int) -> int | None:
     return min(found) if found else None
 
 
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
+def stop_prefix_len(text: str, stops: list[str]) -> int:
     """Length of the longest tail of text that is a proper prefix of a stop string."""
     best = 0
     for stop in stops:

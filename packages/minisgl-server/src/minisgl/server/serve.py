@@ -146,6 +146,8 @@ async def _serve(args: ServerArgs, engine: EngineProcesses) -> int:
         context_length=info.get("context_length"),
         api_key=args.api_key,
         log_requests=args.log_requests,
+        tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     config = Config()
     config.bind = [_bind_address(args.host, args.port)]

@@ -142,7 +142,8 @@ class TokenizerWorker:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: send the prompt as a list of token ids")
         if request.messages is not None:
-            key = "chat:" + json.dumps(request.messages, sort_keys=True)
+            chat = [request.messages, request.tools, request.chat_template_kwargs]
+            key = "chat:" + json.dumps(chat, sort_keys=True)
         else:
             key = "text:" + (request.prompt or "")
         if key not in memo:
@@ -157,7 +158,11 @@ class TokenizerWorker:
             raise ValueError("this model has no chat template: use /v1/completions with a plain prompt")
         try:
             text = self.tokenizer.apply_chat_template(
-                request.messages, tokenize=False, add_generation_prompt=True
+                request.messages,
+                tools=request.tools,
+                tokenize=False,
+                add_generation_prompt=True,
+                **(request.chat_template_kwargs or {}),
             )
         except Exception as exc:  # template errors (jinja raise_exception) are the client's fault
             raise ValueError(f"the chat template rejected these messages: {exc}") from None

@@ -25,6 +25,7 @@ from starlette.routing import Route
 from minisgl.core import messages as msg
 from minisgl.server.api.protocol import ApiError, GenerationSpec, parse_chat, parse_completion
 from minisgl.server.api.responses import ResponseBuilder
+from minisgl.server.api.structured import FieldError
 from minisgl.server.engine_client import EngineClient, EngineError, EngineGone, Generation
 from minisgl.server.metrics import Metrics
 
@@ -43,6 +44,8 @@ class ServerState:
     context_length: int | None = None
     api_key: str | None = None
     log_requests: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
     started: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)
 
@@ -175,7 +178,11 @@ async def get_model(request: Request) -> Response:
 
 
 async def chat_completions(request: Request) -> Response:
-    return await _generate(request, parse_chat)
+    state = _state(request)
+    return await _generate(
+        request,
+        lambda body, model: parse_chat(body, model, state.tool_call_parser, state.reasoning_parser),
+    )
 
 
 async def completions(request: Request) -> Response:
@@ -187,6 +194,8 @@ async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec
     state = _state(request)
     try:
         spec = parse(await _json_body(request), state.model_name)
+    except FieldError as exc:
+        raise ApiError(400, exc.message, exc.param) from None
     except ValueError as exc:  # SamplingParams' own checks
         raise ApiError(400, str(exc), str(exc).split(" ", 1)[0]) from None
     requests = _engine_requests(state.client, spec)
@@ -239,6 +248,8 @@ def _engine_requests(client: EngineClient, spec: GenerationSpec) -> list[msg.Gen
                     max_tokens_auto=spec.max_tokens_auto,
                     stop=spec.stop,
                     skip_special_tokens=spec.skip_special_tokens,
+                    tools=spec.extras.tools,
+                    chat_template_kwargs=spec.extras.template_kwargs or None,
                 )
             )
     return requests

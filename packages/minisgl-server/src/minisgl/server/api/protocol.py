@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minisgl.core.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from minisgl.server.api.structured import ChatExtras, chat_extras, grammar_fields, history_tool_calls
 
 MAX_N = 128
 MAX_SEQUENCES = 1024  # prompts x n in one request
@@ -53,7 +54,7 @@ class Prompt:
     """One prompt: text (completions), a chat (messages), or token ids."""
 
     text: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     token_ids: list[int] | None = None
 
 
@@ -73,6 +74,8 @@ class GenerationSpec:
     # None: no logprobs; k: the chosen token's logprob plus the k most likely alternatives.
     top_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Chat only: tools, output parsers and chat template arguments.
+    extras: ChatExtras = field(default_factory=ChatExtras)
 
     @property
     def num_choices(self) -> int:
@@ -195,18 +198,17 @@ def _model(body: dict[str, Any], served: str) -> str:
 # ---- the two endpoints ----------------------------------------------------------------------------------
 
 
-def parse_chat(body: Any, served_model: str) -> GenerationSpec:
+def parse_chat(
+    body: Any, served_model: str, tool_parser: str | None = None, reasoning_parser: str | None = None
+) -> GenerationSpec:
     body = _object(body)
     model = _model(body, served_model)
     messages = _messages(body.get("messages", _MISSING))
     _reject_unsupported(
         body,
         {
-            "tools": (None, []),
             "functions": (None, []),
-            "tool_choice": (None, "none", "auto"),
             "function_call": (None, "none", "auto"),
-            "response_format": (None, {"type": "text"}),
             "logit_bias": (None, {}),
             "audio": (None,),
             "modalities": (None, ["text"]),
@@ -223,6 +225,7 @@ def parse_chat(body: Any, served_model: str) -> GenerationSpec:
     spec = _common(body, model, chat=True, prompts=[Prompt(messages=messages)], max_tokens=max_tokens)
     spec.top_logprobs = (top or 0) if logprobs else None
     spec.params.logprobs = spec.top_logprobs
+    spec.extras = chat_extras(body, spec.params, tool_parser, reasoning_parser)
     return spec
 
 
@@ -280,6 +283,7 @@ def _common(
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 2.0, low_open=True),
+        **grammar_fields(body),  # type: ignore[arg-type]
     )
     return GenerationSpec(
         chat=chat,
@@ -295,7 +299,7 @@ def _common(
     )
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> list[dict[str, Any]]:
     if value is _MISSING or value is None:
         raise ApiError(400, "'messages' is required", "messages")
     if not isinstance(value, list) or not value:
@@ -311,7 +315,13 @@ def _messages(value: Any) -> list[dict[str, str]]:
                 400, f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role"
             )
         content = _content(message.get("content"), f"{where}.content", allow_none=role == "assistant")
-        messages.append({"role": "system" if role == "developer" else role, "content": content})
+        checked: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+        if role == "assistant" and message.get("tool_calls"):
+            checked["tool_calls"] = history_tool_calls(message["tool_calls"], f"{where}.tool_calls")
+        for name in ("tool_call_id", "name"):
+            if isinstance(message.get(name), str):
+                checked[name] = message[name]
+        messages.append(checked)
     return messages
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minisgl.core.messages import RequestOutput
+from minisgl.server.api.parsers import ChatOutputParser, ParsedDelta, ToolCallDelta
 from minisgl.server.api.protocol import GenerationSpec
 
 
@@ -24,6 +25,36 @@ class Choice:
     output_tokens: int = 0
     text_offset: int = 0  # completions logprobs: characters before the next token
     first_token_at: float | None = None
+    # Chats with tools or a reasoning parser: the text split into message parts, in total and by the
+    # last output.
+    parser: ChatOutputParser | None = None
+    parsed: ParsedDelta = field(default_factory=ParsedDelta)
+    last_delta: ParsedDelta = field(default_factory=ParsedDelta)
+
+    def feed(self, text: str, final: bool) -> None:
+        assert self.parser is not None
+        self.last_delta = self.parser.feed(text)
+        if final:
+            self.last_delta.extend(self.parser.finish())
+        self.parsed.extend(self.last_delta)
+
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The whole calls, from their pieces."""
+        calls: dict[int, dict[str, Any]] = {}
+        for piece in self.parsed.tool_calls:
+            call = calls.setdefault(
+                piece.index,
+                {"id": piece.id, "type": "function", "function": {"name": piece.name, "arguments": ""}},
+            )
+            call["function"]["arguments"] += piece.arguments
+        return list(calls.values())
+
+    @property
+    def reported_finish_reason(self) -> str | None:
+        """ "tool_calls" when the model stopped after calling tools, as OpenAI reports it."""
+        if self.finish_reason == "stop" and self.parsed.tool_calls:
+            return "tool_calls"
+        return self.finish_reason
 
 
 class ResponseBuilder:
@@ -33,6 +64,10 @@ class ResponseBuilder:
         self.id = ("chatcmpl-" if spec.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.choices = {uid: Choice(index) for index, uid in enumerate(uids)}
+        extras = spec.extras
+        if spec.chat and (extras.tool_parser or extras.reasoning_parser):
+            for choice in self.choices.values():
+                choice.parser = ChatOutputParser(extras.reasoning_parser, extras.tool_parser)
 
     # ---- accumulating -----------------------------------------------------------------------------
 
@@ -41,6 +76,8 @@ class ResponseBuilder:
         if output.num_new_tokens and choice.first_token_at is None:
             choice.first_token_at = now
         choice.text.append(output.text)
+        if choice.parser is not None:
+            choice.feed(output.text, final=output.finish_reason is not None)
         if output.logprobs:
             choice.logprobs.extend(output.logprobs)
         if output.finish_reason is not None:
@@ -98,16 +135,20 @@ class ResponseBuilder:
     def output_chunks(self, output: RequestOutput, choice: Choice) -> list[str]:
         chunks = []
         logprobs = self._logprobs(choice, output.logprobs) if output.logprobs else None
-        if output.text or logprobs is not None:
+        if choice.parser is not None:
+            delta = _delta(choice.last_delta)
+        else:
+            delta = {"content": output.text} if output.text else {}
+        if delta or logprobs is not None:
             if self.chat:
-                entry: dict[str, Any] = {"index": choice.index, "delta": {"content": output.text}}
+                entry: dict[str, Any] = {"index": choice.index, "delta": delta}
             else:
                 entry = {"index": choice.index, "text": output.text}
             entry.update(logprobs=logprobs, finish_reason=None)
             chunks.append(self._chunk([entry]))
         if output.finish_reason is not None:
             entry = {"index": choice.index, "delta": {}} if self.chat else {"index": choice.index, "text": ""}
-            entry.update(logprobs=None, finish_reason=output.finish_reason)
+            entry.update(logprobs=None, finish_reason=choice.reported_finish_reason)
             chunks.append(self._chunk([entry]))
         return chunks
 
@@ -139,9 +180,9 @@ class ResponseBuilder:
                 choices.append(
                     {
                         "index": choice.index,
-                        "message": {"role": "assistant", "content": text},
+                        "message": _message(choice, text),
                         "logprobs": logprobs,
-                        "finish_reason": choice.finish_reason,
+                        "finish_reason": choice.reported_finish_reason,
                     }
                 )
             else:
@@ -194,3 +235,36 @@ class ResponseBuilder:
 
 def sse(body: dict[str, Any]) -> str:
     return "data: " + json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+def _message(choice: Choice, text: str) -> dict[str, Any]:
+    if choice.parser is None:
+        return {"role": "assistant", "content": text}
+    content = choice.parsed.content
+    message: dict[str, Any] = {"role": "assistant", "content": content if content.strip() else None}
+    if choice.parsed.reasoning:
+        message["reasoning_content"] = choice.parsed.reasoning
+    if choice.parsed.tool_calls:
+        message["tool_calls"] = choice.tool_calls()
+    return message
+
+
+def _delta(parsed: ParsedDelta) -> dict[str, Any]:
+    """A stream chunk's delta: only the parts this piece of output added."""
+    delta: dict[str, Any] = {}
+    if parsed.content:
+        delta["content"] = parsed.content
+    if parsed.reasoning:
+        delta["reasoning_content"] = parsed.reasoning
+    if parsed.tool_calls:
+        delta["tool_calls"] = [_tool_call_delta(piece) for piece in parsed.tool_calls]
+    return delta
+
+
+def _tool_call_delta(piece: ToolCallDelta) -> dict[str, Any]:
+    function: dict[str, Any] = {"arguments": piece.arguments}
+    entry: dict[str, Any] = {"index": piece.index, "function": function}
+    if piece.id is not None:
+        entry.update(id=piece.id, type="function")
+        function["name"] = piece.name
+    return entry

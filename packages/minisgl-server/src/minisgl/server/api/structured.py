@@ -1,0 +1,204 @@
+"""The request fields of structured output, tool calling and reasoning models: response_format, regex,
+ebnf, tools, tool_choice, parallel_tool_calls and chat_template_kwargs, checked and turned into the
+SamplingParams grammar fields and what the chat template and the output parsers need."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from minisgl.core.sampling_params import SamplingParams
+from minisgl.core.structured import check_grammar
+from minisgl.server.api.parsers import REASONING_PARSERS, TOOL_PARSERS
+
+# Keys of chat_template_kwargs that the server itself sets.
+RESERVED_TEMPLATE_KEYS = ("conversation", "messages", "tools", "tokenize", "add_generation_prompt")
+
+
+class FieldError(ValueError):
+    """A bad request field: param names it, as OpenAI's errors do."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+@dataclass
+class ChatExtras:
+    """What a chat request asks beyond plain sampling."""
+
+    tools: list[dict[str, Any]] | None = None
+    # None: tool calls are not parsed (no tools, or tool_choice "none").
+    tool_parser: str | None = None
+    reasoning_parser: str | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def grammar_fields(body: dict[str, Any]) -> dict[str, str]:
+    """SamplingParams fields (json_schema / regex / ebnf) from response_format and the regex and ebnf
+    extras; each is parsed now so that a bad one is a 400 naming its field."""
+    found: dict[str, tuple[str, str]] = {}  # SamplingParams field -> (request field, source)
+    schema = _response_format(body.get("response_format"))
+    if schema is not None:
+        found["json_schema"] = ("response_format", schema)
+    for name in ("regex", "ebnf"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise FieldError(name, f"'{name}' must be a non-empty string")
+        found[name] = (name, value)
+    if len(found) > 1:
+        names = " and ".join(source for source, _ in found.values())
+        raise FieldError(
+            next(iter(found.values()))[0], f"only one of response_format, regex and ebnf, got {names}"
+        )
+    for name, (source, value) in found.items():
+        try:
+            check_grammar(SamplingParams(**{name: value}))  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise FieldError(source, f"'{source}': {exc}") from None
+    return {name: value for name, (_, value) in found.items()}
+
+
+def _response_format(value: Any) -> str | None:
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json.dumps({"type": "object"})
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise FieldError("response_format", "'response_format.json_schema.schema' must be an object")
+        return json.dumps(schema)
+    raise FieldError(
+        "response_format", '\'response_format\' must be {"type": "text" | "json_object" | "json_schema"}'
+    )
+
+
+def chat_extras(
+    body: dict[str, Any], params: SamplingParams, tool_parser: str | None, reasoning_parser: str | None
+) -> ChatExtras:
+    """Check the tool and template fields; a forced tool call (tool_choice "required" or a named
+    function) becomes the request's grammar, and any grammar waits for the end of a think block."""
+    extras = ChatExtras(tools=_tools(body.get("tools")), reasoning_parser=reasoning_parser)
+    extras.template_kwargs = _template_kwargs(body.get("chat_template_kwargs"))
+    choice = _tool_choice(body.get("tool_choice"), extras.tools)
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise FieldError("parallel_tool_calls", "'parallel_tool_calls' must be a boolean")
+    if extras.tools and choice != "none":
+        if tool_parser is None:
+            raise FieldError("tools", "tool calling is off on this server (start it with --tool-call-parser)")
+        extras.tool_parser = tool_parser
+    if extras.tools and choice not in ("none", "auto"):
+        if params.json_schema or params.regex or params.ebnf:
+            raise FieldError(
+                "tool_choice", f"tool_choice {choice!r} cannot be combined with a response_format"
+            )
+        assert tool_parser is not None
+        schemas = [_call_schema(t) for t in extras.tools if choice == "required" or _name(t) == choice]
+        params.ebnf = TOOL_PARSERS[tool_parser].call_grammar(schemas, parallel)
+    if reasoning_parser is not None and (params.json_schema or params.regex or params.ebnf):
+        params.grammar_after = REASONING_PARSERS[reasoning_parser].grammar_after(extras.template_kwargs)
+    return extras
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise FieldError("tools", "'tools' must be an array")
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type", "function") != "function"
+            or not isinstance(function, dict)
+        ):
+            raise FieldError(where, f'\'{where}\' must be {{"type": "function", "function": {{...}}}}')
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise FieldError(f"{where}.function.name", f"'{where}.function.name' must be a non-empty string")
+        parameters = function.get("parameters", {"type": "object"})
+        if not isinstance(parameters, dict):
+            raise FieldError(
+                f"{where}.function.parameters", f"'{where}.function.parameters' must be an object"
+            )
+    return value
+
+
+def _name(tool: dict[str, Any]) -> str:
+    name: str = tool["function"]["name"]
+    return name
+
+
+def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    parameters = tool["function"].get("parameters") or {"type": "object"}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": _name(tool)}, "arguments": parameters},
+        "required": ["name", "arguments"],
+    }
+
+
+def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> str:
+    """ "none", "auto", "required", or the name of the function that must be called."""
+    if value is None:
+        return "auto" if tools else "none"
+    if value in ("none", "auto", "required"):
+        if value == "required" and not tools:
+            raise FieldError("tool_choice", "tool_choice 'required' needs 'tools'")
+        return str(value)
+    function = value.get("function") if isinstance(value, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise FieldError(
+            "tool_choice",
+            '\'tool_choice\' must be "none", "auto", "required" or '
+            '{"type": "function", "function": {"name": ...}}',
+        )
+    if name not in [_name(t) for t in tools or []]:
+        raise FieldError("tool_choice", f"tool_choice names {name!r}, which is not in 'tools'")
+    return name
+
+
+def _template_kwargs(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise FieldError("chat_template_kwargs", "'chat_template_kwargs' must be an object")
+    reserved = sorted(set(value) & set(RESERVED_TEMPLATE_KEYS))
+    if reserved:
+        raise FieldError("chat_template_kwargs", f"'chat_template_kwargs' may not set {', '.join(reserved)}")
+    return value
+
+
+def history_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls, with each call's JSON arguments text turned into the object
+    that chat templates expect."""
+    if not isinstance(value, list):
+        raise FieldError(where, f"'{where}' must be an array")
+    calls = []
+    for i, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise FieldError(f"{where}[{i}]", f"'{where}[{i}]' must have a function with a name")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                raise FieldError(
+                    f"{where}[{i}].function.arguments", f"'{where}[{i}].function.arguments' is not JSON"
+                ) from None
+        calls.append(
+            {**call, "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        )
+    return calls
