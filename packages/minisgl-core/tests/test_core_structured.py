@@ -45,11 +45,11 @@ def smollm() -> Iterator[Any]:
 
 
 def test_bad_grammars_name_their_field() -> None:
-    with pytest.raises(ValueError, match="^json_schema is invalid"):
+    with pytest.raises(ValueError, match=r"^json_schema is invalid"):
         check_grammar(SamplingParams(json_schema='{"type": "foo"}'))
-    with pytest.raises(ValueError, match="^regex is invalid"):
+    with pytest.raises(ValueError, match=r"^regex is invalid"):
         check_grammar(SamplingParams(regex="a(b"))
-    with pytest.raises(ValueError, match="^ebnf is invalid"):
+    with pytest.raises(ValueError, match=r"^ebnf is invalid"):
         check_grammar(SamplingParams(ebnf="root ::= undefined_rule"))
     with pytest.raises(ValueError, match="exclude each other"):
         SamplingParams(regex="a", ebnf='root ::= "a"')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -142,8 +143,37 @@ BAD: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("chat", {"stream": "true"}, 400, "stream"),
     ("chat", {"stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("chat", {"stream": True, "stream_options": []}, 400, "stream_options"),
-    ("chat", {"tools": [{"type": "function"}]}, 400, "tools"),
-    ("chat", {"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("chat", {"tools": [{"type": "function"}]}, 400, "tools[0]"),
+    ("chat", {"tools": {"type": "function"}}, 400, "tools"),
+    ("chat", {"response_format": {"type": "yaml"}}, 400, "response_format"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {}}}, 400, "response_format"),
+    (
+        "chat",
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}},
+        400,
+        "response_format",
+    ),
+    ("chat", {"regex": "a(b"}, 400, "regex"),
+    ("completion", {"regex": "a(b"}, 400, "regex"),
+    ("completion", {"ebnf": "root ::= undefined"}, 400, "ebnf"),
+    ("chat", {"regex": 5}, 400, "regex"),
+    ("chat", {"regex": "a", "ebnf": 'root ::= "a"'}, 400, "regex"),
+    ("chat", {"tool_choice": "required"}, 400, "tool_choice"),
+    (
+        "chat",
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"},
+        400,
+        "tool_choice",
+    ),
+    ("chat", {"parallel_tool_calls": "no"}, 400, "parallel_tool_calls"),
+    ("chat", {"chat_template_kwargs": []}, 400, "chat_template_kwargs"),
+    ("chat", {"chat_template_kwargs": {"add_generation_prompt": False}}, 400, "chat_template_kwargs"),
+    (
+        "chat",
+        {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {}}]}]},
+        400,
+        "messages[0].tool_calls[0]",
+    ),
     ("completion", {"prompt": None}, 400, "prompt"),
     ("completion", {"prompt": []}, 400, "prompt"),
     ("completion", {"prompt": [[]]}, 400, "prompt"),
@@ -174,3 +204,47 @@ def test_bad_requests(endpoint: str, change: dict[str, Any], status: int, param:
 def test_body_must_be_an_object(body: Any) -> None:
     with pytest.raises(ApiError, match="JSON object"):
         parse_chat(body, MODEL)
+
+
+def test_structured_output_fields() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    body = {
+        **CHAT,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    }
+    assert json.loads(parse_chat(body, MODEL).params.json_schema or "") == schema
+    assert parse_chat({**CHAT, "response_format": {"type": "json_object"}}, MODEL).params.json_schema
+    assert parse_chat({**CHAT, "response_format": {"type": "text"}}, MODEL).params.json_schema is None
+    assert parse_completion({**COMPLETION, "regex": "[0-9]+"}, MODEL).params.regex == "[0-9]+"
+
+
+def test_tools_and_forced_calls() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    auto = parse_chat({**CHAT, "tools": [tool]}, MODEL, tool_parser="hermes")
+    assert auto.extras.tool_parser == "hermes" and auto.params.ebnf is None
+    assert (
+        parse_chat({**CHAT, "tools": [tool], "tool_choice": "none"}, MODEL, "hermes").extras.tool_parser
+        is None
+    )
+    forced = parse_chat({**CHAT, "tools": [tool], "tool_choice": "required"}, MODEL, tool_parser="hermes")
+    assert forced.params.ebnf and "<tool_call>" in forced.params.ebnf
+    with pytest.raises(ApiError) as error_info:
+        parse_chat({**CHAT, "tools": [tool]}, MODEL, tool_parser=None)
+    assert error_info.value.param == "tools"
+    thinking = parse_chat({**CHAT, "regex": "a"}, MODEL, reasoning_parser="qwen3")
+    assert thinking.params.grammar_after == "</think>"
+    no_thinking = {**CHAT, "regex": "a", "chat_template_kwargs": {"enable_thinking": False}}
+    assert parse_chat(no_thinking, MODEL, reasoning_parser="qwen3").params.grammar_after is None
+
+
+def test_tool_history_messages() -> None:
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]  # fmt: skip
+    parsed = parse_chat({**CHAT, "messages": messages}, MODEL).prompts[0].messages
+    assert parsed is not None
+    assert parsed[1]["tool_calls"][0]["function"] == {"name": "f", "arguments": {"x": 1}}
+    assert parsed[2] == {"role": "tool", "content": "42", "tool_call_id": "c1"}

@@ -101,12 +101,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--timeline", default=None, help="write every step's timing to this JSON file")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one process each)")
+    parser.add_argument(
+        "--json-schema-fraction",
+        type=float,
+        default=0.0,
+        help="this fraction of the requests (every k-th) generate under BENCH_SCHEMA, a JSON schema (the "
+        "model needs a tokenizer); throughput then counts the tokens actually generated",
+    )
     parser.add_argument("--hf-batch-size", type=int, default=32, help="batch size of the hf engine")
     args = parser.parse_args(argv)
     flags = ("num_prompts", "max_input_len", "max_output_len", "min_input_len", "min_output_len")
     for flag in (*flags, "page_size", "hf_batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if not 0.0 <= args.json_schema_fraction <= 1.0:
+        parser.error("--json-schema-fraction must be in [0, 1]")
     for kind in ("input", "output"):
         low, high = getattr(args, f"min_{kind}_len"), getattr(args, f"max_{kind}_len")
         if low is not None and low > high:
@@ -114,7 +123,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_minisgl(args: argparse.Namespace, workload: Workload) -> float:
+# Long outputs under a grammar: an object holding an array of short strings, as many as the model writes.
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {"items": {"type": "array", "items": {"type": "string", "maxLength": 16}}},
+    "required": ["items"],
+}
+
+
+def run_minisgl(args: argparse.Namespace, workload: Workload) -> tuple[float, int]:
     from minisgl.core import LLM, SamplingParams
 
     llm = LLM(
@@ -134,25 +151,33 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> float:
         mix_decode_into_prefill=not args.no_mixed_batches,
         tp_size=args.tp,
     )
+    every = round(1 / args.json_schema_fraction) if args.json_schema_fraction else 0
     params = [
-        SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n)
-        for n in workload.output_lens
+        SamplingParams(
+            temperature=args.temperature,
+            ignore_eos=True,
+            max_tokens=n,
+            json_schema=BENCH_SCHEMA if every and i % every == 0 else None,
+        )
+        for i, n in enumerate(workload.output_lens)
     ]
-    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    # Warm-up (with a grammar: the tokenizer's grammar tables and the schema are compiled here, untimed).
+    warm_up = SamplingParams(max_tokens=4, json_schema=BENCH_SCHEMA if every else None)
+    llm.generate([[1, 2, 3]], warm_up, use_tqdm=False)
     timing = llm.runtime.timing = StepTiming()
     llm.runtime.engine.time_device = args.time_device
     started = time.perf_counter()
-    llm.generate(workload.prompts, params)
+    results = llm.generate(workload.prompts, params)
     elapsed = time.perf_counter() - started
     print(timing.summary())
     if args.timeline:
         with open(args.timeline, "w") as file:
             json.dump(timing.to_json(), file)
     llm.shutdown()
-    return elapsed
+    return elapsed, sum(len(r.token_ids) for r in results)
 
 
-def run_hf(args: argparse.Namespace, workload: Workload) -> float:
+def run_hf(args: argparse.Namespace, workload: Workload) -> tuple[float, int]:
     """transformers' generate in fixed-size batches (left padding), min_new_tokens = max_new_tokens per batch
     member's own length is not expressible, so each batch runs to its longest output; only each request's
     own output tokens are counted."""
@@ -195,7 +220,7 @@ def run_hf(args: argparse.Namespace, workload: Workload) -> float:
                 top_k=0,
                 pad_token_id=0,
             )
-    return time.perf_counter() - started
+    return time.perf_counter() - started, workload.num_output_tokens
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,8 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         min_input_len=args.min_input_len,
         min_output_len=args.min_output_len,
     )
-    elapsed = (run_hf if args.engine == "hf" else run_minisgl)(args, workload)
-    tokens = workload.num_output_tokens
+    elapsed, tokens = (run_hf if args.engine == "hf" else run_minisgl)(args, workload)
     print(
         f"engine={args.engine} model={args.model} requests={args.num_prompts} "
         f"prompt_tokens={sum(map(len, workload.prompts))} output_tokens={tokens}"

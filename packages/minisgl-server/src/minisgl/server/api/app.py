@@ -25,7 +25,6 @@ from starlette.routing import Route
 from minisgl.core import messages as msg
 from minisgl.server.api.protocol import ApiError, GenerationSpec, parse_chat, parse_completion
 from minisgl.server.api.responses import ResponseBuilder
-from minisgl.server.api.structured import FieldError
 from minisgl.server.engine_client import EngineClient, EngineError, EngineGone, Generation
 from minisgl.server.metrics import Metrics
 
@@ -194,8 +193,6 @@ async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec
     state = _state(request)
     try:
         spec = parse(await _json_body(request), state.model_name)
-    except FieldError as exc:
-        raise ApiError(400, exc.message, exc.param) from None
     except ValueError as exc:  # SamplingParams' own checks
         raise ApiError(400, str(exc), str(exc).split(" ", 1)[0]) from None
     requests = _engine_requests(state.client, spec)

@@ -7,16 +7,24 @@ never costs the engine anything, and its error names the field (`param`), as Ope
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from minisgl.core.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
-from minisgl.server.api.structured import ChatExtras, chat_extras, grammar_fields, history_tool_calls
+from minisgl.server.api.structured import (
+    ChatExtras,
+    FieldError,
+    chat_extras,
+    grammar_fields,
+    history_tool_calls,
+)
 
 MAX_N = 128
 MAX_SEQUENCES = 1024  # prompts x n in one request
 MAX_STOP_STRINGS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -179,6 +187,14 @@ def _reject_unsupported(body: dict[str, Any], harmless: dict[str, tuple[Any, ...
             raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
 
 
+def _as_api_error(check: Callable[..., T], *args: Any) -> T:
+    """The checks of structured.py raise FieldError: a 400 naming the field."""
+    try:
+        return check(*args)
+    except FieldError as exc:
+        raise ApiError(400, exc.message, exc.param) from None
+
+
 def _model(body: dict[str, Any], served: str) -> str:
     model = body.get("model", _MISSING)
     if model is _MISSING or model is None:
@@ -225,7 +241,7 @@ def parse_chat(
     spec = _common(body, model, chat=True, prompts=[Prompt(messages=messages)], max_tokens=max_tokens)
     spec.top_logprobs = (top or 0) if logprobs else None
     spec.params.logprobs = spec.top_logprobs
-    spec.extras = chat_extras(body, spec.params, tool_parser, reasoning_parser)
+    spec.extras = _as_api_error(chat_extras, body, spec.params, tool_parser, reasoning_parser)
     return spec
 
 
@@ -283,7 +299,7 @@ def _common(
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 2.0, low_open=True),
-        **grammar_fields(body),  # type: ignore[arg-type]
+        **_as_api_error(grammar_fields, body),  # type: ignore[arg-type]
     )
     return GenerationSpec(
         chat=chat,
@@ -317,7 +333,9 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         content = _content(message.get("content"), f"{where}.content", allow_none=role == "assistant")
         checked: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
         if role == "assistant" and message.get("tool_calls"):
-            checked["tool_calls"] = history_tool_calls(message["tool_calls"], f"{where}.tool_calls")
+            checked["tool_calls"] = _as_api_error(
+                history_tool_calls, message["tool_calls"], f"{where}.tool_calls"
+            )
         for name in ("tool_call_id", "name"):
             if isinstance(message.get(name), str):
                 checked[name] = message[name]
