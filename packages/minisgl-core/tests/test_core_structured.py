@@ -89,7 +89,21 @@ def test_json_schema_batch_mixed_with_free_requests(smollm: Any) -> None:
     schema = json.dumps(PERSON)
     constrained = SamplingParams(temperature=0.8, seed=1, max_tokens=200, json_schema=schema, n=3)
     free = SamplingParams(temperature=0.8, seed=2, max_tokens=24)
-    results = smollm.chat([QUESTION] * 4, [constrained, free, constrained, free])
+    engine = smollm.runtime.engine
+    assert smollm.runtime.max_in_flight == 2  # overlap scheduling stays on
+    late_steps = []
+
+    def sample_late(pending: Any) -> None:
+        late_steps.append(pending.late is not None)
+        original(pending)
+
+    original, engine.sample_late = engine.sample_late, sample_late
+    try:
+        results = smollm.chat([QUESTION] * 4, [constrained, free, constrained, free])
+    finally:
+        del engine.sample_late
+    # Constrained rows were sampled one step late, after the tokens their masks depend on.
+    assert sum(late_steps) > 10
     for result in (results[0], results[2]):
         for sample in result.samples:
             assert sample.finish_reason == "stop", sample.text
@@ -127,8 +141,13 @@ def test_retracted_request_resumes_in_its_grammar_through_chunked_prefill(smollm
     prompt = runtime.tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
     params = SamplingParams(temperature=0.7, seed=5, max_tokens=160, json_schema=PERSON)
     req = runtime.add_request(runtime.tokenizer.encode(prompt), params)
-    while len(req.resolved_output_ids()) < 8 or runtime.in_flight:
+    while len(req.resolved_output_ids()) < 8:
         runtime.step()
+    runtime.max_in_flight = 1  # drain the steps in flight: retraction needs every token on the host
+    while runtime.in_flight:
+        runtime.step()
+    runtime.max_in_flight = 2
+    assert not req.finished
     runtime.scheduler._retract(req)
     saved = runtime.scheduler.max_prefill_tokens
     runtime.scheduler.max_prefill_tokens = 8  # the resumed request re-prefills in chunks

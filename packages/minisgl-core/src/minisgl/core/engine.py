@@ -15,6 +15,7 @@ from minisgl.core.cuda_graph import DecodeGraphRunner
 from minisgl.core.forward_context import ForwardContext, forward_context
 from minisgl.core.kv_pool import KVPool
 from minisgl.core.models.decoder import DecoderForCausalLM
+from minisgl.core.request import Request
 from minisgl.core.sampler import SampleOutput, sample
 from minisgl.core.structured import mask_logits
 from minisgl.core.tables import RequestTables
@@ -33,6 +34,18 @@ class StepOutput:
 
 
 @dataclass
+class LateRows:
+    """Sampled rows of constrained requests whose previous token was still in flight at launch: their
+    grammar mask needs that token, so they are sampled (sample_late) once it has reached the host."""
+
+    rows: list[int]  # into the step's sampled rows
+    requests: list[Request]
+    logits: torch.Tensor
+    table_rows: torch.Tensor
+    columns: torch.Tensor
+
+
+@dataclass
 class PendingStep:
     """A launched step whose results are still on the way to the host."""
 
@@ -45,6 +58,7 @@ class PendingStep:
     prompt_logprobs: dict[int, torch.Tensor]
     # Set when the engine times steps on the device: recorded before the step's first device work.
     started: torch.cuda.Event | None = None
+    late: LateRows | None = None
 
     def device_seconds(self) -> float | None:
         """Device time from the stream reaching this step to its end (call after wait), if timed."""
@@ -54,6 +68,7 @@ class PendingStep:
 
     def wait(self) -> StepOutput:
         """Block until the step has finished on the device; returns its results on the host."""
+        assert self.late is None, "the step's late rows were never sampled"
         if self.done is not None:
             self.done.synchronize()
         n = self.num_chunks
@@ -206,17 +221,67 @@ class Engine:
             done = self._event() if self.time_device else None
             return PendingStep(len(chunks), [], None, None, done, [], prompt_logprobs)
         requests = [chunks[i].req for i in sampling]
-        mask_logits(logits, requests)  # structured output: only the constrained rows change
-        result = sample(logits, requests, self.generator)
+        # Structured output: a constrained request whose previous token is still in flight is sampled late.
+        late = [j for j, r in enumerate(requests) if r.grammar is not None and r.num_pending > 0]
+        if late:
+            result = self._sample_except(logits, requests, late)
+        else:
+            mask_logits(logits, requests)  # only the constrained rows change
+            result = sample(logits, requests, self.generator)
         # The next step reads its input ids from the token table: write the new tokens there on the device.
         rows = to_device([r.table_row for r in requests], torch.int64, self.device)
         columns = to_device([chunks[i].end for i in sampling], torch.int64, self.device)
-        self.tables.token_table[rows, columns] = result.tokens
-        tokens_host = torch.empty(len(sampling), dtype=torch.int64, pin_memory=self._is_cuda)
-        tokens_host.copy_(result.tokens, non_blocking=True)
-        done = self._event()
         requested = [requests[row].params.logprobs or 0 for row in result.logprob_rows]
-        return PendingStep(len(chunks), sampling, result, tokens_host, done, requested, prompt_logprobs)
+        pending = PendingStep(len(chunks), sampling, result, None, None, requested, prompt_logprobs)
+        if not late:
+            self.tables.token_table[rows, columns] = result.tokens
+            self._finish_step(pending)
+            return pending
+        ready = to_device([j for j in range(len(requests)) if j not in set(late)], torch.int64, self.device)
+        self.tables.token_table[rows[ready], columns[ready]] = result.tokens[ready]
+        index = to_device(late, torch.int64, self.device)
+        late_requests = [requests[j] for j in late]
+        pending.late = LateRows(late, late_requests, logits[index], rows[index], columns[index])
+        return pending
+
+    def _sample_except(self, logits: torch.Tensor, requests: list[Request], late: list[int]) -> SampleOutput:
+        """Sample every row but the late ones (their tokens are filled in by sample_late)."""
+        tokens = torch.zeros(len(requests), dtype=torch.int64, device=self.device)
+        ready = [j for j in range(len(requests)) if j not in set(late)]
+        if not ready:
+            return SampleOutput(tokens, [], None, None, None)
+        index = to_device(ready, torch.int64, self.device)
+        ready_logits = logits[index]
+        ready_requests = [requests[j] for j in ready]
+        mask_logits(ready_logits, ready_requests)
+        result = sample(ready_logits, ready_requests, self.generator)
+        tokens[index] = result.tokens
+        logprob_rows = [ready[k] for k in result.logprob_rows]
+        return SampleOutput(tokens, logprob_rows, result.chosen_logprobs, result.top_ids, result.top_values)
+
+    @torch.inference_mode()
+    def sample_late(self, pending: PendingStep) -> None:
+        """Sample the step's late rows, now that their requests' matchers have taken the tokens of the
+        step before (a request finished meanwhile samples unconstrained: its token is dropped)."""
+        late = pending.late
+        if late is None:
+            return
+        pending.late = None
+        live = [r if r.finish_reason is None else None for r in late.requests]
+        mask_logits(late.logits, live)
+        tokens = sample(late.logits, late.requests, self.generator).tokens
+        assert pending.result is not None
+        pending.result.tokens[to_device(late.rows, torch.int64, self.device)] = tokens
+        self.tables.token_table[late.table_rows, late.columns] = tokens
+        self._finish_step(pending)
+
+    def _finish_step(self, pending: PendingStep) -> None:
+        """Start copying the sampled tokens to the host and mark the step's end."""
+        assert pending.result is not None
+        tokens_host = torch.empty(len(pending.sampling), dtype=torch.int64, pin_memory=self._is_cuda)
+        tokens_host.copy_(pending.result.tokens, non_blocking=True)
+        pending.tokens_host = tokens_host
+        pending.done = self._event()
 
     def _prompt_logprobs(self, chunk: Chunk, hidden: torch.Tensor, first_row: int) -> torch.Tensor:
         """Logprob of each prompt token at positions start+1 .. min(end, prompt_len - 1)."""

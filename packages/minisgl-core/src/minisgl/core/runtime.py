@@ -369,6 +369,8 @@ class Runtime:
                 chunk.req.output_top_logprobs.append(top or {})
         finished = self.scheduler.process(batch, output.tokens)
         finished += self._advance_grammars(batch, output.tokens)
+        if self.in_flight:  # the next step's constrained rows waited for these tokens
+            self.engine.sample_late(self.in_flight[0].pending)
         finished += self._finish_on_stop_strings(batch)
         new_tokens = [
             (chunk.req, token)

@@ -158,9 +158,12 @@ class Scheduler:
 
     def needs_latest_tokens(self) -> bool:
         """Whether a running request's next step depends on its previous token's value on the host
-        (penalties count generated tokens; a grammar's mask follows from the tokens so far), so the step
-        in flight must complete first."""
-        return any(r.params.has_penalties or r.grammar is not None for r in self.running)
+        (penalties count generated tokens; logprobs of a constrained request, which the engine's late
+        sampling does not give), so the step in flight must complete first."""
+        return any(
+            r.params.has_penalties or (r.grammar is not None and r.params.logprobs is not None)
+            for r in self.running
+        )
 
     def _schedule_prefill(self) -> Batch | None:
         budget = self.max_prefill_tokens

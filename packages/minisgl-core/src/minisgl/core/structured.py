@@ -4,17 +4,19 @@ grammar), through xgrammar.
 Each constrained request owns a `GrammarState` (an xgrammar matcher). Before sampling, `mask_logits`
 fills the next-token bitmask of every constrained row on the host and applies it on the device that holds
 the logits, to those rows only; free rows are untouched. After a step's tokens reach the host, each
-matcher accepts its token. The matcher needs token N before it can build the mask for token N+1, so the
-scheduler completes the batch in flight before launching the next one while a constrained request runs
-(Scheduler.needs_latest_tokens), which gives up overlap scheduling for those steps. The matcher lives on
-the Request, so a retracted request resumes with its state intact.
+matcher accepts its token. The matcher needs token N before it can build the mask for token N+1: with
+overlap scheduling, step N+1 is launched while token N is still on the device, so the engine samples the
+constrained rows of step N+1 late (Engine.sample_late), right after step N completes and the matchers
+have taken its tokens, while the device still runs step N+1's forward pass. Free rows are sampled at
+launch as usual, so overlap stays on for everyone. The matcher lives on the Request, so a retracted
+request resumes with its state intact.
 
 EOS is allowed only where the grammar can end: the model's EOS ids are the matcher's stop tokens.
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +24,6 @@ import torch
 import xgrammar as xgr
 
 from minisgl.core.sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
 
 GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
 
@@ -137,18 +137,19 @@ class _Constrained:
     states: list[GrammarState]
 
 
-def _constrained(requests: list[Any]) -> _Constrained:
+def _constrained(requests: Sequence[Any | None]) -> _Constrained:
     rows, states = [], []
     for i, req in enumerate(requests):
-        state = req.grammar
+        state = req.grammar if req is not None else None
         if state is not None and state.active:
             rows.append(i)
             states.append(state)
     return _Constrained(rows, states)
 
 
-def mask_logits(logits: torch.Tensor, requests: list[Any]) -> None:
-    """Forbid, in place, every token the grammar of a constrained row does not allow next."""
+def mask_logits(logits: torch.Tensor, requests: Sequence[Any | None]) -> None:
+    """Forbid, in place, every token the grammar of a constrained row does not allow next (a None row is
+    left as it is)."""
     constrained = _constrained(requests)
     if not constrained.rows:
         return
