@@ -157,8 +157,8 @@ class ResponseBuilder:
         chunks = []
         for uid, choice in self.choices.items():
             if choice.finish_reason is None:
-                chunks += self.output_chunks(RequestOutput(uid, "", 0, None, "abort"), choice)
                 choice.finish_reason = "abort"
+                chunks += self.output_chunks(RequestOutput(uid, "", 0, None, "abort"), choice)
         return chunks
 
     def closing_chunks(self) -> list[str]:
