@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jsonschema
 import openai
@@ -16,22 +16,21 @@ from conftest import MODEL, Server
 from pydantic import BaseModel, Field
 
 QUESTION = [{"role": "user", "content": "Describe a person as JSON."}]
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "maxItems": 2},
-        "address": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 10}},
-            "required": ["city"],
-        },
-    },
-    "required": ["name", "age", "role", "tags", "address"],
-    "$defs": {"tag": {"type": "string", "maxLength": 6}},
-}
+
+
+class Address(BaseModel):
+    city: str = Field(max_length=10)
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=12)
+    age: int = Field(ge=0, le=120)
+    role: Literal["admin", "user", "guest"]
+    tags: list[Annotated[str, Field(max_length=6)]] = Field(max_length=2)
+    address: Address  # a nested model: the schema refers to it through $defs / $ref
+
+
+PERSON = Person.model_json_schema()
 WEATHER_TOOL = {
     "type": "function",
     "function": {

@@ -2,12 +2,15 @@
 config (random weights via --load-format dummy) with a synthetic word-level tokenizer of the config's
 whole vocabulary, so that every id the random model samples decodes to text and is streamed.
 
-    python tools/build_gpu_server_model.py OUT_DIR [--config qwen3-0.6b]
+    python tools/build_gpu_server_model.py OUT_DIR [--config qwen3-0.6b] [--tokenizer smollm2]
 
 Token i decodes to the word "w<i>" (words are joined by spaces); the config's BOS/EOS ids are ChatML
 special tokens and the tokenizer carries a ChatML chat template, so /v1/chat/completions works too. The
 SmolLM2 tokenizer used before covers only 49,152 of Qwen3's 151,936 ids: most sampled tokens decoded to
 nothing and were never streamed, which left TPOT unmeasurable.
+
+`--tokenizer smollm2` writes the embedded SmolLM2 tokenizer instead (a byte-level BPE whose tokens can
+spell JSON), for structured-output checks and benchmarks: grammars never allow the ids beyond its 49,152.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from minisgl.core.model_source import BUNDLED_CONFIG_DIR
+from minisgl.core.gguf_cache import converted
+from minisgl.core.loader import load_tokenizer
+from minisgl.core.model_source import BUNDLED_CONFIG_DIR, resolve_model
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -54,12 +59,16 @@ def main() -> None:
     )
     parser.add_argument("out", type=Path)
     parser.add_argument("--config", default="qwen3-0.6b", help="a bundled config name")
+    parser.add_argument("--tokenizer", default="synthetic", choices=["synthetic", "smollm2"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     config_path = BUNDLED_CONFIG_DIR / args.config / "config.json"
     shutil.copy(config_path, args.out / "config.json")
     config = json.loads(config_path.read_text())
-    tokenizer = synthetic_tokenizer(config["vocab_size"], config["bos_token_id"], config["eos_token_id"])
+    if args.tokenizer == "smollm2":
+        tokenizer = load_tokenizer(converted(resolve_model("smollm2-135m")))
+    else:
+        tokenizer = synthetic_tokenizer(config["vocab_size"], config["bos_token_id"], config["eos_token_id"])
     tokenizer.save_pretrained(args.out)
     sample = tokenizer.decode([1, 2, 3, config["vocab_size"] - 2])
     print(f"wrote {args.out}: {args.config} config, {len(tokenizer)} tokens (decode [1,2,3,..] = {sample!r})")

@@ -1,6 +1,6 @@
 """Structured output on a CUDA GPU with overlap scheduling and decode CUDA graphs on: random Qwen3-0.6B
-weights with the SmolLM2 tokenizer (a directory from tools/build_structured_model.py, named by
-MINISGL_STRUCTURED_MODEL), constrained and free requests in the same batches, every constrained output
+weights with the SmolLM2 tokenizer (a directory from `tools/build_gpu_server_model.py DIR --tokenizer
+smollm2`, named by MINISGL_STRUCTURED_MODEL), constrained and free requests in the same batches, every constrained output
 checked with jsonschema / re. The masks are applied by xgrammar's Triton kernel to the graph's logits."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
+from test_core_structured import PERSON
 
 from minisgl.core import LLM, SamplingParams
 
@@ -22,24 +23,16 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "maxItems": 3},
-    },
-    "required": ["name", "age", "role", "tags"],
-    "$defs": {"tag": {"type": "string", "maxLength": 6}},
-}
+SCHEMA = PERSON
 
 
 @pytest.fixture(scope="module")
 def llm() -> Iterator[Any]:
     path = os.environ.get("MINISGL_STRUCTURED_MODEL")
     if not path:
-        pytest.skip("set MINISGL_STRUCTURED_MODEL to a tools/build_structured_model.py directory")
+        pytest.skip(
+            "set MINISGL_STRUCTURED_MODEL to a tools/build_gpu_server_model.py --tokenizer smollm2 dir"
+        )
     engine = LLM(path, load_format="dummy", max_seq_len=2048, max_running_requests=64)
     assert engine.runtime.engine.graphs is not None and engine.runtime.max_in_flight == 2
     yield engine
