@@ -192,8 +192,7 @@ def test_chat_template_kwargs_reach_the_template(client: openai.OpenAI) -> None:
     ],
 )  # fmt: skip
 def test_bad_fields_are_400s_naming_them(client: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
-    body = {"messages": ASK_WEATHER, "max_tokens": 4, **extra}
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=MODEL, **body)
+        client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, max_tokens=4, extra_body=extra)
     assert caught.value.status_code == 400
     assert caught.value.body["param"] == param  # type: ignore[index]
