@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from minisgl.core.model_source import DEFAULT_MODEL
+from minisgl.core.config import MOE_BACKENDS
+from minisgl.core.model_source import BUNDLED_CONFIGS, DEFAULT_MODEL
 from minisgl.core.runtime import StepTiming
 
 
@@ -77,12 +78,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--load-format",
         default="auto",
         choices=["auto", "safetensors", "gguf", "dummy"],
-        help="dummy: random weights (bundled configs: qwen3-0.6b, qwen3-8b, llama-3.1-8b)",
+        help=f"dummy: random weights (bundled configs: {', '.join(BUNDLED_CONFIGS)})",
     )
     parser.add_argument(
         "--attn", default="auto", help="attention backend: auto, torch, fi, or PREFILL,DECODE"
     )
     parser.add_argument("--cache", default="radix", choices=["radix", "naive"])
+    parser.add_argument(
+        "--moe-backend",
+        default="auto",
+        choices=MOE_BACKENDS,
+        help="expert compute of MoE models: torch (grouped GEMMs), flashinfer (CUTLASS fused MoE), auto",
+    )
     parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="0 disables decode CUDA graphs")
     parser.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size (default: from memory)")
@@ -133,6 +140,7 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> float:
         disable_overlap=args.disable_overlap,
         mix_decode_into_prefill=not args.no_mixed_batches,
         tp_size=args.tp,
+        moe_backend=args.moe_backend,
     )
     params = [
         SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n)

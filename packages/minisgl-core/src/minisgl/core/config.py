@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+MOE_BACKENDS = ("auto", "torch", "flashinfer")
 
 
 def _rope_settings(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
@@ -72,6 +73,23 @@ class ModelConfig:
     # `mlp_bias` gives gate, up and down a bias.
     o_bias: bool = False
     mlp_bias: bool = False
+    # Mixture of experts (Qwen3-MoE). num_experts 0: every layer has the dense MLP. Otherwise layer i has a
+    # sparse block of `num_experts` SwiGLU experts of `moe_intermediate_size` (a router picks
+    # `num_experts_per_tok` per token) when (i + 1) % decoder_sparse_step == 0 and i is not in
+    # mlp_only_layers, and the dense MLP of `intermediate_size` otherwise.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return (
+            self.num_experts > 0
+            and layer_id not in self.mlp_only_layers
+            and (layer_id + 1) % self.decoder_sparse_step == 0
+        )
 
     def local_kv_heads(self, tp_size: int) -> int:
         """KV heads held by one rank: split evenly, or one replicated head when there are fewer than ranks."""
@@ -81,10 +99,14 @@ class ModelConfig:
         """Raise ValueError naming the dimension that cannot be split over tp_size ranks."""
         if tp_size == 1:
             return
-        for what, size in (
-            ("attention heads", self.num_heads),
-            ("intermediate size", self.intermediate_size),
-        ):
+        moe_layers = [self.is_moe_layer(i) for i in range(self.num_layers)]
+        checked = [("attention heads", self.num_heads)]
+        if not all(moe_layers):
+            checked.append(("intermediate size", self.intermediate_size))
+        if any(moe_layers):
+            # Experts are split on their intermediate dimension: every rank holds a slice of each.
+            checked.append(("expert intermediate size (moe_intermediate_size)", self.moe_intermediate_size))
+        for what, size in checked:
             if size % tp_size:
                 raise ValueError(f"tp size {tp_size} does not divide the model's {what} ({size})")
         check_kv_split(self.num_kv_heads, tp_size)
@@ -126,7 +148,29 @@ class ModelConfig:
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             eos_token_ids=tuple(dict.fromkeys(eos + extra_eos_ids)),
             checkpoint_dtype=dtype if isinstance(dtype, torch.dtype) else None,
+            **_moe_settings(hf_config),
         )
+
+
+def _moe_settings(hf_config: Any) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields from a Qwen3-MoE style config; none for a dense model."""
+    num_experts = int(getattr(hf_config, "num_experts", 0) or 0)
+    if num_experts == 0:
+        return {}
+    top_k = int(hf_config.num_experts_per_tok)
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok {top_k} must be in 1..num_experts ({num_experts})")
+    step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
+    if step < 1:
+        raise ValueError(f"decoder_sparse_step must be >= 1, got {step}")
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=int(hf_config.moe_intermediate_size),
+        norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
+        decoder_sparse_step=step,
+        mlp_only_layers=tuple(int(i) for i in getattr(hf_config, "mlp_only_layers", None) or ()),
+    )
 
 
 _ARCH_BY_MODEL_TYPE = {
@@ -134,6 +178,7 @@ _ARCH_BY_MODEL_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 _DTYPES = {
@@ -205,6 +250,9 @@ class EngineConfig:
     cuda_graph_max_bs: int | None = None
     seed: int = 0
     tp_size: int = 1
+    # Expert compute of mixture-of-experts models: "torch" (grouped GEMMs), "flashinfer" (its CUTLASS
+    # fused MoE, CUDA only) or "auto" (torch).
+    moe_backend: str = "auto"
 
     def validate(self) -> None:
         if self.page_size is not None and (self.page_size < 1 or self.page_size & (self.page_size - 1)):
@@ -227,6 +275,10 @@ class EngineConfig:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {self.cuda_graph_max_bs}")
         if self.cache not in ("radix", "naive"):
             raise ValueError(f"cache must be radix or naive, got {self.cache!r}")
+        if self.moe_backend not in MOE_BACKENDS:
+            raise ValueError(
+                f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}"
+            )
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         if self.tp_size > 1 and self.device.startswith("cuda:"):

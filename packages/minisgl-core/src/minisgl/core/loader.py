@@ -18,6 +18,7 @@ from minisgl.core.config import ModelConfig, _as_id_tuple
 from minisgl.core.model_source import ModelSource
 from minisgl.core.models import create_model
 from minisgl.core.models.decoder import DecoderForCausalLM
+from minisgl.core.moe_ops import resolve_moe_backend
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     load_format: str,
+    moe_backend: str = "auto",
 ) -> DecoderForCausalLM:
     if load_format == "auto":
         load_format = "gguf" if source.is_gguf else "safetensors"
@@ -84,7 +86,7 @@ def build_model(
             f"model {source.name!r} is a bundled config without weights: use load_format='dummy'"
         )
     with _default_dtype(dtype), torch.device(device):
-        model = create_model(config)
+        model = create_model(config, resolve_moe_backend(moe_backend, device))
     if load_format == "dummy":
         tensors = dummy_checkpoint(config, dtype, device)
     elif load_format == "gguf":
@@ -164,6 +166,9 @@ def dummy_checkpoint(
         if config.qk_norm:
             shapes[f"{layer}.self_attn.q_norm.weight"] = (head_dim,)
             shapes[f"{layer}.self_attn.k_norm.weight"] = (head_dim,)
+        if config.is_moe_layer(i):
+            shapes.update(_expert_shapes(config, f"{layer}.mlp"))
+            continue
         shapes[f"{layer}.mlp.gate_proj.weight"] = (inter, hidden)
         shapes[f"{layer}.mlp.up_proj.weight"] = (inter, hidden)
         shapes[f"{layer}.mlp.down_proj.weight"] = (hidden, inter)
@@ -177,3 +182,14 @@ def dummy_checkpoint(
         generator = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
         tensor = torch.empty(shape, dtype=dtype, device=device)
         yield name, tensor.uniform_(-0.02, 0.02, generator=generator)
+
+
+def _expert_shapes(config: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """A sparse block's tensors in the per-expert layout of Hugging Face checkpoints."""
+    hidden, inter = config.hidden_size, config.moe_intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {f"{prefix}.gate.weight": (config.num_experts, hidden)}
+    for expert in range(config.num_experts):
+        shapes[f"{prefix}.experts.{expert}.gate_proj.weight"] = (inter, hidden)
+        shapes[f"{prefix}.experts.{expert}.up_proj.weight"] = (inter, hidden)
+        shapes[f"{prefix}.experts.{expert}.down_proj.weight"] = (hidden, inter)
+    return shapes

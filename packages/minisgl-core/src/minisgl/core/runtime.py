@@ -170,7 +170,13 @@ class Runtime:
         _check_same_settings(config, self.model_config)
         self.lockstep = Lockstep()
         model_module = build_model(
-            source, hf_config, self.model_config, self.dtype, self.device, config.load_format
+            source,
+            hf_config,
+            self.model_config,
+            self.dtype,
+            self.device,
+            config.load_format,
+            config.moe_backend,
         )
         # Every rank must schedule alike, so all use the smallest pool any of them can hold.
         num_pages = min_over_ranks(self._num_kv_pages())

@@ -20,6 +20,7 @@ ATTENTION_BACKENDS = ("torch", "fi", "fa3")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 CACHES = ("radix", "naive")
+MOE_BACKENDS = ("auto", "torch", "flashinfer")  # minisgl.core.config's, kept here so --help needs no torch
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -39,6 +40,7 @@ class ServerArgs:
     node_rank: int = 0
     dist_init_addr: str | None = None
     attn: str = "auto"
+    moe_backend: str = "auto"
     cache: str = "radix"
     page_size: int | None = None  # None: 16 on CUDA, 1 on the CPU
     max_running_requests: int = 256
@@ -80,6 +82,7 @@ class ServerArgs:
             "load_format": self.load_format,
             "cache": self.cache,
             "attn": self.attn,
+            "moe_backend": self.moe_backend,
             "cuda_graph_max_bs": self.cuda_graph_max_bs,
             "disable_overlap": self.disable_overlap,
             "mix_decode_into_prefill": not self.no_mixed_batches,
@@ -266,6 +269,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         type=_attention,
         default=d.attn,
         help="attention backend: auto, torch, fi, fa3, or PREFILL,DECODE such as fa3,fi (default auto)",
+    )
+    group.add_argument(
+        "--moe-backend",
+        type=_choice(MOE_BACKENDS),
+        default=d.moe_backend,
+        help="expert compute of mixture-of-experts models: torch (grouped GEMMs), flashinfer (its CUTLASS "
+        "fused MoE, CUDA only) or auto (torch) (default auto)",
     )
     group.add_argument(
         "--cache",
