@@ -59,7 +59,9 @@ def assert_matches_reference(results: list[Any], references: list[tiny_models.Gr
         assert worst < LOGPROB_TOLERANCE, worst
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3-rope", "qwen2", "qwen3", "mistral", "llama-mqa"])
+@pytest.mark.parametrize(
+    "name", ["llama", "llama3-rope", "qwen2", "qwen3", "mistral", "llama-mqa", "qwen3-moe", "qwen3-moe-step2"]
+)
 def test_tp2_greedy_matches_transformers(
     name: str, tp_engine: Callable[..., LLM], reference: Callable[[str], Any]
 ) -> None:
