@@ -108,6 +108,7 @@ def test_engine_options_are_engine_config_fields() -> None:
         (["--attn", "flash"], "--attn"),
         (["--attn", "fi,fi,fi"], "--attn"),
         (["--cache", "lru"], "--cache"),
+        (["--moe-backend", "cutlass"], "--moe-backend"),
         (["--page-size", "3"], "--page-size"),
         (["--max-running-requests", "0"], "--max-running-requests"),
         (["--max-prefill-length", "-5"], "--max-prefill-length"),
@@ -138,6 +139,13 @@ def test_bad_value_names_the_flag(argv: list[str], flag: str, capsys: pytest.Cap
         parse_serve_args(argv)
     assert exit_info.value.code == 2
     assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_moe_backend_choices_are_the_engines() -> None:
+    from minisgl.core.config import MOE_BACKENDS
+    from minisgl.server import args
+
+    assert args.MOE_BACKENDS == MOE_BACKENDS  # kept twice only so that --help needs no torch
 
 
 def test_every_field_has_a_flag() -> None:
