@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from conftest import start_server, stop_cleanly
+from conftest import save_smollm2_tokenizer, start_server, stop_cleanly
 
 PROMPT = "The capital of France is"
 MAX_TOKENS = 12
@@ -18,14 +18,10 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def tiny_moe_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
-
-    from minisgl.core.model_source import resolve_model
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     directory = tmp_path_factory.mktemp("tiny-moe")
-    source = resolve_model("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
-    tokenizer.save_pretrained(directory)
+    tokenizer = save_smollm2_tokenizer(directory)
     config = Qwen3MoeConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

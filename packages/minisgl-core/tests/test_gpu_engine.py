@@ -68,19 +68,18 @@ def _configs() -> dict[str, object]:
     }
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama"])
-def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def save_random_bf16(config: object, directory: Path) -> Path:
+    """A seeded random bf16 model of `config` saved as safetensors in `directory`."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_configs()[request.param], dtype=torch.bfloat16)
-    directory = tmp_path_factory.mktemp(request.param)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(directory, safe_serialization=True)
-    yield directory
+    return directory
 
 
-@pytest.fixture(scope="module")
-def reference(model_dir: Path) -> Iterator[object]:
+def cuda_reference(model_dir: Path) -> Iterator[object]:
+    """transformers' model read back from model_dir onto the GPU (a fixture body: frees it after)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
@@ -88,6 +87,16 @@ def reference(model_dir: Path) -> Iterator[object]:
     del model
     gc.collect()
     torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_random_bf16(_configs()[request.param], tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Iterator[object]:
+    yield from cuda_reference(model_dir)
 
 
 def _prompts() -> list[list[int]]:

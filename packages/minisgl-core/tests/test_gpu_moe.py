@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_gpu_engine import _check_generated_logprobs, _engine
+from test_gpu_engine import _check_generated_logprobs, _engine, cuda_reference, save_random_bf16
 
 from minisgl.core import moe_ops
 
@@ -144,24 +144,12 @@ def _moe_config() -> object:
 
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_moe_config(), dtype=torch.bfloat16)
-    directory = tmp_path_factory.mktemp("qwen3-moe")
-    model.save_pretrained(directory, safe_serialization=True)
-    return directory
+    return save_random_bf16(_moe_config(), tmp_path_factory.mktemp("qwen3-moe"))
 
 
 @pytest.fixture(scope="module")
 def moe_reference(moe_dir: Path) -> Iterator[object]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.bfloat16).cuda().eval()
-    yield model
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    yield from cuda_reference(moe_dir)
 
 
 VARIANTS: dict[str, dict[str, object]] = {
