@@ -93,7 +93,7 @@ def torch_experts(
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # the (token, k) slots grouped by expert
     counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, flat.to(torch.int32), torch.ones_like(flat, dtype=torch.int32))
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # bincount would sync
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     sorted_x = x.index_select(0, order // top_k)
     hidden = grouped_mm(sorted_x, w13.transpose(1, 2), offsets, use_library)
