@@ -32,10 +32,9 @@ W13_ORDER = {"torch": GATE_FIRST, "flashinfer": UP_FIRST}
 
 
 def resolve_moe_backend(name: str, device: torch.device) -> str:
-    """The backend `name` runs as on `device`. auto is torch (grouped GEMMs) everywhere; flashinfer needs
-    CUDA and FlashInfer's fused MoE module."""
-    if name not in MOE_BACKENDS:
-        raise ValueError(f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {name!r}")
+    """The backend `name` (one of MOE_BACKENDS) runs as on `device`. auto is torch (grouped GEMMs)
+    everywhere; flashinfer needs CUDA and FlashInfer's fused MoE module."""
+    assert name in MOE_BACKENDS, f"EngineConfig.validate lets only {MOE_BACKENDS} through, got {name!r}"
     if name == "flashinfer":
         if device.type != "cuda":
             raise ValueError("moe_backend 'flashinfer' needs a CUDA device; use moe_backend='torch'")
