@@ -216,3 +216,93 @@ def test_second_turn_reuses_the_prefix_and_retraction_keeps_tokens(
     results = small.generate([r.prompt for r in refs], GREEDY, use_tqdm=False)
     assert [r.token_ids for r in results] == [r.output for r in refs]
     assert small.runtime.scheduler.num_retractions > 0
+
+
+# GGUF tensor names of llama.cpp's qwen3moe architecture, by the Hugging Face name they hold.
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.experts.down_proj": "ffn_down_exps.weight",
+}
+
+
+def _write_qwen3moe_gguf(model: Any, path: Path) -> None:
+    """The model's float32 weights and config as a qwen3moe GGUF file (no tokenizer). Every layer sparse:
+    GGUF metadata has no mlp_only_layers. transformers' GGUF reader takes the expert size from the config
+    default (768), so the model uses that size."""
+    import gguf
+
+    config = model.config
+    inter = config.moe_intermediate_size
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(1e6)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(inter)
+    writer.add_vocab_size(config.vocab_size)
+    for name, tensor in model.state_dict().items():
+        if name in _GGUF_NAMES:
+            writer.add_tensor(_GGUF_NAMES[name], tensor.numpy())
+            continue
+        layer, rest = name.split(".", 3)[2:]
+        if rest == "mlp.experts.gate_up_proj":  # llama.cpp keeps gate and up apart
+            writer.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", tensor[:, :inter].contiguous().numpy())
+            writer.add_tensor(f"blk.{layer}.ffn_up_exps.weight", tensor[:, inter:].contiguous().numpy())
+        else:
+            writer.add_tensor(f"blk.{layer}.{_GGUF_LAYER_NAMES[rest]}", tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_qwen3moe_gguf_file_matches_transformers(
+    moe_llm: Callable[..., LLM], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read through transformers' GGUF reader (which stacks the experts) and the GGUF cache's conversion."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        **{**tiny_models._COMMON, "num_hidden_layers": 2, "intermediate_size": 128},
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=768,
+        norm_topk_prob=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(9)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    _write_qwen3moe_gguf(model, tmp_path / "tiny-moe.gguf")
+    monkeypatch.setenv("MINISGL_GGUF_CACHE", str(tmp_path / "cache"))
+    llm = moe_llm(tmp_path / "tiny-moe.gguf")
+    for prompt in tiny_models.make_prompts(31, [4, 19]):
+        want = tiny_models.greedy_reference(model, prompt, 12)
+        got = llm.generate(
+            [prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+        )
+        assert got[0].token_ids == want.output
+        assert got[0].logprobs == pytest.approx(want.output_logprobs, abs=1e-4)
