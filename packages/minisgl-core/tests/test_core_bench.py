@@ -79,21 +79,11 @@ def test_bench_runs_a_moe_model_with_dummy_weights(
 ) -> None:
     """What `minisgl bench offline --model qwen3-30b-a3b --load-format dummy --moe-backend ...` does on a
     GPU, on a config-only Qwen3-MoE directory small enough for the CPU."""
-    from transformers import Qwen3MoeConfig
+    import tiny_models
 
-    Qwen3MoeConfig(
-        vocab_size=10_240,  # the workload's prompt ids go up to 10,000
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_experts=8,
-        num_experts_per_tok=2,
-        norm_topk_prob=True,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    ).save_pretrained(tmp_path)
+    spec = tiny_models.SPECS["qwen3-moe"]
+    # The workload's prompt ids go up to 10,000.
+    spec.config_cls(**{**tiny_models._COMMON, **spec.kwargs, "vocab_size": 10_240}).save_pretrained(tmp_path)
     bench.main(
         [
             "--model", str(tmp_path), "--load-format", "dummy", "--moe-backend", "torch",
