@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
+from minisgl.core.config import KV_CACHE_DTYPES
 from minisgl.core.model_source import DEFAULT_MODEL
 from minisgl.core.runtime import StepTiming
 
@@ -69,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="KV cache element type (default auto: the model's dtype; fp8_e4m3 halves the KV bytes)",
+    )
+    parser.add_argument(
         "--page-size", type=int, default=None, help="tokens per KV page (default: 16 on CUDA, 1 on the CPU)"
     )
     parser.add_argument("--max-running-requests", type=int, default=256)
@@ -121,6 +128,7 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> float:
         args.model,
         device=args.device,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         page_size=args.page_size,
         max_running_requests=args.max_running_requests,
         max_prefill_tokens=args.max_prefill_tokens,
