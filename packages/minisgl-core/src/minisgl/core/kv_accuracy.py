@@ -68,12 +68,26 @@ def _score(llm: LLM, prompts: list[list[int]], reference: list[list[int]] | None
     return _Scores(free, scored, next_tokens)
 
 
-def _release(llm: LLM) -> None:
-    llm.shutdown()
+def _run(
+    model: str,
+    kv_cache_dtype: str,
+    prompts: list[list[int]] | None,
+    reference: list[list[int]] | None,
+    shape: tuple[int, int, int],
+    engine_options: dict[str, Any],
+) -> tuple[list[list[int]], _Scores]:
+    """One engine, released before returning so that two never share the GPU's memory. Without prompts,
+    draws shape = (num_prompts, prompt_len, gen_len)'s prompts from the model's vocabulary."""
+    num_prompts, prompt_len, gen_len = shape
+    with LLM(model, kv_cache_dtype=kv_cache_dtype, **engine_options) as llm:
+        if prompts is None:
+            prompts = random_prompts(num_prompts, prompt_len, llm.model_config.vocab_size)
+        scores = _score(llm, prompts, reference, gen_len)
     del llm
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return prompts, scores
 
 
 def measure(
@@ -86,13 +100,9 @@ def measure(
 ) -> KVAccuracy:
     """Compare kv_cache_dtype with the model's own dtype ("auto") on the same prompts; the engines run one
     after the other (engine_options: the other EngineConfig fields, the same for both)."""
-    reference_llm = LLM(model, kv_cache_dtype="auto", **engine_options)
-    prompts = random_prompts(num_prompts, prompt_len, reference_llm.model_config.vocab_size)
-    reference = _score(reference_llm, prompts, None, gen_len)
-    _release(reference_llm)
-    test_llm = LLM(model, kv_cache_dtype=kv_cache_dtype, **engine_options)
-    tested = _score(test_llm, prompts, reference.greedy, gen_len)
-    _release(test_llm)
+    shape = (num_prompts, prompt_len, gen_len)
+    prompts, reference = _run(model, "auto", None, None, shape, engine_options)
+    _, tested = _run(model, kv_cache_dtype, prompts, reference.greedy, shape, engine_options)
 
     diffs = torch.tensor(
         [
