@@ -15,6 +15,7 @@ FLAGS = [
     "--port",
     "--device",
     "--dtype",
+    "--kv-cache-dtype",
     "--tp",
     "--attn",
     "--cache",
@@ -89,6 +90,16 @@ def test_values_are_parsed() -> None:
     assert options["attn"] == "fa3,fi" and options["mix_decode_into_prefill"] is True
 
 
+def test_kv_cache_dtype_reaches_the_engine() -> None:
+    from minisgl.core.config import KV_CACHE_DTYPES
+    from minisgl.server.args import KV_CACHE_DTYPES as FLAG_CHOICES
+
+    assert FLAG_CHOICES == KV_CACHE_DTYPES  # the flag offers exactly what the engine accepts
+    args = parse_serve_args(["--kv-cache-dtype", "fp8_e4m3", "--attn", "fi"])
+    assert args.engine_options()["kv_cache_dtype"] == "fp8_e4m3"
+    assert ServerArgs().engine_options()["kv_cache_dtype"] == "auto"
+
+
 def test_engine_options_are_engine_config_fields() -> None:
     from minisgl.core.config import EngineConfig
 
@@ -104,6 +115,8 @@ def test_engine_options_are_engine_config_fields() -> None:
         (["--port", "abc"], "--port"),
         (["--device", "tpu"], "--device"),
         (["--dtype", "int3"], "--dtype"),
+        (["--kv-cache-dtype", "int8"], "--kv-cache-dtype"),
+        (["--kv-cache-dtype", "fp8_e4m3", "--attn", "fa3,fi"], "--attn"),
         (["--tp", "0"], "--tp"),
         (["--attn", "flash"], "--attn"),
         (["--attn", "fi,fi,fi"], "--attn"),

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from minisgl.core.config import MOE_BACKENDS
+from minisgl.core.config import KV_CACHE_DTYPES, MOE_BACKENDS
 from minisgl.core.model_source import BUNDLED_CONFIGS, DEFAULT_MODEL
 from minisgl.core.runtime import StepTiming
 
@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="KV cache element type (default auto: the model's dtype; fp8_e4m3 halves the KV bytes)",
+    )
     parser.add_argument(
         "--page-size", type=int, default=None, help="tokens per KV page (default: 16 on CUDA, 1 on the CPU)"
     )
@@ -128,6 +134,7 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> float:
         args.model,
         device=args.device,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         page_size=args.page_size,
         max_running_requests=args.max_running_requests,
         max_prefill_tokens=args.max_prefill_tokens,

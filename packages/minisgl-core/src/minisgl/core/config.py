@@ -207,6 +207,17 @@ def parse_dtype(
     return _DTYPES[name]
 
 
+# KV cache element types: "auto" is the model's dtype; fp8_e4m3 stores K and V in one byte each, scaled
+# per layer (FlashInfer attention on CUDA; the torch backend dequantizes them).
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8_e4m3")
+_KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def parse_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's dtype for a kv_cache_dtype that EngineConfig.validate accepted."""
+    return model_dtype if name == "auto" else _KV_DTYPES[name]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -246,6 +257,10 @@ class EngineConfig:
     mix_decode_into_prefill: bool = True
     # Overlap scheduling (prepare step N+1 while step N runs); also off with MINISGL_DISABLE_OVERLAP_SCHEDULING=1.
     disable_overlap: bool = False
+    # KV cache element type: auto (the model's dtype), bfloat16, float16, or fp8_e4m3 (one byte per
+    # element, so twice the pages in the same memory; K and V scaled per layer, 1.0 unless the checkpoint
+    # carries k_scale / v_scale).
+    kv_cache_dtype: str = "auto"
     # Decode CUDA graphs up to this batch size; None: min(256, max_running_requests); 0 disables them.
     cuda_graph_max_bs: int | None = None
     seed: int = 0
@@ -273,6 +288,10 @@ class EngineConfig:
             )
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {self.cuda_graph_max_bs}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
         if self.cache not in ("radix", "naive"):
             raise ValueError(f"cache must be radix or naive, got {self.cache!r}")
         if self.moe_backend not in MOE_BACKENDS:

@@ -23,6 +23,7 @@ from minisgl.core.config import (
     default_page_size,
     pages_for,
     parse_dtype,
+    parse_kv_cache_dtype,
     resolve_device,
 )
 from minisgl.core.cuda_graph import DecodeGraphRunner
@@ -156,6 +157,7 @@ class Runtime:
         self.model_config = _with_tokenizer_eos(load_model_config(source, hf_config), self.tokenizer)
         self.model_config.check_tp(config.tp_size)
         self.dtype = parse_dtype(config.dtype, self.model_config.checkpoint_dtype, self.device)
+        self.kv_dtype = parse_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         self.max_seq_len = min(config.max_seq_len or 1 << 62, self.model_config.max_position_embeddings)
         init_distributed(tp_rank, config.tp_size, dist_init_address or "", self.device)
         try:
@@ -187,9 +189,10 @@ class Runtime:
             self.page_size,
             self.model_config.local_kv_heads(config.tp_size),
             self.model_config.head_dim,
-            self.dtype,
+            self.kv_dtype,
             self.device,
         )
+        self._use_checkpoint_kv_scales(model_module)
         self.tables = RequestTables(
             config.max_running_requests, self.max_seq_len, self.page_size, self.device
         )
@@ -213,7 +216,7 @@ class Runtime:
         self.max_in_flight = 2 if overlap else 1
         self.in_flight: deque[Launched] = deque()
         logger.info(
-            "loaded %s (%s%s) on %s in %s: %d KV pages of %d tokens, %s cache, context %d, in %.1f s",
+            "loaded %s (%s%s) on %s in %s: %d KV pages of %d tokens in %s, %s cache, context %d, in %.1f s",
             source.name,
             self.model_config.architecture,
             f", TP rank {self.tp.rank} of {self.tp.size}" if self.tp.size > 1 else "",
@@ -221,6 +224,7 @@ class Runtime:
             self.dtype,
             num_pages,
             self.page_size,
+            self.kv_dtype,
             config.cache,
             self.max_seq_len,
             time.perf_counter() - started,
@@ -234,6 +238,7 @@ class Runtime:
             cfg.local_kv_heads(tp),
             cfg.head_dim,
             self.dtype,
+            self.kv_dtype,
             self.device,
             self.page_size,
         )
@@ -250,12 +255,26 @@ class Runtime:
             engine.graphs.capture()
         return engine
 
+    def _use_checkpoint_kv_scales(self, model: DecoderForCausalLM) -> None:
+        """An FP8 pool takes the checkpoint's per-layer k/v scales (1.0 for a layer without one)."""
+        found = model.kv_scales
+        if not found["k"] and not found["v"]:
+            return
+        if not self.kv_pool.quantized:
+            logger.info("the checkpoint's KV cache scales are unused: the KV cache is %s", self.kv_dtype)
+            return
+        layers = range(self.model_config.num_layers)
+        self.kv_pool.set_scales(
+            [found["k"].get(i, 1.0) for i in layers], [found["v"].get(i, 1.0) for i in layers]
+        )
+        logger.info("FP8 KV cache scales from the checkpoint for %d layers", len(found["k"]))
+
     def _num_kv_pages(self) -> int:
         if self.config.num_kv_pages is not None:
             return self.config.num_kv_pages
         cfg = self.model_config
         per_token = KVPool.bytes_per_token(
-            cfg.num_layers, cfg.local_kv_heads(self.config.tp_size), cfg.head_dim, self.dtype
+            cfg.num_layers, cfg.local_kv_heads(self.config.tp_size), cfg.head_dim, self.kv_dtype
         )
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)

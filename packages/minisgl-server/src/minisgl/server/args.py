@@ -19,6 +19,12 @@ DEFAULT_PORT = 1919
 ATTENTION_BACKENDS = ("torch", "fi", "fa3")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+KV_CACHE_DTYPES = (
+    "auto",
+    "bfloat16",
+    "float16",
+    "fp8_e4m3",
+)  # minisgl.core.config's (a test keeps them equal)
 CACHES = ("radix", "naive")
 MOE_BACKENDS = ("auto", "torch", "flashinfer")  # minisgl.core.config's, kept here so --help needs no torch
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -34,6 +40,7 @@ class ServerArgs:
     # engine
     device: str = "auto"
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     tp: int = 1
     # several machines: node 0 serves HTTP; the ranks of every node meet at dist_init_addr (host:port)
     nnodes: int = 1
@@ -72,6 +79,7 @@ class ServerArgs:
         return {
             "device": self.device,
             "dtype": self.dtype,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "page_size": self.page_size,
             "max_running_requests": self.max_running_requests,
             "max_prefill_tokens": self.max_prefill_length,
@@ -113,6 +121,12 @@ class ServerArgs:
             return (
                 "--dist-init-addr",
                 "is required with --nnodes > 1 (node 0's HOST:PORT, the same on every node)",
+            )
+        if self.kv_cache_dtype == "fp8_e4m3" and "fa3" in self.attn.split(","):
+            return (
+                "--attn",
+                "fa3 cannot read an FP8 KV cache (FlashInfer's FA3 kernels need FP8 queries for it); "
+                "use fi or auto with --kv-cache-dtype fp8_e4m3",
             )
         if self.tp > 1 and self.device.startswith("cuda:"):
             return (
@@ -243,6 +257,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         type=_choice(DTYPES),
         default=d.dtype,
         help="auto (float32 on CPU, the checkpoint's half type on GPU), float32, bfloat16 or float16",
+    )
+    group.add_argument(
+        "--kv-cache-dtype",
+        type=_choice(KV_CACHE_DTYPES),
+        default=d.kv_cache_dtype,
+        help="KV cache element type: auto (the model's dtype), bfloat16, float16, or fp8_e4m3 (one byte "
+        "per element: twice the KV pages; scales from the checkpoint's k_scale/v_scale, else 1.0)",
     )
     group.add_argument(
         "--tp", "--tp-size", type=int_at_least(1), default=d.tp, help="tensor-parallel ranks (default 1)"

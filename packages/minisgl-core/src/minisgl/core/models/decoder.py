@@ -5,6 +5,7 @@ place of the MLP in some layers (Qwen3-MoE)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -129,6 +130,9 @@ _MERGED = {
 }
 # Checkpoint tensors that carry no weights we use.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Per-layer FP8 KV cache scales of quantized checkpoints: `self_attn.k_scale`, or under a submodule
+# (`self_attn.k_proj.k_scale`, `self_attn.attn.k_scale`); of per-head scales the layer takes the largest.
+_KV_SCALE = re.compile(r"model\.layers\.(?P<layer>\d+)\.self_attn\.(?:\w+\.)?(?P<kind>[kv])_scale")
 
 
 class DecoderForCausalLM(nn.Module):
@@ -138,6 +142,8 @@ class DecoderForCausalLM(nn.Module):
         self.config = config
         self.model = DecoderModel(config, moe_backend)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        # The checkpoint's KV cache scales, if it has any: {"k": {layer: scale}, "v": {...}}.
+        self.kv_scales: dict[str, dict[int, float]] = {"k": {}, "v": {}}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Returns the final hidden states, one row per input token; see compute_logits."""
@@ -154,6 +160,10 @@ class DecoderForCausalLM(nn.Module):
         unused: list[str] = []
         for name, tensor in tensors:
             if name.endswith(_IGNORED_SUFFIXES):
+                continue
+            scale = _KV_SCALE.fullmatch(name)
+            if scale is not None:
+                self.kv_scales[scale["kind"]][int(scale["layer"])] = float(tensor[...].float().max())
                 continue
             target = self._route(name)
             if target is None or target[0] not in modules:
