@@ -232,10 +232,7 @@ async def completions(request: Request) -> Response:
 async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec]) -> Response:
     _check_api_key(request)
     state = _state(request)
-    try:
-        spec = parse(await _json_body(request), state.model_name)
-    except ValueError as exc:  # SamplingParams' own checks
-        raise ApiError(400, str(exc), str(exc).split(" ", 1)[0]) from None
+    spec = parse(await _json_body(request), state.model_name)
     requests = _engine_requests(state.client, spec)
     try:
         generation = state.client.submit(requests)

@@ -191,6 +191,14 @@ def _token_ids(value: Any, name: str) -> list[int]:
     return value
 
 
+def _sampling_params(**fields: Any) -> SamplingParams:
+    """SamplingParams' own checks (those that span fields) as 400s naming the field they start with."""
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), str(exc).split(" ", 1)[0]) from None
+
+
 def _string(body: dict[str, Any], name: str) -> str | None:
     value = body.get(name)
     if value is not None and not isinstance(value, str):
@@ -342,13 +350,13 @@ def _common(
     _string(body, "user")
     if not isinstance(body.get("metadata", {}), (dict, type(None))):
         raise ApiError(400, "'metadata' must be an object", "metadata")
-    params = SamplingParams(
+    params = _sampling_params(
         # With no max_tokens the scheduler fills in the rest of the context; until then, a placeholder
         # that min_tokens fits under.
         max_tokens=max_tokens or max(1, min_tokens),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=-1 if top_k in (0, -1) else top_k,  # type: ignore[arg-type]
+        top_k=-1 if top_k in (0, -1) else top_k,
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
         seed=_integer(body, "seed", None, -(2**63), 2**63 - MAX_N - 1),
         stop_token_ids=_token_ids(stop_token_ids, "stop_token_ids") if stop_token_ids is not None else None,
