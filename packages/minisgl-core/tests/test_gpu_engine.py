@@ -227,6 +227,42 @@ def test_prompt_logprobs_match_transformers(model_dir: Path, reference: object) 
     torch.cuda.empty_cache()
 
 
+def test_logit_bias_min_tokens_and_prompt_top_logprobs(model_dir: Path, reference: object) -> None:
+    """On the device, with decode CUDA graphs: the bias and the min_tokens mask act on their own rows only,
+    and the prompt's top alternatives are transformers' (within the bf16 bounds)."""
+    llm = _engine(model_dir)
+    prompts = _prompts()[:4]
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = [r.token_ids for r in llm.generate(prompts, plain)]
+    eos = 2  # the test configs' EOS
+    params = [
+        plain,
+        SamplingParams(temperature=0, max_tokens=12, logit_bias={77: 100.0}),
+        SamplingParams(temperature=0, max_tokens=12, min_tokens=7, logit_bias={eos: 100.0}),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=12, logit_bias={eos: 100.0}, min_tokens=4),
+    ]
+    unchanged, forced, held, sampled = llm.generate(prompts, params)
+    # Compared while both batches hold the same four rows (bf16 results may differ once the shapes do).
+    assert unchanged.token_ids[:5] == alone[0][:5]
+    assert forced.token_ids == [77] * 12
+    assert held.token_ids == [*held.token_ids[:7], eos] and eos not in held.token_ids[:7]
+    assert len(sampled.token_ids) == 5 and sampled.token_ids[-1] == eos
+    scored = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=1, logprobs=3, prompt_logprobs=True)
+    )
+    for prompt, result in zip(prompts, scored, strict=True):
+        ref = _reference_logprobs(reference, prompt)
+        tops = result.prompt_top_logprobs
+        assert tops is not None and tops[0] is None and len(tops) == len(prompt)
+        for p, top in enumerate(tops[1:]):
+            assert top is not None and len(top) == 3
+            best = float(ref[p].max())
+            assert max(top.values()) == pytest.approx(best, abs=MAX_ABS), p
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def test_random_aborts_and_arrivals_keep_integrity(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MINISGL_DEBUG_CHECKS", "1")
     llm = _engine(model_dir, num_kv_pages=1200, page_size=16, max_running_requests=32)

@@ -140,6 +140,7 @@ class LLM:
             logprobs=list(req.output_logprobs) if wants_logprobs else None,
             top_logprobs=list(req.output_top_logprobs) if wants_logprobs else None,
             prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs else None,
+            prompt_top_logprobs=list(req.prompt_top_logprobs) if req.params.prompt_logprobs else None,
         )
 
     def _text(self, req: Request) -> str:

@@ -243,7 +243,15 @@ class Runtime:
             self.page_size,
         )
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        engine = Engine(model, self.kv_pool, self.tables, backend, self.device, generator)
+        engine = Engine(
+            model,
+            self.kv_pool,
+            self.tables,
+            backend,
+            self.device,
+            generator,
+            eos_token_ids=frozenset(self.model_config.eos_token_ids),
+        )
         max_graph_bs = self.config.cuda_graph_max_bs
         if max_graph_bs is None:
             max_graph_bs = min(256, self.config.max_running_requests)
@@ -297,6 +305,10 @@ class Runtime:
         for token in prompt_ids:
             if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
                 raise ValueError(f"token id {token!r} is outside the vocabulary [0, {vocab})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            outside = [token for token in ids or () if token >= vocab]
+            if outside:
+                raise ValueError(f"{name} holds token id {outside[0]}, outside the vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
@@ -378,12 +390,14 @@ class Runtime:
         batch, output = launched.batch, launched.pending.wait()
         host_wait = launch_wait + time.perf_counter() - waiting_since
         live = [c.req.finish_reason is None for c in batch.chunks]
-        for chunk, alive, prompt_logprobs, logprob, top in zip(
-            batch.chunks, live, output.prompt_logprobs, output.logprobs, output.top_logprobs, strict=True
+        for i, (chunk, alive, logprob, top) in enumerate(
+            zip(batch.chunks, live, output.logprobs, output.top_logprobs, strict=True)
         ):
             if not alive:
                 continue
-            _record_prompt_logprobs(chunk.req, chunk.start, prompt_logprobs)
+            _record_prompt_logprobs(
+                chunk.req, chunk.start, output.prompt_logprobs[i], output.prompt_top_logprobs[i]
+            )
             if logprob is not None:
                 chunk.req.output_logprobs.append(logprob)
                 chunk.req.output_top_logprobs.append(top or {})
@@ -444,15 +458,19 @@ class Runtime:
         }
 
 
-def _record_prompt_logprobs(req: Request, start: int, values: list[float]) -> None:
-    """Append the logprobs of prompt tokens start+1 ... that the request does not have yet (a retracted
-    request recomputes positions it already reported)."""
+def _record_prompt_logprobs(
+    req: Request, start: int, values: list[float], tops: list[dict[int, float]]
+) -> None:
+    """Append the logprobs (and top alternatives) of prompt tokens start+1 ... that the request does not
+    have yet (a retracted request recomputes positions it already reported)."""
     if not req.params.prompt_logprobs:
         return
     if not req.prompt_logprobs:
         req.prompt_logprobs.append(None)
-    already = len(req.prompt_logprobs) - (start + 1)
-    req.prompt_logprobs.extend(values[max(0, already) :])
+        req.prompt_top_logprobs.append(None)
+    already = max(0, len(req.prompt_logprobs) - (start + 1))
+    req.prompt_logprobs.extend(values[already:])
+    req.prompt_top_logprobs.extend(tops[already:])
 
 
 def _rank_device(device: torch.device, rank: int, tp_size: int) -> torch.device:

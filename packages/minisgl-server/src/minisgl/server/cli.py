@@ -25,12 +25,15 @@ from minisgl.server.args import (
     args_from_namespace,
     checked,
 )
+from minisgl.server.versions import package_versions, server_version
 
 SHELL_FLAGS = ("--shell", "--shell-mode")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minisgl", description="minisgl: a compact LLM inference engine.")
+    versions = ", ".join(f"{name.removeprefix('minisgl-')} {v}" for name, v in package_versions().items())
+    parser.add_argument("--version", action="version", version=f"minisgl {server_version()} ({versions})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     generate = commands.add_parser(
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--") and argv[0] != "--help":
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "--version"):
         return _mini_sglang_style(argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)

@@ -23,15 +23,24 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from minisgl.core import messages as msg
-from minisgl.server.api.protocol import ApiError, GenerationSpec, parse_chat, parse_completion
+from minisgl.server.api.protocol import (
+    ApiError,
+    GenerationSpec,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+)
 from minisgl.server.api.responses import ResponseBuilder
 from minisgl.server.engine_client import EngineClient, EngineError, EngineGone, Generation
 from minisgl.server.metrics import Metrics
+from minisgl.server.versions import package_versions, server_version
 
 logger = logging.getLogger("minisgl.server.api")
 
 HEALTH_TIMEOUT_S = 5.0
 METRICS_STATS_TIMEOUT_S = 5.0
+TOKENIZER_TIMEOUT_S = 30.0
 T = TypeVar("T")
 
 
@@ -62,6 +71,9 @@ def build_app(state: ServerState) -> Starlette:
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/version", version, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
@@ -171,6 +183,41 @@ async def get_model(request: Request) -> Response:
     return JSONResponse(_model_card(state))
 
 
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": server_version(), "packages": package_versions()})
+
+
+async def tokenize(request: Request) -> Response:
+    """vLLM's and SGLang's /tokenize: {"tokens": [...], "count": n, "max_model_len": context}."""
+    _check_api_key(request)
+    state = _state(request)
+    query = parse_tokenize(await _json_body(request), state.model_name)
+    result = await _tokenizer_query(state, query, "messages" if query.messages is not None else "prompt")
+    return JSONResponse({**result, "max_model_len": state.context_length})
+
+
+async def detokenize(request: Request) -> Response:
+    """{"tokens": [...]} -> {"prompt": text}."""
+    _check_api_key(request)
+    state = _state(request)
+    query = parse_detokenize(await _json_body(request), state.model_name)
+    return JSONResponse(await _tokenizer_query(state, query, "tokens"))
+
+
+async def _tokenizer_query(
+    state: ServerState, query: msg.TokenizeQuery | msg.DetokenizeQuery, param: str
+) -> dict[str, Any]:
+    try:
+        reply = await state.client.tokenizer_query(query, TOKENIZER_TIMEOUT_S)
+    except TimeoutError:
+        raise ApiError(503, "the tokenizer did not answer in time", code="engine_unavailable") from None
+    except EngineError as exc:
+        raise ApiError(exc.status, exc.message, exc.param, exc.code) from None
+    if reply.error is not None:
+        raise ApiError(400, reply.error, param)
+    return reply.result
+
+
 # ---- generation -------------------------------------------------------------------------------------------
 
 
@@ -185,10 +232,7 @@ async def completions(request: Request) -> Response:
 async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec]) -> Response:
     _check_api_key(request)
     state = _state(request)
-    try:
-        spec = parse(await _json_body(request), state.model_name)
-    except ValueError as exc:  # SamplingParams' own checks
-        raise ApiError(400, str(exc), str(exc).split(" ", 1)[0]) from None
+    spec = parse(await _json_body(request), state.model_name)
     requests = _engine_requests(state.client, spec)
     try:
         generation = state.client.submit(requests)
@@ -239,6 +283,8 @@ def _engine_requests(client: EngineClient, spec: GenerationSpec) -> list[msg.Gen
                     max_tokens_auto=spec.max_tokens_auto,
                     stop=spec.stop,
                     skip_special_tokens=spec.skip_special_tokens,
+                    echo=spec.echo,
+                    score_only=spec.score_only,
                 )
             )
     return requests
