@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from bad_requests import BadRequest, load_corpus
 from starlette.testclient import TestClient
 
 from minisgl.core import messages as msg
@@ -390,3 +391,63 @@ def test_a_stream_that_falls_behind_catches_up_in_merged_chunks(chat: bool) -> N
     assert text == {0: expected, 1: expected} and finish == {0: "length", 1: "length"}
     assert token_chunks < 2 * 20  # the 19 late tokens of each choice did not each get a chunk
     assert events[-1]["usage"]["completion_tokens"] == 40
+
+
+# ---- bad input: the corpus, body limits ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [b for b in load_corpus(MODEL) if not b.engine], ids=str)
+def test_bad_request_corpus(bad: BadRequest) -> None:
+    http, fake = make()
+    response = http.post(bad.path, content=bad.content, headers={"content-type": "application/json"})
+    assert response.status_code == bad.status, response.text[:300]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if bad.param is not None:
+        assert error["param"] == bad.param, error
+    assert not fake.submitted
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read() -> None:
+    fake = FakeClient()
+    app = build_app(ServerState(fake, model_name=MODEL, model_path="x", max_request_bytes=1000))  # type: ignore[arg-type]
+    http = TestClient(app)
+    assert http.post("/v1/chat/completions", json={**CHAT, "stop": "x" * 900}).status_code == 200
+    big = json.dumps({**CHAT, "stop": "x" * 1000}).encode()
+    response = http.post("/v1/chat/completions", content=big)
+    assert response.status_code == 413 and "--max-request-bytes" in response.json()["error"]["message"]
+
+    def chunked() -> Any:  # no Content-Length: the limit holds while reading
+        yield big[:600]
+        yield big[600:]
+
+    assert http.post("/v1/completions", content=chunked()).status_code == 413
+    assert len(fake.submitted) == 1
+
+
+def test_a_prompt_far_beyond_the_context_is_refused_before_tokenizing() -> None:
+    fake = FakeClient()
+    state = ServerState(fake, model_name=MODEL, model_path="x", context_length=64, longest_token=4)  # type: ignore[arg-type]
+    http = TestClient(build_app(state))
+    response = http.post("/v1/completions", json={"prompt": ["ok", "x" * 256]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    chat = {
+        **CHAT,
+        "messages": [{"role": "user", "content": "x" * 200}, {"role": "user", "content": "y" * 56}],
+    }
+    response = http.post("/v1/chat/completions", json=chat)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    assert http.post("/v1/completions", json={"prompt": "x" * 255}).status_code == 200  # maybe 63 tokens
+    assert len(fake.submitted) == 1
+
+
+def test_generation_config_defaults_fill_only_what_the_request_leaves_out() -> None:
+    fake = FakeClient()
+    defaults = {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
+    state = ServerState(fake, model_name=MODEL, model_path="x", sampling_defaults=defaults)  # type: ignore[arg-type]
+    http = TestClient(build_app(state))
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert http.post("/v1/completions", json={"prompt": "x", "temperature": 0, "top_k": None}).status_code == 200
+    first, second = (group[0].params for group in fake.submitted)
+    assert (first.temperature, first.top_p, first.top_k) == (0.6, 0.9, 20)
+    assert (second.temperature, second.top_p, second.top_k) == (0.0, 0.9, 20)

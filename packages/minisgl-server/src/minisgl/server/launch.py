@@ -48,6 +48,12 @@ class EngineProcesses:
         info: dict[str, Any] = self.loaded.get("minisgl-scheduler-0", {})
         return info
 
+    @property
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What the first tokenizer worker reported (every worker loads the same tokenizer)."""
+        info: dict[str, Any] = next((v for k, v in self.loaded.items() if k.startswith("minisgl-tok")), {})
+        return info
+
     def dead_child(self) -> BaseProcess | None:
         for process in self.processes:
             if not process.is_alive():

@@ -58,7 +58,7 @@ class Metrics:
         self.generation_tokens = 0
         self.cached_tokens = 0
         self.finished: Counter[str] = Counter()
-        self.rejected: Counter[int] = Counter()
+        self.rejected: Counter[tuple[int, str]] = Counter()  # (HTTP status, reason)
         self.ttft = Histogram("time_to_first_token_seconds", "Time from request arrival to its first token.")
         self.tpot = Histogram(
             "time_per_output_token_seconds", "Mean time between output tokens of a request."
@@ -84,9 +84,10 @@ class Metrics:
         with self.lock:
             self.finished["abort"] += count
 
-    def request_rejected(self, status: int) -> None:
+    def request_rejected(self, status: int, reason: str) -> None:
+        """A request answered with an error status (4xx or 5xx); reason is the error's code or type."""
         with self.lock:
-            self.rejected[status] += 1
+            self.rejected[status, reason] += 1
 
     def render(self, stats: dict[str, Any] | None) -> str:
         labels = self.labels
@@ -159,10 +160,10 @@ class Metrics:
                     "request_success_total", "counter", "Finished requests by finish reason.",
                     self.finished[reason], f',finished_reason="{reason}"',
                 )  # fmt: skip
-            for status in sorted(self.rejected):
+            for status, reason in sorted(self.rejected):
                 metric(
-                    "request_rejected_total", "counter", "Requests refused, by HTTP status.",
-                    self.rejected[status], f',status="{status}"',
+                    "request_rejected_total", "counter", "Requests answered with an error, by status and reason.",
+                    self.rejected[status, reason], f',status="{status}",reason="{_escape(reason)}"',
                 )  # fmt: skip
             for histogram in (self.ttft, self.tpot, self.e2e):
                 lines.extend(histogram.render(labels))

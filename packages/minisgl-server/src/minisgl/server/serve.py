@@ -146,6 +146,9 @@ async def _serve(args: ServerArgs, engine: EngineProcesses) -> int:
         context_length=info.get("context_length"),
         api_key=args.api_key,
         log_requests=args.log_requests,
+        max_request_bytes=args.max_request_bytes,
+        longest_token=engine.tokenizer_info.get("longest_token"),
+        sampling_defaults=engine.tokenizer_info.get("sampling_defaults") or {},
     )
     config = Config()
     config.bind = [_bind_address(args.host, args.port)]

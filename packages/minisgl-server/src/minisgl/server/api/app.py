@@ -23,8 +23,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from minisgl.core import messages as msg
+from minisgl.server.api.body import read_json
+from minisgl.server.api.prompt_size import check_prompt_size
 from minisgl.server.api.protocol import ApiError, GenerationSpec, parse_chat, parse_completion
 from minisgl.server.api.responses import ResponseBuilder
+from minisgl.server.api.sampling_defaults import apply_sampling_defaults
+from minisgl.server.args import DEFAULT_MAX_REQUEST_BYTES
 from minisgl.server.engine_client import EngineClient, EngineError, EngineGone, Generation
 from minisgl.server.metrics import Metrics
 
@@ -43,6 +47,10 @@ class ServerState:
     context_length: int | None = None
     api_key: str | None = None
     log_requests: bool = False
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    longest_token: int | None = None  # characters of the vocabulary's longest token
+    # the model's generation_config.json values for sampling fields a request leaves out
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
     started: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)
 
@@ -79,24 +87,28 @@ def _state(request: Request) -> ServerState:
 # ---- errors -----------------------------------------------------------------------------------------------
 
 
-def error_response(error: ApiError) -> JSONResponse:
+def error_response(request: Request, error: ApiError) -> JSONResponse:
+    """The OpenAI-style error body; every error answered is counted in /metrics by status and reason."""
+    _state(request).metrics.request_rejected(error.status, error.code or error.type)
     return JSONResponse(error.body(), status_code=error.status)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc)
+    return error_response(request, exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = "not found" if exc.status_code == 404 else exc.detail
-    return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {message}"))
+    return error_response(
+        request, ApiError(exc.status_code, f"{request.method} {request.url.path}: {message}")
+    )
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     logger.exception("internal error on %s %s", request.method, request.url.path)
-    return error_response(ApiError(500, f"internal server error: {type(exc).__name__}"))
+    return error_response(request, ApiError(500, f"internal server error: {type(exc).__name__}"))
 
 
 def _check_api_key(request: Request) -> None:
@@ -105,20 +117,6 @@ def _check_api_key(request: Request) -> None:
         raise ApiError(
             401, "invalid or missing API key (send `Authorization: Bearer KEY`)", code="invalid_api_key"
         )
-
-
-async def _json_body(request: Request) -> Any:
-    data = await request.body()
-    if not data.strip():
-        raise ApiError(400, "the request body is empty; send a JSON object")
-    try:
-        return json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 # ---- simple routes --------------------------------------------------------------------------------------
@@ -186,24 +184,25 @@ async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec
     _check_api_key(request)
     state = _state(request)
     try:
-        spec = parse(await _json_body(request), state.model_name)
+        body = await read_json(request, state.max_request_bytes)
+        spec = parse(body, state.model_name)
     except ValueError as exc:  # SamplingParams' own checks
         raise ApiError(400, str(exc), str(exc).split(" ", 1)[0]) from None
+    apply_sampling_defaults(body, spec, state.sampling_defaults)
+    check_prompt_size(spec, state.context_length, state.longest_token)
     requests = _engine_requests(state.client, spec)
     try:
         generation = state.client.submit(requests)
     except EngineError as exc:
-        state.metrics.request_rejected(exc.status)
         raise ApiError(exc.status, exc.message, exc.param, exc.code) from None
     run = _Run(state, spec, generation, time.perf_counter())
     streaming = False
     try:
         first = await _unless_disconnected(request, generation.next_event())
         if isinstance(first, msg.RequestError):
-            state.metrics.request_rejected(first.status)
-            return error_response(ApiError(first.status, first.message, first.param, first.code))
+            raise ApiError(first.status, first.message, first.param, first.code)
         if isinstance(first, EngineGone):
-            return error_response(ApiError(503, first.reason, code="engine_unavailable"))
+            raise ApiError(503, first.reason, code="engine_unavailable")
         run.accept(first)
         if spec.stream:
             streaming = True  # from here on, the stream closes the generation
@@ -215,7 +214,7 @@ async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec
         run.close()
         return Response(status_code=499)
     except EngineError as exc:
-        return error_response(ApiError(exc.status, exc.message, exc.param, exc.code))
+        raise ApiError(exc.status, exc.message, exc.param, exc.code) from None
     finally:
         if not streaming:
             generation.close()
