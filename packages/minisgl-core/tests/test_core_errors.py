@@ -171,3 +171,10 @@ def test_tensor_core_decode_rule() -> None:
     assert use_tensor_core_decode(group_size=2, page_size=16, kernels="fa2")
     assert use_tensor_core_decode(group_size=8, page_size=1, kernels="fa2")
     assert use_tensor_core_decode(group_size=1, page_size=1, kernels="fa3")
+
+
+def test_a_context_length_above_the_models_is_refused(tiny_model_dir: Callable[[str], Any]) -> None:
+    from minisgl.core import LLM
+
+    with pytest.raises(ValueError, match=f"--context-length.*maximum of {MAX_POSITIONS} tokens"):
+        LLM(str(tiny_model_dir(MODEL)), device="cpu", max_seq_len=MAX_POSITIONS + 1)
