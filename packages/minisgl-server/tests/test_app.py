@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -447,7 +448,47 @@ def test_generation_config_defaults_fill_only_what_the_request_leaves_out() -> N
     state = ServerState(fake, model_name=MODEL, model_path="x", sampling_defaults=defaults)  # type: ignore[arg-type]
     http = TestClient(build_app(state))
     assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
-    assert http.post("/v1/completions", json={"prompt": "x", "temperature": 0, "top_k": None}).status_code == 200
+    assert (
+        http.post("/v1/completions", json={"prompt": "x", "temperature": 0, "top_k": None}).status_code == 200
+    )
     first, second = (group[0].params for group in fake.submitted)
     assert (first.temperature, first.top_p, first.top_k) == (0.6, 0.9, 20)
     assert (second.temperature, second.top_p, second.top_k) == (0.0, 0.9, 20)
+
+
+def test_metrics_split_kv_use_count_errors_and_say_when_the_scheduler_is_silent() -> None:
+    http, fake = make()
+    fake.stats_reply = {
+        "num_running": 1, "num_waiting": 0, "pages_total": 10, "pages_free": 1, "pages_used": 9, "pages_cached": 8,
+    }  # fmt: skip
+    assert http.post("/v1/chat/completions", json={**CHAT, "n": 0}).status_code == 400
+    assert http.post("/v1/chat/completions", content=b"{").status_code == 400
+    assert http.get("/v1/nothing").status_code == 404
+    text = http.get("/metrics").text
+    for line in (
+        'minisgl:scheduler_up{model_name="tiny"} 1',
+        'minisgl:kv_pages_free{model_name="tiny"} 1',
+        'minisgl:kv_pages_cached{model_name="tiny"} 8',
+        'minisgl:kv_pages_in_use{model_name="tiny"} 1',
+        'minisgl:kv_cache_usage_ratio{model_name="tiny"} 0.1',
+        'minisgl:request_rejected_total{model_name="tiny",status="400",reason="invalid_json"} 1',
+        'minisgl:request_rejected_total{model_name="tiny",status="400",reason="invalid_request_error"} 1',
+        'minisgl:request_rejected_total{model_name="tiny",status="404",reason="not_found_error"} 1',
+    ):
+        assert line in text, line
+    fake.stats_reply = TimeoutError()
+    text = http.get("/metrics").text
+    assert 'minisgl:scheduler_up{model_name="tiny"} 0' in text and "kv_pages_free" not in text
+
+
+def test_log_requests_names_the_response_and_the_status(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeClient()
+    http = TestClient(build_app(ServerState(fake, model_name=MODEL, model_path="x", log_requests=True)))  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="minisgl.server.api"):
+        reply = http.post("/v1/chat/completions", json=CHAT).json()
+        http.post("/v1/chat/completions", json={**CHAT, "n": 0})
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith(f"{reply['id']} (request 1): 200, finished (length)") for line in lines), lines
+    assert any(
+        line.startswith("POST /v1/chat/completions: 400 invalid_request_error (param n)") for line in lines
+    )

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -136,6 +137,7 @@ class Runtime:
         config: EngineConfig,
         tp_rank: int = 0,
         dist_init_address: str | None = None,
+        check_peers: Callable[[], None] | None = None,  # rank 0: raises when a rank it started died
     ) -> None:
         config.validate()
         env.check_all()
@@ -157,7 +159,7 @@ class Runtime:
         self.model_config.check_tp(config.tp_size)
         self.dtype = parse_dtype(config.dtype, self.model_config.checkpoint_dtype, self.device)
         self.max_seq_len = _context_length(config.max_seq_len, self.model_config.max_position_embeddings)
-        init_distributed(tp_rank, config.tp_size, dist_init_address or "", self.device)
+        init_distributed(tp_rank, config.tp_size, dist_init_address or "", self.device, check_peers)
         try:
             self._build(source, hf_config, started)
         except BaseException:

@@ -100,6 +100,11 @@ class Metrics:
             lines.append(f"{full}{{{labels}{extra}}} {value}")
 
         with self.lock:
+            # 0 when the scheduler did not answer in time: its gauges below are missing, not zero.
+            metric(
+                "scheduler_up", "gauge", "1 if the scheduler answered this scrape in time, else 0.",
+                int(stats is not None),
+            )  # fmt: skip
             if stats is not None:
                 metric(
                     "num_requests_running",
@@ -112,25 +117,33 @@ class Metrics:
                 )
                 total = stats.get("pages_total", 0)
                 free = stats.get("pages_free", 0)
+                used = stats.get("pages_used", total - free)
+                cached = stats.get("pages_cached", 0)
                 metric("kv_pages_total", "gauge", "KV cache pages in the pool.", total)
                 metric(
                     "kv_pages_used",
                     "gauge",
-                    "KV cache pages not free.",
-                    stats.get("pages_used", total - free),
+                    "KV cache pages not free (held by requests or by the prefix cache).",
+                    used,
                 )
                 metric("kv_pages_free", "gauge", "KV cache pages on the free list.", free)
                 metric(
                     "kv_pages_cached",
                     "gauge",
-                    "KV cache pages held by the prefix cache.",
-                    stats.get("pages_cached", 0),
+                    "KV cache pages held by the prefix cache (reusable: evicted when requests need room).",
+                    cached,
+                )
+                metric(
+                    "kv_pages_in_use",
+                    "gauge",
+                    "KV cache pages held only by running requests (used minus cached).",
+                    used - cached,
                 )
                 metric(
                     "kv_cache_usage_ratio",
                     "gauge",
-                    "Fraction of KV pages in use.",
-                    (total - free) / total if total else 0.0,
+                    "Fraction of KV pages held by running requests (the prefix cache's are not counted).",
+                    (used - cached) / total if total else 0.0,
                 )
                 metric(
                     "num_retractions_total",

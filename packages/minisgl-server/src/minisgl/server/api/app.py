@@ -36,6 +36,7 @@ logger = logging.getLogger("minisgl.server.api")
 
 HEALTH_TIMEOUT_S = 5.0
 METRICS_STATS_TIMEOUT_S = 5.0
+SHUTTING_DOWN = "the server is shutting down"
 T = TypeVar("T")
 
 
@@ -51,6 +52,7 @@ class ServerState:
     longest_token: int | None = None  # characters of the vocabulary's longest token
     # the model's generation_config.json values for sampling fields a request leaves out
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    draining: bool = False  # the server is stopping: new requests and /health get 503
     started: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)
 
@@ -89,7 +91,13 @@ def _state(request: Request) -> ServerState:
 
 def error_response(request: Request, error: ApiError) -> JSONResponse:
     """The OpenAI-style error body; every error answered is counted in /metrics by status and reason."""
-    _state(request).metrics.request_rejected(error.status, error.code or error.type)
+    state = _state(request)
+    state.metrics.request_rejected(error.status, error.code or error.type)
+    if state.log_requests:
+        logger.info(
+            "%s %s: %d %s (param %s): %s",
+            request.method, request.url.path, error.status, error.code or error.type, error.param, error.message[:200],
+        )  # fmt: skip
     return JSONResponse(error.body(), status_code=error.status)
 
 
@@ -124,9 +132,11 @@ def _check_api_key(request: Request) -> None:
 
 async def health(request: Request) -> Response:
     """200 only when the scheduler answers a query through the tokenizer worker, now."""
-    client = _state(request).client
+    state = _state(request)
+    if state.draining:
+        return JSONResponse({"status": "unhealthy", "reason": SHUTTING_DOWN}, status_code=503)
     try:
-        stats = await client.stats(HEALTH_TIMEOUT_S)
+        stats = await state.client.stats(HEALTH_TIMEOUT_S)
     except (EngineError, TimeoutError) as exc:
         reason = exc.message if isinstance(exc, EngineError) else "the scheduler did not answer in time"
         return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
@@ -183,6 +193,8 @@ async def completions(request: Request) -> Response:
 async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec]) -> Response:
     _check_api_key(request)
     state = _state(request)
+    if state.draining:
+        raise ApiError(503, SHUTTING_DOWN, code="shutting_down")
     try:
         body = await read_json(request, state.max_request_bytes)
         spec = parse(body, state.model_name)
@@ -302,8 +314,8 @@ class _Run:
             )
             if self.state.log_requests:
                 logger.info(
-                    "request %d finished (%s): prompt %d (cached %d), output %d tokens, %.3f s",
-                    output.uid, output.finish_reason, output.num_prompt_tokens,
+                    "%s (request %d): 200, finished (%s): prompt %d (cached %d), output %d tokens, %.3f s",
+                    self.builder.id, output.uid, output.finish_reason, output.num_prompt_tokens,
                     output.num_cached_tokens, output.num_output_tokens, now - self.arrived,
                 )  # fmt: skip
         return choice
