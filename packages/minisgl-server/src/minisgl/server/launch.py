@@ -28,7 +28,9 @@ from typing import Any
 from minisgl.server.args import ServerArgs
 from minisgl.server.ipc import IpcAddresses
 
-logger = logging.getLogger("minisgl.server")
+logger = logging.getLogger("minisgl.server.launch")
+
+PROGRESS_INTERVAL_S = 10.0  # a "still loading" line this often while children start
 
 
 class LaunchError(RuntimeError):
@@ -142,7 +144,13 @@ def _wait_until_ready(engine: EngineProcesses, pipes: dict[str, Connection], tim
     started = time.monotonic()
     by_name = {p.name: p for p in engine.processes}
     waiting = dict(pipes)
+    next_progress = started + PROGRESS_INTERVAL_S
     while waiting:
+        if time.monotonic() >= next_progress:
+            next_progress += PROGRESS_INTERVAL_S
+            logger.info(
+                "still loading (%.0f s): waiting for %s", time.monotonic() - started, ", ".join(waiting)
+            )
         remaining = timeout - (time.monotonic() - started)
         if remaining <= 0:
             raise LaunchError(
