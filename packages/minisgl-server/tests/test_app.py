@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,6 +48,7 @@ class FakeClient:
         }
         self._uid = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.last_message_at: float | None = None
 
     def new_uid(self) -> int:
         self._uid += 1
@@ -255,6 +257,11 @@ def test_health_follows_the_engine() -> None:
     fake.stats_reply = TimeoutError()
     response = http.get("/health")
     assert response.status_code == 503 and response.json()["status"] == "unhealthy"
+    fake.last_message_at = time.monotonic() - 1  # outputs still flow: a long step, not a hang
+    response = http.get("/health")
+    assert response.status_code == 200 and response.json()["status"] == "busy"
+    fake.last_message_at = time.monotonic() - 60
+    assert http.get("/health").status_code == 503
 
 
 def test_metrics_after_a_request() -> None:

@@ -35,6 +35,7 @@ from minisgl.server.metrics import Metrics
 logger = logging.getLogger("minisgl.server.api")
 
 HEALTH_TIMEOUT_S = 5.0
+HEALTH_BUSY_S = 30.0  # a scheduler that sent something this recently is busy, not hung
 METRICS_STATS_TIMEOUT_S = 5.0
 SHUTTING_DOWN = "the server is shutting down"
 T = TypeVar("T")
@@ -138,6 +139,10 @@ async def health(request: Request) -> Response:
     try:
         stats = await state.client.stats(HEALTH_TIMEOUT_S)
     except (EngineError, TimeoutError) as exc:
+        last = state.client.last_message_at
+        if isinstance(exc, TimeoutError) and last is not None and time.monotonic() - last < HEALTH_BUSY_S:
+            # A long step (a large prefill on a CPU) delays the answer, but outputs still flow: busy.
+            return JSONResponse({"status": "busy", "reason": "the scheduler is in a long step"})
         reason = exc.message if isinstance(exc, EngineError) else "the scheduler did not answer in time"
         return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
     return JSONResponse(
