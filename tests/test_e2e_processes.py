@@ -74,43 +74,50 @@ def test_a_busy_port_fails_fast() -> None:
 
 def test_sigterm_lets_running_requests_finish_then_ends_open_streams(tmp_path: Path) -> None:
     server = start_server(tmp_path, *DUMMY, "--shutdown-timeout", "8")
-    server.wait_ready()
-    children = child_pids(server.process.pid)
-    endless = {"prompt": "Hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
-    short = {"prompt": "Hello", "max_tokens": 8, "ignore_eos": True}
-    results: dict[str, Any] = {}
+    try:
+        server.wait_ready()
+        children = child_pids(server.process.pid)
+        endless = {"prompt": "Hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        short = {"prompt": "Hello", "max_tokens": 8, "ignore_eos": True}
+        results: dict[str, Any] = {}
 
-    def finish_short() -> None:
-        results["short"] = httpx.post(f"{server.url}/v1/completions", json=short, timeout=60)
+        def finish_short() -> None:
+            results["short"] = httpx.post(f"{server.url}/v1/completions", json=short, timeout=60)
 
-    with (
-        httpx.Client(timeout=60) as http,
-        http.stream("POST", f"{server.url}/v1/completions", json=endless) as response,
-    ):
-        assert response.status_code == 200
-        lines = response.iter_lines()
-        frames = [next(line for line in lines if line.startswith("data: "))]
-        sender = threading.Thread(target=finish_short)
-        sender.start()
-        time.sleep(0.3)  # the short request is running when the signal lands
-        server.process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        time.sleep(1.0)
-        refused = httpx.post(f"{server.url}/v1/completions", json=short, timeout=10)
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
-        frames += [line for line in lines if line.startswith("data: ")]
-        ended = time.monotonic() - signalled
-    sender.join()
-    assert 7.5 < ended < 20, ended  # the stream ran until --shutdown-timeout, then was ended
-    assert frames[-1] == "data: [DONE]", frames[-3:]
-    events = [json.loads(f[len("data: ") :]) for f in frames[:-1]]
-    errors = [e for e in events if "error" in e]
-    assert errors and "shutting down" in errors[0]["error"]["message"], events[-3:]
-    assert events[-1]["choices"][0]["finish_reason"] == "abort"
-    assert results["short"].status_code == 200, results["short"].text  # a running request finished
-    assert server.process.wait(30) == 0, server.log_tail()
-    assert wait_until(lambda: not any(alive(pid) for pid in children), 10), [p for p in children if alive(p)]
-    assert wait_until(lambda: port_is_free(server.port), 10)
+        with (
+            httpx.Client(timeout=60) as http,
+            http.stream("POST", f"{server.url}/v1/completions", json=endless) as response,
+        ):
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            frames = [next(line for line in lines if line.startswith("data: "))]
+            sender = threading.Thread(target=finish_short)
+            sender.start()
+            time.sleep(0.3)  # the short request is running when the signal lands
+            server.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            time.sleep(1.0)
+            refused = httpx.post(f"{server.url}/v1/completions", json=short, timeout=10)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            frames += [line for line in lines if line.startswith("data: ")]
+            ended = time.monotonic() - signalled
+        sender.join()
+        assert 7.5 < ended < 20, ended  # the stream ran until --shutdown-timeout, then was ended
+        assert frames[-1] == "data: [DONE]", frames[-3:]
+        events = [json.loads(f[len("data: ") :]) for f in frames[:-1]]
+        errors = [e for e in events if "error" in e]
+        assert errors and "shutting down" in errors[0]["error"]["message"], events[-3:]
+        assert events[-1]["choices"][0]["finish_reason"] == "abort"
+        assert results["short"].status_code == 200, results["short"].text  # a running request finished
+        assert server.process.wait(30) == 0, server.log_tail()
+        assert wait_until(lambda: not any(alive(pid) for pid in children), 10), [
+            p for p in children if alive(p)
+        ]
+        assert wait_until(lambda: port_is_free(server.port), 10)
+    finally:
+        if server.process.poll() is None:  # a failed check above: do not leave it running
+            server.process.kill()
+            server.process.wait(10)
 
 
 def test_a_second_server_on_a_port_being_loaded_fails_at_once(tmp_path: Path) -> None:

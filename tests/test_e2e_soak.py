@@ -23,8 +23,8 @@ def test_a_small_soak_leaks_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         report_path = tmp_path / "soak.json"
         result = subprocess.run(
             [
-                sys.executable, "-m", "minisgl", "bench", "soak", "--url", server.url, "--num-requests", "80",
-                "--concurrency", "8", "--max-tokens", "12", "--server-pid", str(server.process.pid),
+                sys.executable, "-m", "minisgl", "bench", "soak", "--url", server.url, "--num-requests", "40",
+                "--concurrency", "8", "--max-tokens", "8", "--max-prompt-words", "40", "--server-pid", str(server.process.pid),
                 "--rss-growth-limit", "1.0", "--json-out", str(report_path),
             ],
             capture_output=True, text=True, timeout=600, check=False,
@@ -32,7 +32,7 @@ def test_a_small_soak_leaks_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert result.returncode == 0, result.stdout + result.stderr[-3000:]
         report = json.loads(report_path.read_text())
         assert report["errors"] == [] and report["leaked_pages"] == 0 and report["health"] == 200
-        assert report["outcomes"].get("aborted", 0) > 0 and report["outcomes"]["ok"] > 40, report["outcomes"]
+        assert report["outcomes"].get("aborted", 0) > 0 and report["outcomes"]["ok"] > 20, report["outcomes"]
         assert "Traceback" not in server.log.read_text()
     finally:
         stop_cleanly(server, signal.SIGTERM)

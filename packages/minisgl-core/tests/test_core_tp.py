@@ -224,7 +224,7 @@ def test_ranks_started_with_other_settings_are_refused(tiny_model_dir: Callable[
     address = f"127.0.0.1:{llm_module._free_port()}"
     config = EngineConfig(device="cpu", dtype="float32", tp_size=2)
     other = dataclasses.replace(config, max_running_requests=8)
-    follower = llm_module._start_follower(model, other, 1, address)
+    follower, _ = llm_module._start_follower(model, other, 1, address)
     try:
         with pytest.raises(ValueError, match="other settings"):
             Runtime(model, config, tp_rank=0, dist_init_address=address)

@@ -204,12 +204,19 @@ async def _drain(
 ) -> None:
     """Once told to stop: refuse new requests, give running ones `timeout` seconds (unless hurried),
     then end the rest with an error (streams get an error event and [DONE]) and let hypercorn stop."""
+    await stop.wait()
+    try:
+        await _end_requests(state, hurry, timeout, engine_alive())
+    finally:
+        stopped.set()  # whatever happened above, the server stops
+
+
+async def _end_requests(state: ServerState, hurry: asyncio.Event, timeout: float, engine_alive: bool) -> None:
     from minisgl.server.api.app import SHUTTING_DOWN
 
-    await stop.wait()
     state.draining = True
     client = state.client
-    if engine_alive() and client.num_open:
+    if engine_alive and client.num_open:
         logger.info(
             "stopping: %d request(s) running; they get up to %g s to finish (--shutdown-timeout)",
             client.num_open,
@@ -221,7 +228,6 @@ async def _drain(
         if client.num_open:
             logger.warning("stopping: ending %d unfinished request(s)", client.num_open)
             client.fail_all(SHUTTING_DOWN)
-    stopped.set()
 
 
 def _bind_address(host: str, port: int) -> str:
