@@ -73,12 +73,12 @@ def test_a_busy_port_fails_fast() -> None:
 
 
 def test_sigterm_lets_running_requests_finish_then_ends_open_streams(tmp_path: Path) -> None:
-    server = start_server(tmp_path, *DUMMY, "--shutdown-timeout", "8")
+    server = start_server(tmp_path, *DUMMY, "--shutdown-timeout", "15")
     try:
         server.wait_ready()
         children = child_pids(server.process.pid)
         endless = {"prompt": "Hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
-        short = {"prompt": "Hello", "max_tokens": 8, "ignore_eos": True}
+        short = {"prompt": "Hello", "max_tokens": 1, "ignore_eos": True}
         results: dict[str, Any] = {}
 
         def finish_short() -> None:
@@ -93,7 +93,8 @@ def test_sigterm_lets_running_requests_finish_then_ends_open_streams(tmp_path: P
             frames = [next(line for line in lines if line.startswith("data: "))]
             sender = threading.Thread(target=finish_short)
             sender.start()
-            time.sleep(0.3)  # the short request is running when the signal lands
+            # The signal lands once the short request runs too (the scheduler holds both).
+            assert wait_until(lambda: _running(server.url) >= 2, 60)
             server.process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             time.sleep(1.0)
@@ -102,7 +103,7 @@ def test_sigterm_lets_running_requests_finish_then_ends_open_streams(tmp_path: P
             frames += [line for line in lines if line.startswith("data: ")]
             ended = time.monotonic() - signalled
         sender.join()
-        assert 7.5 < ended < 20, ended  # the stream ran until --shutdown-timeout, then was ended
+        assert 14.5 < ended < 45, ended  # the stream ran until --shutdown-timeout, then was ended
         assert frames[-1] == "data: [DONE]", frames[-3:]
         events = [json.loads(f[len("data: ") :]) for f in frames[:-1]]
         errors = [e for e in events if "error" in e]
@@ -138,3 +139,10 @@ def test_a_second_server_on_a_port_being_loaded_fails_at_once(tmp_path: Path) ->
         first.wait_ready()  # the first one is unharmed
     finally:
         first.stop()
+
+
+def _running(url: str) -> int:
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("minisgl:num_requests_running{"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
