@@ -140,8 +140,8 @@ class Server:
             ) from None
 
 
-def start_server(tmp: Path, *args: str, mini_sglang_style: bool = False) -> Server:
-    port = free_port()
+def start_server(tmp: Path, *args: str, mini_sglang_style: bool = False, port: int | None = None) -> Server:
+    port = port or free_port()
     log = tmp / f"server-{port}.log"
     command = [sys.executable, "-m", "minisgl"]
     if not mini_sglang_style:

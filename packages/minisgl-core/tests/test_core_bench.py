@@ -43,7 +43,7 @@ def test_page_size_defaults_to_one_on_the_cpu(tiny_model_dir: Callable[[str], Pa
 
 
 def test_default_workload_is_designs() -> None:
-    """DESIGN.md's offline workload: 256 requests, lengths in [100, 1024], 133,966 output tokens."""
+    """The standard offline workload: 256 requests, lengths in [100, 1024], 133,966 output tokens."""
     workload = bench.make_workload(256, 1024, 1024)
     assert workload.num_output_tokens == 133_966
     assert sum(map(len, workload.prompts)) == 142_827

@@ -1,5 +1,5 @@
 """Offline throughput benchmark on nano-vllm's workload: random prompt ids, random prompt and output
-lengths, temperature 0.6, ignore_eos. The defaults are DESIGN.md's H100 workload (256 requests, lengths
+lengths, temperature 0.6, ignore_eos. The defaults are the H100 workload of docs/benchmarks.md (256 requests, lengths
 uniform in [100, 1024], 133,966 output tokens); scale it down on a CPU with the flags.
 
     python -m minisgl.core.bench --model smollm2-135m --num-prompts 32 --max-input-len 256 --max-output-len 128

@@ -124,7 +124,8 @@ class ModelConfig:
         theta, scaling = _rope_settings(hf_config)
         model_type = getattr(hf_config, "model_type", "")
         eos = _as_id_tuple(getattr(hf_config, "eos_token_id", None))
-        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        # Newer transformers name it dtype and warn when torch_dtype is read; older ones know only torch_dtype.
+        dtype = hf_config.dtype if hasattr(hf_config, "dtype") else getattr(hf_config, "torch_dtype", None)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype, None)
         return cls(

@@ -19,6 +19,7 @@ from minisgl.core.model_source import ModelSource
 from minisgl.core.models import create_model
 from minisgl.core.models.decoder import DecoderForCausalLM
 from minisgl.core.moe_ops import resolve_moe_backend
+from minisgl.core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,37 @@ def load_model_config(source: ModelSource, hf_config: Any) -> ModelConfig:
     return ModelConfig.from_hf(hf_config, extra_eos_ids=_generation_eos_ids(source))
 
 
-def _generation_eos_ids(source: ModelSource) -> tuple[int, ...]:
-    """EOS ids from generation_config.json (often a list: Llama 3 stops on several tokens)."""
+# The sampling fields of generation_config.json that requests inherit when they leave them out (as vLLM
+# does); their names are SamplingParams' too.
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _generation_config(source: ModelSource) -> dict[str, Any]:
     path = source.directory / "generation_config.json"
     if source.is_gguf or not path.is_file():
-        return ()
-    return _as_id_tuple(json.loads(path.read_text()).get("eos_token_id"))
+        return {}
+    config = json.loads(path.read_text())
+    return config if isinstance(config, dict) else {}
+
+
+def _generation_eos_ids(source: ModelSource) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (often a list: Llama 3 stops on several tokens)."""
+    return _as_id_tuple(_generation_config(source).get("eos_token_id"))
+
+
+def load_sampling_defaults(source: ModelSource) -> dict[str, Any]:
+    """The model's recommended sampling values from generation_config.json, by SamplingParams field name;
+    {} when it has none or they are not valid SamplingParams values (that is logged)."""
+    config = _generation_config(source)
+    defaults = {name: config[name] for name in SAMPLING_DEFAULT_FIELDS if config.get(name) is not None}
+    if defaults.get("top_k") == 0:  # Hugging Face's "no top-k"
+        defaults["top_k"] = -1
+    try:
+        SamplingParams(**defaults)
+    except (TypeError, ValueError) as exc:
+        logger.warning("ignoring the sampling values of %s's generation_config.json: %s", source.name, exc)
+        return {}
+    return defaults
 
 
 def load_tokenizer(source: ModelSource) -> Any | None:

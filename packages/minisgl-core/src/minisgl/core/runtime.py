@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -137,6 +138,7 @@ class Runtime:
         config: EngineConfig,
         tp_rank: int = 0,
         dist_init_address: str | None = None,
+        check_peers: Callable[[], None] | None = None,  # rank 0: raises when a rank it started died
     ) -> None:
         config.validate()
         env.check_all()
@@ -158,8 +160,8 @@ class Runtime:
         self.model_config.check_tp(config.tp_size)
         self.dtype = parse_dtype(config.dtype, self.model_config.checkpoint_dtype, self.device)
         self.kv_dtype = parse_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
-        self.max_seq_len = min(config.max_seq_len or 1 << 62, self.model_config.max_position_embeddings)
-        init_distributed(tp_rank, config.tp_size, dist_init_address or "", self.device)
+        self.max_seq_len = _context_length(config.max_seq_len, self.model_config.max_position_embeddings)
+        init_distributed(tp_rank, config.tp_size, dist_init_address or "", self.device, check_peers)
         try:
             self._build(source, hf_config, started)
         except BaseException:
@@ -524,3 +526,16 @@ def _with_tokenizer_eos(config: ModelConfig, tokenizer: Any | None) -> ModelConf
     if eos is None or eos in config.eos_token_ids:
         return config
     return replace(config, eos_token_ids=(*config.eos_token_ids, int(eos)))
+
+
+def _context_length(requested: int | None, model_limit: int) -> int:
+    """The requested context length, or the model's when none is asked for; above the model's it is an
+    error, not a silent clamp (positions beyond what the model was trained on)."""
+    if requested is None:
+        return model_limit
+    if requested > model_limit:
+        raise ValueError(
+            f"the context length {requested} (max_seq_len, --context-length) is above this model's "
+            f"maximum of {model_limit} tokens (max_position_embeddings)"
+        )
+    return requested

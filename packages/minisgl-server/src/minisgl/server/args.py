@@ -28,6 +28,7 @@ KV_CACHE_DTYPES = (
 CACHES = ("radix", "naive")
 MOE_BACKENDS = ("auto", "torch", "flashinfer")  # minisgl.core.config's, kept here so --help needs no torch
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     api_key: str | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    shutdown_timeout: float = 15.0  # seconds running requests get to finish after SIGTERM / SIGINT
     # engine
     device: str = "auto"
     dtype: str = "auto"
@@ -412,6 +415,20 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         default=None,
         help="require `Authorization: Bearer KEY` on /v1/* requests (default: no key)",
+    )
+    group.add_argument(
+        "--max-request-bytes",
+        type=int_at_least(1),
+        default=d.max_request_bytes,
+        help="largest request body accepted; larger ones get HTTP 413 before they are read "
+        f"(default {d.max_request_bytes:,} bytes = {d.max_request_bytes >> 20} MiB)",
+    )
+    group.add_argument(
+        "--shutdown-timeout",
+        type=_non_negative_float,
+        default=d.shutdown_timeout,
+        help="on SIGTERM or SIGINT, seconds running requests get to finish before open streams are "
+        f"ended with an error event (default {d.shutdown_timeout:g})",
     )
     group.add_argument(
         "--log-requests", action="store_true", help="log one line per finished request (default: off)"

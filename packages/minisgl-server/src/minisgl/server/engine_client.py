@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +147,7 @@ class EngineClient:
         self._waiters: dict[int, asyncio.Future[Any]] = {}
         self._listener: asyncio.Task[None] | None = None
         self.gone: str | None = None
+        self.last_message_at: float | None = None  # time.monotonic() of the engine's latest message
 
     def start(self) -> None:
         if self._listener is None:
@@ -240,6 +242,7 @@ class EngineClient:
     async def _listen(self) -> None:
         while True:
             data = await self.receiver.recv()
+            self.last_message_at = time.monotonic()
             try:
                 self._route(msg.decode(data))
             except Exception:  # a malformed message must not stop every request's outputs

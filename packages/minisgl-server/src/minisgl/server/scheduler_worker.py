@@ -143,8 +143,9 @@ class SchedulerWorker:
                 if self.activity.due():
                     self._log_activity()
                 continue
-            self._log_activity()
             self.activity.rest()
+            if self.activity.due():  # the last busy spell's figures, once its interval is over
+                self._log_activity()
             if self.pending_finished:
                 self._send_outputs([], [], [], [])
             elif not busy and parent_is_gone(parent_pid):

@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from minisgl.core import messages as msg
+from minisgl.server.api.prompt_size import longest_token_chars
 from minisgl.server.args import ServerArgs
 from minisgl.server.detokenize import DecodeState, Detokenizer
 from minisgl.server.ipc import IpcAddresses, parent_is_gone, prepare_child, pull_socket, push_socket
@@ -33,10 +34,11 @@ def run_tokenizer(args: ServerArgs, addresses: IpcAddresses, worker: int, ready:
     parent_pid = os.getppid()
     try:
         from minisgl.core.gguf_cache import converted
-        from minisgl.core.loader import load_tokenizer
+        from minisgl.core.loader import load_sampling_defaults, load_tokenizer
         from minisgl.core.model_source import resolve_model
 
         source = resolve_model(args.model)
+        sampling_defaults = load_sampling_defaults(source)
         if args.load_format != "gguf":
             source = converted(source)  # what the scheduler loads too, converted once
         tokenizer = load_tokenizer(source)
@@ -44,7 +46,16 @@ def run_tokenizer(args: ServerArgs, addresses: IpcAddresses, worker: int, ready:
         ready.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     process = TokenizerWorker(tokenizer, addresses, worker)
-    ready.send(("ready", {"tokenizer": type(tokenizer).__name__ if tokenizer is not None else None}))
+    ready.send(
+        (
+            "ready",
+            {
+                "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
+                "longest_token": longest_token_chars(tokenizer),
+                "sampling_defaults": sampling_defaults,
+            },
+        )
+    )
     ready.close()
     process.run(parent_pid)
 

@@ -16,6 +16,7 @@ from minisgl.core.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 MAX_N = 128
 MAX_SEQUENCES = 1024  # prompts x n in one request
 MAX_STOP_STRINGS = 16
+MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Every field each endpoint reads. Any other field is refused with a 400 naming it, never ignored.
@@ -188,6 +189,8 @@ def _token_ids(value: Any, name: str) -> list[int]:
         raise ApiError(400, f"'{name}' must be a list of integer token ids", name)
     if any(t < 0 for t in value):
         raise ApiError(400, f"'{name}' holds a negative token id", name)
+    if any(t > MAX_TOKEN_ID for t in value):
+        raise ApiError(400, f"'{name}' holds a token id above {MAX_TOKEN_ID}", name)
     return value
 
 
