@@ -149,6 +149,15 @@ def e2e(session: nox.Session) -> None:
     run_pytest(session, "-m", "not gpu", "tests")
 
 
+@nox.session(default=False)
+def lmeval(session: nox.Session) -> None:
+    """lm-evaluation-harness (`local-completions`) against a live server, offline, on local task files."""
+    install_everything(session)
+    install(session, *TEST_TOOLS, "lm-eval[api]")
+    session.env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    run_pytest(session, "tests/test_lmeval.py")
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint and format) and the layer check."""

@@ -15,12 +15,26 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 MODEL = "smollm2-135m"
 START_TIMEOUT_S = 400.0
+
+
+def save_smollm2_tokenizer(directory: Path) -> Any:
+    """Saves the embedded SmolLM2's tokenizer into directory (for tiny random models that chat) and
+    returns it."""
+    from transformers import AutoTokenizer
+
+    from minisgl.core.model_source import resolve_model
+
+    source = resolve_model(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
 
 
 def free_port() -> int:
@@ -126,8 +140,8 @@ class Server:
             ) from None
 
 
-def start_server(tmp: Path, *args: str, mini_sglang_style: bool = False) -> Server:
-    port = free_port()
+def start_server(tmp: Path, *args: str, mini_sglang_style: bool = False, port: int | None = None) -> Server:
+    port = port or free_port()
     log = tmp / f"server-{port}.log"
     command = [sys.executable, "-m", "minisgl"]
     if not mini_sglang_style:

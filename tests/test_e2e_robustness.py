@@ -4,12 +4,18 @@ frees what it must, and keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from conftest import MODEL, Server
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "packages" / "minisgl-server" / "tests"))
+from bad_requests import load_corpus
 
 CHAT = {
     "model": MODEL,
@@ -73,6 +79,48 @@ def test_bad_input_then_a_good_request(server: Server) -> None:
         good = http.post("/v1/chat/completions", json=CHAT)
         assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"]
         assert http.get("/health").status_code == 200
+
+
+def test_the_bad_request_corpus_gets_4xx_and_the_server_answers_after(server: Server) -> None:
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        for bad in load_corpus(MODEL):
+            response = http.post(bad.path, content=bad.content, headers={"content-type": "application/json"})
+            assert response.status_code == bad.status, (str(bad), response.text[:300])
+            error = response.json()["error"]
+            if bad.param is not None:
+                assert error["param"] == bad.param, (str(bad), error)
+        assert http.get("/health").status_code == 200
+        good = http.post("/v1/chat/completions", json=CHAT)
+        assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"]
+    assert "Traceback" not in server.log.read_text()
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text.splitlines()
+    rejected = [line for line in metrics if line.startswith("minisgl:request_rejected_total{")]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in rejected) >= len(load_corpus(MODEL)), rejected
+
+
+def test_huge_bodies_are_refused_without_stalling_others(server: Server) -> None:
+    """A body over --max-request-bytes gets 413; one under it but far beyond the context gets 400 before it
+    is tokenized; meanwhile /health and a small request are answered at once."""
+    huge = b'{"prompt": "' + b"x" * (17 << 20) + b'"}'
+    big = b'{"prompt": "' + b"word " * (2 << 20) + b'"}'  # 10 MB of text
+    statuses: dict[str, int] = {}
+
+    def send(name: str, content: bytes) -> None:
+        response = httpx.post(f"{server.url}/v1/completions", content=content, timeout=120)
+        statuses[name] = response.status_code
+
+    senders = [threading.Thread(target=send, args=item) for item in (("huge", huge), ("big", big)) * 2]
+    for sender in senders:
+        sender.start()
+    started = time.monotonic()
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        assert http.get("/health").status_code == 200
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+    small_done = time.monotonic() - started
+    for sender in senders:
+        sender.join()
+    assert statuses == {"huge": 413, "big": 400}, statuses
+    assert small_done < 5, small_done
 
 
 def _kv(server: Server) -> dict[str, float]:

@@ -25,7 +25,10 @@ def test_shell_local_engine_in_a_terminal() -> None:
         "--device", "cpu", "--temperature", "0", "--max-tokens", "400", "--cpu-kv-cache-gib", "0.25"
     )
     try:
+        shell.expect("loading smollm2-135m")  # progress while the model loads
+        shell.expect("minisgl-scheduler-0 ready")
         shell.expect("chatting with smollm2-135m")
+        assert "WARNING" not in shell.before and "deprecated" not in shell.before, shell.before
         shell.expect_exact(PROMPT)
         children = child_pids(shell.pid)
         assert len(children) >= 2

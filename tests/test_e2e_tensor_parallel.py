@@ -22,6 +22,7 @@ from conftest import (
     free_port,
     leftover_children,
     process_name,
+    save_smollm2_tokenizer,
     start_server,
     wait_until,
 )
@@ -33,14 +34,10 @@ OPTIONS = ("--load-format", "dummy", "--cpu-kv-cache-gib", "0.1", "--log-level",
 
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig
-
-    from minisgl.core.model_source import resolve_model
+    from transformers import LlamaConfig
 
     directory = tmp_path_factory.mktemp("tiny-chat")
-    source = resolve_model("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
-    tokenizer.save_pretrained(directory)
+    tokenizer = save_smollm2_tokenizer(directory)
     LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

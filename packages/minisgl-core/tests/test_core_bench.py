@@ -43,7 +43,7 @@ def test_page_size_defaults_to_one_on_the_cpu(tiny_model_dir: Callable[[str], Pa
 
 
 def test_default_workload_is_designs() -> None:
-    """DESIGN.md's offline workload: 256 requests, lengths in [100, 1024], 133,966 output tokens."""
+    """The standard offline workload: 256 requests, lengths in [100, 1024], 133,966 output tokens."""
     workload = bench.make_workload(256, 1024, 1024)
     assert workload.num_output_tokens == 133_966
     assert sum(map(len, workload.prompts)) == 142_827
@@ -72,3 +72,22 @@ def test_bad_length_flags_are_refused(
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_runs_a_moe_model_with_dummy_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What `minisgl bench offline --model qwen3-30b-a3b --load-format dummy --moe-backend ...` does on a
+    GPU, on a config-only Qwen3-MoE directory small enough for the CPU."""
+    import tiny_models
+
+    spec = tiny_models.SPECS["qwen3-moe"]
+    # The workload's prompt ids go up to 10,000.
+    spec.config_cls(**{**tiny_models._COMMON, **spec.kwargs, "vocab_size": 10_240}).save_pretrained(tmp_path)
+    bench.main(
+        [
+            "--model", str(tmp_path), "--load-format", "dummy", "--moe-backend", "torch",
+            "--num-prompts", "4", "--max-input-len", "16", "--max-output-len", "8",
+        ]
+    )  # fmt: skip
+    assert "throughput=" in capsys.readouterr().out

@@ -171,3 +171,25 @@ def test_tensor_core_decode_rule() -> None:
     assert use_tensor_core_decode(group_size=2, page_size=16, kernels="fa2")
     assert use_tensor_core_decode(group_size=8, page_size=1, kernels="fa2")
     assert use_tensor_core_decode(group_size=1, page_size=1, kernels="fa3")
+
+
+def test_a_context_length_above_the_models_is_refused(tiny_model_dir: Callable[[str], Any]) -> None:
+    from minisgl.core import LLM
+
+    with pytest.raises(ValueError, match=f"--context-length.*maximum of {MAX_POSITIONS} tokens"):
+        LLM(str(tiny_model_dir(MODEL)), device="cpu", max_seq_len=MAX_POSITIONS + 1)
+
+
+def test_reading_a_config_without_a_dtype_does_not_touch_the_deprecated_torch_dtype() -> None:
+    from transformers import LlamaConfig
+
+    from minisgl.core.config import ModelConfig
+
+    class Config(LlamaConfig):
+        @property
+        def torch_dtype(self) -> Any:  # transformers warns "`torch_dtype` is deprecated" here
+            raise AssertionError("torch_dtype was read")
+
+    config = Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+    assert config.dtype is None
+    assert ModelConfig.from_hf(config).checkpoint_dtype is None

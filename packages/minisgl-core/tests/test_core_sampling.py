@@ -199,3 +199,16 @@ def test_tiny_models_reference_is_not_degenerate(reference: Callable[[str], Any]
     for name in tiny_models.SPECS:
         _, refs = reference(name)
         assert all(len(set(ref.output)) > 3 for ref in refs), name
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path: Path) -> None:
+    from minisgl.core.loader import load_sampling_defaults
+    from minisgl.core.model_source import ModelSource
+
+    source = ModelSource("m", tmp_path)
+    assert load_sampling_defaults(source) == {}
+    config = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 0, "eos_token_id": 2}
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    assert load_sampling_defaults(source) == {"temperature": 0.6, "top_p": 0.95, "top_k": -1}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": -3}))
+    assert load_sampling_defaults(source) == {}  # not usable: ignored with a warning

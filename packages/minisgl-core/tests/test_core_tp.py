@@ -59,7 +59,9 @@ def assert_matches_reference(results: list[Any], references: list[tiny_models.Gr
         assert worst < LOGPROB_TOLERANCE, worst
 
 
-@pytest.mark.parametrize("name", ["llama", "llama3-rope", "qwen2", "qwen3", "mistral", "llama-mqa"])
+@pytest.mark.parametrize(
+    "name", ["llama", "llama3-rope", "qwen2", "qwen3", "mistral", "llama-mqa", "qwen3-moe", "qwen3-moe-step2"]
+)
 def test_tp2_greedy_matches_transformers(
     name: str, tp_engine: Callable[..., LLM], reference: Callable[[str], Any]
 ) -> None:
@@ -224,7 +226,7 @@ def test_ranks_started_with_other_settings_are_refused(tiny_model_dir: Callable[
     address = f"127.0.0.1:{llm_module._free_port()}"
     config = EngineConfig(device="cpu", dtype="float32", tp_size=2)
     other = dataclasses.replace(config, max_running_requests=8)
-    follower = llm_module._start_follower(model, other, 1, address)
+    follower, _ = llm_module._start_follower(model, other, 1, address)
     try:
         with pytest.raises(ValueError, match="other settings"):
             Runtime(model, config, tp_rank=0, dist_init_address=address)
@@ -247,3 +249,26 @@ def test_ranks_that_drift_apart_are_caught(monkeypatch: pytest.MonkeyPatch) -> N
         _check_ranks_agree(batch, [4])
     monkeypatch.setattr(distributed_module, "gather_objects", lambda mine: [mine, mine])
     _check_ranks_agree(batch, [4])
+
+
+def test_a_script_without_a_main_guard_fails_fast_with_a_hint(
+    tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Spawned ranks re-import the main module; without `if __name__ == "__main__":` they die at once.
+    Rank 0 notices within seconds instead of waiting for them in the rendezvous for ten minutes."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from minisgl.core import LLM\n"
+        f"LLM({str(tiny_model_dir('llama'))!r}, device='cpu', dtype='float32', tp_size=2)\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__":' in result.stderr, result.stderr[-2000:]
+    assert time.monotonic() - started < 120  # imports on a busy machine; not the 10-minute rendezvous

@@ -2,7 +2,9 @@
 
 The models are small enough that the reference runs in milliseconds on CPU, but each one exercises
 the feature that sets its architecture apart: llama3 rope scaling, Qwen2 qkv bias, Qwen3 q/k norm with
-an explicit head_dim, tied embeddings, a sharded checkpoint.
+an explicit head_dim, tied embeddings, a sharded checkpoint, Qwen3-MoE sparse blocks (top-2 of 8 experts,
+with and without renormalised router weights, dense layers between them by `mlp_only_layers` and by
+`decoder_sparse_step`).
 
 Random-init logits are nearly flat, which would make greedy argmax fragile against harmless float
 reorderings. The weights are therefore drawn with a large ``initializer_range`` and every norm weight and
@@ -26,6 +28,7 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 VOCAB_SIZE = 512
@@ -130,6 +133,39 @@ SPECS: dict[str, TinySpec] = {
                 tie_word_embeddings=False,
             ),
             seed=6,
+        ),
+        TinySpec(
+            "qwen3-moe",
+            Qwen3MoeConfig,
+            dict(
+                rope_theta=1000000.0,
+                rms_norm_eps=1e-6,
+                head_dim=16,
+                num_hidden_layers=3,
+                num_experts=8,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                norm_topk_prob=True,
+                mlp_only_layers=[1],  # layers 0 and 2 sparse, 1 dense
+                tie_word_embeddings=False,
+            ),
+            seed=7,
+        ),
+        TinySpec(
+            "qwen3-moe-step2",
+            Qwen3MoeConfig,
+            dict(
+                rope_theta=1000000.0,
+                rms_norm_eps=1e-6,
+                num_hidden_layers=4,
+                num_experts=6,
+                num_experts_per_tok=2,
+                moe_intermediate_size=48,
+                norm_topk_prob=False,
+                decoder_sparse_step=2,  # layers 1 and 3 sparse, 0 and 2 dense
+                tie_word_embeddings=True,
+            ),
+            seed=8,
         ),
         TinySpec(
             "mistral",

@@ -299,3 +299,76 @@ def test_rope_store_rejects_bad_arguments() -> None:
         rope_store(**{**args, "positions": args["positions"].int()})  # type: ignore[arg-type, union-attr]
     with pytest.raises(ValueError, match="columns"):
         rope_store(**{**args, "q_heads": 8})  # type: ignore[arg-type]
+
+
+FP8 = torch.float8_e4m3fn
+
+
+def assert_fp8_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """FP8 caches written by the kernel and by the reference: the float32 math before the rounding may
+    differ in the last bit (fused multiply-adds), which can move a value to the neighbouring FP8 number,
+    so allow one E4M3 step (1/8 relative) on a few values and demand identity on nearly all."""
+    assert actual.dtype == expected.dtype == FP8
+    a, b = actual.float(), expected.float()
+    assert torch.equal(a.isnan(), b.isnan())
+    a, b = a.nan_to_num(0.0), b.nan_to_num(0.0)
+    assert ((a - b).abs() <= b.abs() / 8 + 2**-9).all(), (a - b).abs().max()
+    assert (a == b).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(32, 8, 128), (8, 1, 64), (4, 2, 256)])
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.02, 0.5)])
+def test_rope_store_into_an_fp8_cache_matches_reference(
+    dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int, scales: tuple[float, float]
+) -> None:
+    for tokens in (1, 7, 300):
+        args = _rope_inputs(tokens, q_heads, kv_heads, head_dim, dtype, row_pad=8)
+        for name in ("k_cache", "v_cache"):
+            args[name] = torch.full_like(args[name], float("nan"), dtype=FP8)  # type: ignore[arg-type]
+        args["k_scale"], args["v_scale"] = scales
+        expected_args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        q = rope_store(**args)  # type: ignore[arg-type]
+        q_ref = reference.rope_store(**expected_args)  # type: ignore[arg-type]
+        torch.testing.assert_close(q, q_ref, atol=2e-2, rtol=2e-2)
+        for name in ("k_cache", "v_cache"):
+            assert_fp8_close(args[name], expected_args[name])  # type: ignore[arg-type]
+
+
+def test_rope_store_into_an_fp8_cache_in_a_cuda_graph() -> None:
+    args = _rope_inputs(32, 16, 8, 128, torch.bfloat16)
+    for name in ("k_cache", "v_cache"):
+        args[name] = torch.zeros_like(args[name], dtype=FP8)  # type: ignore[arg-type]
+    args["k_scale"], args["v_scale"] = 0.25, 2.0
+    expected_args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    reference.rope_store(**expected_args)  # type: ignore[arg-type]
+    rope_store(**args)  # type: ignore[arg-type]  # warm-up outside the capture
+    for name in ("k_cache", "v_cache"):
+        args[name].zero_()  # type: ignore[union-attr]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        rope_store(**args)  # type: ignore[arg-type]
+    graph.replay()
+    for name in ("k_cache", "v_cache"):
+        assert_fp8_close(args[name], expected_args[name])  # type: ignore[arg-type]
+
+
+def test_rope_store_refuses_scales_on_a_half_cache_and_mixed_caches() -> None:
+    args = _rope_inputs(4, 16, 8, 128, torch.bfloat16)
+    with pytest.raises(ValueError, match="scales"):
+        rope_store(**{**args, "k_scale": 0.5})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        rope_store(**{**args, "v_cache": args["v_cache"].to(FP8)})  # type: ignore[arg-type, union-attr]
+
+
+def test_store_kv_quantizes_into_an_fp8_cache() -> None:
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    k_cache = torch.zeros(256, 8, 128, device="cuda", dtype=FP8)
+    v_cache = torch.zeros_like(k_cache)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    k, v = _kv(37, 8, 128, torch.bfloat16, True, gen)
+    slots = torch.randperm(256, device="cuda", generator=gen)[:37]
+    store_kv(k_cache, v_cache, k * 100, v, slots, 0.5, 2.0)  # some keys saturate at 448
+    reference.store_kv(expected_k, expected_v, k * 100, v, slots, 0.5, 2.0)
+    assert_same_bits(k_cache, expected_k)
+    assert_same_bits(v_cache, expected_v)

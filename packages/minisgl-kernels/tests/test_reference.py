@@ -6,7 +6,15 @@ import pytest
 import torch
 
 import minisgl.kernels
-from minisgl.kernels.reference import first_mismatch, gather_rows, rope_store, store_kv
+from minisgl.kernels.reference import (
+    FP8_KV_DTYPE,
+    dequantize_kv,
+    first_mismatch,
+    gather_rows,
+    quantize_kv,
+    rope_store,
+    store_kv,
+)
 
 
 def test_version() -> None:
@@ -158,3 +166,60 @@ def test_rope_store_reference_rotates_normalized_heads_and_stores() -> None:
     assert torch.equal(v_cache[slots], v)
     untouched = [s for s in range(10) if s not in slots.tolist()]
     assert k_cache[untouched].isnan().all() and not k_cache[slots].isnan().any()
+
+
+def test_fp8_quantization_rounds_to_nearest_and_saturates() -> None:
+    # E4M3: 3 mantissa bits, largest finite 448; 0.3 lies between 0.28125 and 0.3125 (nearer the latter).
+    x = torch.tensor([1000.0, -1000.0, 0.3, 1.0, 449.0, 0.0])
+    stored = quantize_kv(x, FP8_KV_DTYPE)
+    assert stored.dtype == FP8_KV_DTYPE
+    assert stored.float().tolist() == [448.0, -448.0, 0.3125, 1.0, 448.0, 0.0]
+    # A scale stores x / scale and reads back x * scale: 3.0 at scale 2 is stored as 1.5.
+    assert quantize_kv(torch.tensor([3.0]), FP8_KV_DTYPE, 2.0).float().tolist() == [1.5]
+    assert (
+        dequantize_kv(quantize_kv(torch.tensor([3.0]), FP8_KV_DTYPE, 2.0), torch.float32, 2.0).item() == 3.0
+    )
+    # Within range the round trip is off by at most half a unit in the last place: 2^-4 relative.
+    y = torch.randn(10000, generator=torch.Generator().manual_seed(0)) * 50
+    back = dequantize_kv(quantize_kv(y, FP8_KV_DTYPE, 0.5), torch.float32, 0.5)
+    normal = y.abs() > 2**-6 * 0.5  # E4M3's smallest normal, scaled
+    assert ((back - y).abs()[normal] <= y.abs()[normal] * 2**-4).all()
+
+
+def test_kv_scales_apply_to_fp8_caches_only() -> None:
+    with pytest.raises(ValueError, match="KV scale"):
+        quantize_kv(torch.ones(2), torch.bfloat16, 0.5)
+    assert torch.equal(quantize_kv(torch.ones(2), torch.bfloat16), torch.ones(2, dtype=torch.bfloat16))
+
+
+def test_store_kv_and_rope_store_quantize_into_an_fp8_cache() -> None:
+    """The FP8 cache holds what the float32 cache holds, quantized with the layer's scales."""
+    torch.manual_seed(0)
+    q_heads, kv_heads, d, tokens = 4, 2, 8, 3
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * d) * 8
+    freqs = torch.outer(torch.arange(16.0), 1.0 / (1e4 ** (torch.arange(0, d, 2) / d)))
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    slots, positions = torch.tensor([7, 2, 5]), torch.tensor([3, 9, 15])
+    caches = {
+        dtype: (torch.zeros(10, kv_heads, d, dtype=dtype), torch.zeros(10, kv_heads, d, dtype=dtype))
+        for dtype in (torch.float32, FP8_KV_DTYPE)
+    }
+    outputs = {}
+    for dtype, (k_cache, v_cache) in caches.items():
+        scales = (0.5, 4.0) if dtype == FP8_KV_DTYPE else (1.0, 1.0)
+        outputs[dtype] = rope_store(
+            qkv, positions, slots, cos_sin, None, None, 0.0, k_cache, v_cache, q_heads, kv_heads, *scales
+        )
+    assert torch.equal(outputs[torch.float32], outputs[FP8_KV_DTYPE])  # queries are not quantized
+    (k32, v32), (k8, v8) = caches[torch.float32], caches[FP8_KV_DTYPE]
+    assert torch.equal(bits8(k8), bits8(quantize_kv(k32, FP8_KV_DTYPE, 0.5)))
+    assert torch.equal(bits8(v8), bits8(quantize_kv(v32, FP8_KV_DTYPE, 4.0)))
+
+    k8.zero_(), v8.zero_()
+    store_kv(k8, v8, k32[slots], v32[slots], slots, 0.5, 4.0)
+    assert torch.equal(bits8(k8), bits8(quantize_kv(k32, FP8_KV_DTYPE, 0.5)))
+    assert torch.equal(bits8(v8), bits8(quantize_kv(v32, FP8_KV_DTYPE, 4.0)))
+
+
+def bits8(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)

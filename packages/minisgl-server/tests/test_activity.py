@@ -47,8 +47,25 @@ def test_idle_time_is_not_counted() -> None:
     log.record(0, 8, 0)
     clock.now += 2.0
     log.record(0, 8, 0)
-    line = log.take_line(stats)  # the scheduler ran out of work: a final line for the short period
+    log.rest()
+    clock.now += 100.0  # idle again
+    line = log.take_line(stats)
     assert line is not None and "2 steps in 2.0 s" in line and "generation 8 tok/s" in line
+
+
+def test_light_traffic_gets_one_line_per_interval_not_one_per_request() -> None:
+    clock = Clock()
+    log = ActivityLog(10.0, clock)
+    lines = []
+    for _ in range(25):  # a one-step request every second, idle in between
+        log.record(prompt_tokens=10, generated_tokens=1, finished=1)
+        clock.now += 0.5
+        log.rest()
+        clock.now += 0.5
+        if log.due():
+            lines.append(log.take_line(stats))
+    assert len(lines) == 2, lines
+    assert lines[0] is not None and lines[0].startswith("10 steps in 5.0 s") and "10 finished" in lines[0]
 
 
 def test_interval_zero_logs_nothing() -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from bad_requests import BadRequest, load_corpus
 from starlette.testclient import TestClient
 
 from minisgl.core import messages as msg
@@ -45,6 +48,7 @@ class FakeClient:
         }
         self._uid = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.last_message_at: float | None = None
 
     def new_uid(self) -> int:
         self._uid += 1
@@ -253,6 +257,11 @@ def test_health_follows_the_engine() -> None:
     fake.stats_reply = TimeoutError()
     response = http.get("/health")
     assert response.status_code == 503 and response.json()["status"] == "unhealthy"
+    fake.last_message_at = time.monotonic() - 1  # outputs still flow: a long step, not a hang
+    response = http.get("/health")
+    assert response.status_code == 200 and response.json()["status"] == "busy"
+    fake.last_message_at = time.monotonic() - 60
+    assert http.get("/health").status_code == 503
 
 
 def test_metrics_after_a_request() -> None:
@@ -390,3 +399,103 @@ def test_a_stream_that_falls_behind_catches_up_in_merged_chunks(chat: bool) -> N
     assert text == {0: expected, 1: expected} and finish == {0: "length", 1: "length"}
     assert token_chunks < 2 * 20  # the 19 late tokens of each choice did not each get a chunk
     assert events[-1]["usage"]["completion_tokens"] == 40
+
+
+# ---- bad input: the corpus, body limits ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [b for b in load_corpus(MODEL) if not b.engine], ids=str)
+def test_bad_request_corpus(bad: BadRequest) -> None:
+    http, fake = make()
+    response = http.post(bad.path, content=bad.content, headers={"content-type": "application/json"})
+    assert response.status_code == bad.status, response.text[:300]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if bad.param is not None:
+        assert error["param"] == bad.param, error
+    assert not fake.submitted
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read() -> None:
+    fake = FakeClient()
+    app = build_app(ServerState(fake, model_name=MODEL, model_path="x", max_request_bytes=1000))  # type: ignore[arg-type]
+    http = TestClient(app)
+    assert http.post("/v1/chat/completions", json={**CHAT, "stop": "x" * 900}).status_code == 200
+    big = json.dumps({**CHAT, "stop": "x" * 1000}).encode()
+    response = http.post("/v1/chat/completions", content=big)
+    assert response.status_code == 413 and "--max-request-bytes" in response.json()["error"]["message"]
+
+    def chunked() -> Any:  # no Content-Length: the limit holds while reading
+        yield big[:600]
+        yield big[600:]
+
+    assert http.post("/v1/completions", content=chunked()).status_code == 413
+    assert len(fake.submitted) == 1
+
+
+def test_a_prompt_far_beyond_the_context_is_refused_before_tokenizing() -> None:
+    fake = FakeClient()
+    state = ServerState(fake, model_name=MODEL, model_path="x", context_length=64, longest_token=4)  # type: ignore[arg-type]
+    http = TestClient(build_app(state))
+    response = http.post("/v1/completions", json={"prompt": ["ok", "x" * 256]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    chat = {
+        **CHAT,
+        "messages": [{"role": "user", "content": "x" * 200}, {"role": "user", "content": "y" * 56}],
+    }
+    response = http.post("/v1/chat/completions", json=chat)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    assert http.post("/v1/completions", json={"prompt": "x" * 255}).status_code == 200  # maybe 63 tokens
+    assert len(fake.submitted) == 1
+
+
+def test_generation_config_defaults_fill_only_what_the_request_leaves_out() -> None:
+    fake = FakeClient()
+    defaults = {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
+    state = ServerState(fake, model_name=MODEL, model_path="x", sampling_defaults=defaults)  # type: ignore[arg-type]
+    http = TestClient(build_app(state))
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert (
+        http.post("/v1/completions", json={"prompt": "x", "temperature": 0, "top_k": None}).status_code == 200
+    )
+    first, second = (group[0].params for group in fake.submitted)
+    assert (first.temperature, first.top_p, first.top_k) == (0.6, 0.9, 20)
+    assert (second.temperature, second.top_p, second.top_k) == (0.0, 0.9, 20)
+
+
+def test_metrics_split_kv_use_count_errors_and_say_when_the_scheduler_is_silent() -> None:
+    http, fake = make()
+    fake.stats_reply = {
+        "num_running": 1, "num_waiting": 0, "pages_total": 10, "pages_free": 1, "pages_used": 9, "pages_cached": 8,
+    }  # fmt: skip
+    assert http.post("/v1/chat/completions", json={**CHAT, "n": 0}).status_code == 400
+    assert http.post("/v1/chat/completions", content=b"{").status_code == 400
+    assert http.get("/v1/nothing").status_code == 404
+    text = http.get("/metrics").text
+    for line in (
+        'minisgl:scheduler_up{model_name="tiny"} 1',
+        'minisgl:kv_pages_free{model_name="tiny"} 1',
+        'minisgl:kv_pages_cached{model_name="tiny"} 8',
+        'minisgl:kv_pages_in_use{model_name="tiny"} 1',
+        'minisgl:kv_cache_usage_ratio{model_name="tiny"} 0.1',
+        'minisgl:request_rejected_total{model_name="tiny",status="400",reason="invalid_json"} 1',
+        'minisgl:request_rejected_total{model_name="tiny",status="400",reason="invalid_request_error"} 1',
+        'minisgl:request_rejected_total{model_name="tiny",status="404",reason="not_found_error"} 1',
+    ):
+        assert line in text, line
+    fake.stats_reply = TimeoutError()
+    text = http.get("/metrics").text
+    assert 'minisgl:scheduler_up{model_name="tiny"} 0' in text and "kv_pages_free" not in text
+
+
+def test_log_requests_names_the_response_and_the_status(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeClient()
+    http = TestClient(build_app(ServerState(fake, model_name=MODEL, model_path="x", log_requests=True)))  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="minisgl.server.api"):
+        reply = http.post("/v1/chat/completions", json=CHAT).json()
+        http.post("/v1/chat/completions", json={**CHAT, "n": 0})
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith(f"{reply['id']} (request 1): 200, finished (length)") for line in lines), lines
+    assert any(
+        line.startswith("POST /v1/chat/completions: 400 invalid_request_error (param n)") for line in lines
+    )

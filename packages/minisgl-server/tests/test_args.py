@@ -15,6 +15,7 @@ FLAGS = [
     "--port",
     "--device",
     "--dtype",
+    "--kv-cache-dtype",
     "--tp",
     "--attn",
     "--cache",
@@ -89,6 +90,16 @@ def test_values_are_parsed() -> None:
     assert options["attn"] == "fa3,fi" and options["mix_decode_into_prefill"] is True
 
 
+def test_kv_cache_dtype_reaches_the_engine() -> None:
+    from minisgl.core.config import KV_CACHE_DTYPES
+    from minisgl.server.args import KV_CACHE_DTYPES as FLAG_CHOICES
+
+    assert FLAG_CHOICES == KV_CACHE_DTYPES  # the flag offers exactly what the engine accepts
+    args = parse_serve_args(["--kv-cache-dtype", "fp8_e4m3", "--attn", "fi"])
+    assert args.engine_options()["kv_cache_dtype"] == "fp8_e4m3"
+    assert ServerArgs().engine_options()["kv_cache_dtype"] == "auto"
+
+
 def test_engine_options_are_engine_config_fields() -> None:
     from minisgl.core.config import EngineConfig
 
@@ -104,10 +115,13 @@ def test_engine_options_are_engine_config_fields() -> None:
         (["--port", "abc"], "--port"),
         (["--device", "tpu"], "--device"),
         (["--dtype", "int3"], "--dtype"),
+        (["--kv-cache-dtype", "int8"], "--kv-cache-dtype"),
+        (["--kv-cache-dtype", "fp8_e4m3", "--attn", "fa3,fi"], "--attn"),
         (["--tp", "0"], "--tp"),
         (["--attn", "flash"], "--attn"),
         (["--attn", "fi,fi,fi"], "--attn"),
         (["--cache", "lru"], "--cache"),
+        (["--moe-backend", "cutlass"], "--moe-backend"),
         (["--page-size", "3"], "--page-size"),
         (["--max-running-requests", "0"], "--max-running-requests"),
         (["--max-prefill-length", "-5"], "--max-prefill-length"),
@@ -138,6 +152,13 @@ def test_bad_value_names_the_flag(argv: list[str], flag: str, capsys: pytest.Cap
         parse_serve_args(argv)
     assert exit_info.value.code == 2
     assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_moe_backend_choices_are_the_engines() -> None:
+    from minisgl.core.config import MOE_BACKENDS
+    from minisgl.server import args
+
+    assert args.MOE_BACKENDS == MOE_BACKENDS  # kept twice only so that --help needs no torch
 
 
 def test_every_field_has_a_flag() -> None:

@@ -35,7 +35,10 @@ def _tokenizer() -> Any:
 
 def _render(request: msg.GenerateRequest) -> str:
     tokenizer = _tokenizer()
-    ids = TokenizerWorker._encode(SimpleNamespace(tokenizer=tokenizer), request)  # type: ignore[arg-type]
+    worker = SimpleNamespace(tokenizer=tokenizer)
+    ids = TokenizerWorker._encode(  # type: ignore[arg-type]
+        worker, request.prompt, request.messages, True, request.tools, request.chat_template_kwargs
+    )
     return str(tokenizer.decode(ids)).replace(" ", "")
 
 

@@ -13,7 +13,10 @@ from minisgl.core.sampling_params import SamplingParams
 
 
 def _examples() -> list[object]:
-    params = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, stop=["\n\n"], logprobs=2, seed=11)
+    params = SamplingParams(
+        max_tokens=7, temperature=0.5, top_k=3, stop=["\n\n"], logprobs=2, seed=11, min_tokens=2,
+        logit_bias={5: -100.0, 49151: 2.5}, prompt_logprobs=True,
+    )  # fmt: skip
     ids = msg.int32_array([1, 2, 3, 49151])
     return [
         params,
@@ -24,6 +27,7 @@ def _examples() -> list[object]:
                 msg.GenerateRequest(
                     3, params, prompt_ids=ids, max_tokens_auto=True, skip_special_tokens=False
                 ),
+                msg.GenerateRequest(4, params, prompt="x", echo=True, score_only=True),
             ]
         ),
         msg.AbortRequests([1, 2]),
@@ -34,7 +38,13 @@ def _examples() -> list[object]:
             msg.int32_array([10, 20]),
             [msg.TokenLogprobs(4, -0.5, msg.int32_array([10, 11]), [-0.5, -1.5])],
             [msg.FinishedRequest(5, "length", 12, 4, 3, False)],
+            [msg.PromptLogprobs(4, [-1.5, -0.25], [[7, 8], [9, 1]], [[-0.5, -1.5], [-0.25, -3.0]])],
         ),
+        msg.TokenizeQuery(3, prompt="héllo", add_special_tokens=False),
+        msg.TokenizeQuery(4, messages=[{"role": "user", "content": "hi"}]),
+        msg.DetokenizeQuery(5, ids),
+        msg.TokenizerReply(5, {"prompt": "hi"}),
+        msg.TokenizerReply(6, error="no tokenizer"),
         msg.StatsReply(9, {"num_running": 1, "cache_hit_rate": 0.5, "name": "x"}),
         msg.OutputBatch([msg.RequestOutput(4, "Par", 1, [["Par", -0.1, [["Par", -0.1]]]], "stop", 12, 4, 3)]),
         msg.RequestError([1, 2], 503, "full", None, "queue_full"),

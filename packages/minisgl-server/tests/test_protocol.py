@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from minisgl.server.api.protocol import ApiError, parse_chat, parse_completion
+from minisgl.server.api.protocol import (
+    ApiError,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+)
 
 MODEL = "smollm2-135m"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -182,8 +188,28 @@ BAD: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("completion", {"prompt": {"text": "x"}}, 400, "prompt"),
     ("completion", {"logprobs": True}, 400, "logprobs"),
     ("completion", {"logprobs": 50}, 400, "logprobs"),
-    ("completion", {"echo": True}, 400, "echo"),
+    ("completion", {"echo": 1}, 400, "echo"),
     ("completion", {"suffix": "x"}, 400, "suffix"),
+    ("completion", {"best_of": 2}, 400, "best_of"),
+    ("completion", {"max_tokens": -1}, 400, "max_tokens"),
+    ("completion", {"max_tokens": 0, "min_tokens": 1}, 400, "min_tokens"),
+    ("completion", {"top_logprobs": 2}, 400, "top_logprobs"),  # a chat field
+    ("completion", {"messages": []}, 400, "messages"),
+    ("chat", {"echo": True}, 400, "echo"),  # a completions field
+    ("chat", {"suffix": "x"}, 400, "suffix"),
+    ("chat", {"max_tokens": 0}, 400, "max_tokens"),
+    ("chat", {"min_tokens": -1}, 400, "min_tokens"),
+    ("chat", {"min_tokens": 5, "max_tokens": 4}, 400, "min_tokens"),
+    ("chat", {"min_tokens": "1"}, 400, "min_tokens"),
+    ("chat", {"logit_bias": [1]}, 400, "logit_bias"),
+    ("chat", {"logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("chat", {"logit_bias": {"5": "1"}}, 400, "logit_bias"),
+    ("chat", {"logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("chat", {"logit_bias": {"-5": 1}}, 400, "logit_bias"),
+    ("chat", {"user": 5}, 400, "user"),
+    ("chat", {"metadata": "x"}, 400, "metadata"),
+    ("chat", {"store": True}, 400, "store"),
+    ("chat", {"made_up_field": 1}, 400, "made_up_field"),
     ("completion", {"prompt": ["a"] * 600, "n": 2}, 400, "n"),
 ]
 
@@ -248,3 +274,56 @@ def test_tool_history_messages() -> None:
     assert parsed is not None
     assert parsed[1]["tool_calls"][0]["function"] == {"name": "f", "arguments": {"x": 1}}
     assert parsed[2] == {"role": "tool", "content": "42", "tool_call_id": "c1"}
+
+
+def test_echo_logprobs_and_score_only() -> None:
+    spec = parse_completion({**COMPLETION, "echo": True, "logprobs": 1, "max_tokens": 0}, MODEL)
+    assert spec.echo and spec.score_only and spec.params.prompt_logprobs and spec.params.logprobs == 1
+    # The engine computes one token after the prompt; the tokenizer worker drops it.
+    assert spec.params.max_tokens == 1
+    plain = parse_completion({**COMPLETION, "echo": True}, MODEL)
+    assert plain.echo and not plain.score_only and not plain.params.prompt_logprobs  # text only: cache on
+
+
+def test_min_tokens_logit_bias_and_user() -> None:
+    body = {
+        **CHAT,
+        "min_tokens": 3,
+        "logit_bias": {"5": -100, "17": 2.5},
+        "user": "u-1",
+        "metadata": {"a": "b"},
+    }
+    params = parse_chat(body, MODEL).params
+    assert params.min_tokens == 3 and params.logit_bias == {5: -100.0, 17: 2.5}
+    # Without max_tokens the scheduler fills in the rest of the context later; min_tokens must fit now.
+    assert params.max_tokens >= 3
+
+
+def test_unsupported_and_unknown_fields_name_themselves() -> None:
+    for name in ("foo", "functions", "echo"):
+        with pytest.raises(ApiError) as error_info:
+            parse_chat({**CHAT, name: [{"x": 1}]}, MODEL)
+        assert (error_info.value.param, error_info.value.code) == (name, "unsupported_parameter")
+
+
+def test_tokenize_and_detokenize_bodies() -> None:
+    query = parse_tokenize({"model": MODEL, "prompt": "hi", "add_special_tokens": False}, MODEL)
+    assert (query.prompt, query.messages, query.add_special_tokens) == ("hi", None, False)
+    chat = parse_tokenize({"messages": [{"role": "user", "content": "hi"}]}, MODEL)
+    assert chat.messages == [{"role": "user", "content": "hi"}] and chat.add_special_tokens
+    assert parse_detokenize({"tokens": [1, 2]}, MODEL).token_ids.tolist() == [1, 2]
+    bad: list[tuple[Any, Any, str | None]] = [
+        (parse_tokenize, {}, "prompt"),
+        (parse_tokenize, {"prompt": "a", "messages": []}, "prompt"),
+        (parse_tokenize, {"prompt": 5}, "prompt"),
+        (parse_tokenize, {"messages": "x"}, "messages"),
+        (parse_tokenize, {"prompt": "a", "add_special_tokens": 1}, "add_special_tokens"),
+        (parse_tokenize, {"prompt": "a", "extra": 1}, "extra"),
+        (parse_detokenize, {}, "tokens"),
+        (parse_detokenize, {"tokens": [1, -2]}, "tokens"),
+        (parse_detokenize, {"tokens": "1"}, "tokens"),
+    ]
+    for parse, body, param in bad:
+        with pytest.raises(ApiError) as error_info:
+            parse(body, MODEL)
+        assert (error_info.value.status, error_info.value.param) == (400, param), body

@@ -178,3 +178,46 @@ def test_bad_sampling_options_name_the_flag(
         main(["--url", "http://127.0.0.1:9", *argv])
     assert exit_info.value.code == 2
     assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_the_url_shell_survives_a_server_restart_with_its_conversation() -> None:
+    import json
+
+    import httpx
+
+    from minisgl.shell.client import RemoteBackend
+
+    chats: list[list[dict[str, str]]] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        chats.append(json.loads(request.content)["messages"])
+        if len(chats) == 2:
+            raise httpx.ConnectError("connection refused")  # the server is restarting
+        chunk = {"choices": [{"index": 0, "delta": {"content": f"reply {len(chats)}"}}]}
+        return httpx.Response(200, text=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n")
+
+    async def scenario() -> tuple[int, str]:
+        backend = RemoteBackend("http://server", transport=httpx.MockTransport(server))
+        await backend.start()
+        out = io.StringIO()
+        pending = ["first", "second", "second again"]
+
+        async def read() -> str:
+            if not pending:
+                raise EOFError
+            return pending.pop(0)
+
+        try:
+            return await Repl(backend, ChatSettings(), None, out).run(read), out.getvalue()
+        finally:
+            await backend.close()
+
+    status, out = asyncio.run(scenario())
+    assert status == 0 and "lost the connection to http://server" in out and "reply 3" in out
+    assert chats[2] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "reply 1"},
+        {"role": "user", "content": "second again"},
+    ]

@@ -1,5 +1,5 @@
 """Offline throughput benchmark on nano-vllm's workload: random prompt ids, random prompt and output
-lengths, temperature 0.6, ignore_eos. The defaults are DESIGN.md's H100 workload (256 requests, lengths
+lengths, temperature 0.6, ignore_eos. The defaults are the H100 workload of docs/benchmarks.md (256 requests, lengths
 uniform in [100, 1024], 133,966 output tokens); scale it down on a CPU with the flags.
 
     python -m minisgl.core.bench --model smollm2-135m --num-prompts 32 --max-input-len 256 --max-output-len 128
@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from minisgl.core.model_source import DEFAULT_MODEL
+from minisgl.core.config import KV_CACHE_DTYPES, MOE_BACKENDS
+from minisgl.core.model_source import BUNDLED_CONFIGS, DEFAULT_MODEL
 from minisgl.core.runtime import StepTiming
 
 
@@ -69,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="KV cache element type (default auto: the model's dtype; fp8_e4m3 halves the KV bytes)",
+    )
+    parser.add_argument(
         "--page-size", type=int, default=None, help="tokens per KV page (default: 16 on CUDA, 1 on the CPU)"
     )
     parser.add_argument("--max-running-requests", type=int, default=256)
@@ -77,12 +84,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--load-format",
         default="auto",
         choices=["auto", "safetensors", "gguf", "dummy"],
-        help="dummy: random weights (bundled configs: qwen3-0.6b, qwen3-8b, llama-3.1-8b)",
+        help=f"dummy: random weights (bundled configs: {', '.join(BUNDLED_CONFIGS)})",
     )
     parser.add_argument(
         "--attn", default="auto", help="attention backend: auto, torch, fi, or PREFILL,DECODE"
     )
     parser.add_argument("--cache", default="radix", choices=["radix", "naive"])
+    parser.add_argument(
+        "--moe-backend",
+        default="auto",
+        choices=MOE_BACKENDS,
+        help="expert compute of MoE models: torch (grouped GEMMs), flashinfer (CUTLASS fused MoE), auto",
+    )
     parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="0 disables decode CUDA graphs")
     parser.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size (default: from memory)")
@@ -138,6 +151,7 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> tuple[float, in
         args.model,
         device=args.device,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         page_size=args.page_size,
         max_running_requests=args.max_running_requests,
         max_prefill_tokens=args.max_prefill_tokens,
@@ -150,6 +164,7 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> tuple[float, in
         disable_overlap=args.disable_overlap,
         mix_decode_into_prefill=not args.no_mixed_batches,
         tp_size=args.tp,
+        moe_backend=args.moe_backend,
     )
     every = round(1 / args.json_schema_fraction) if args.json_schema_fraction else 0
     params = [

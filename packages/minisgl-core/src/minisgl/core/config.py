@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+MOE_BACKENDS = ("auto", "torch", "flashinfer")
 
 
 def _rope_settings(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
@@ -72,6 +73,23 @@ class ModelConfig:
     # `mlp_bias` gives gate, up and down a bias.
     o_bias: bool = False
     mlp_bias: bool = False
+    # Mixture of experts (Qwen3-MoE). num_experts 0: every layer has the dense MLP. Otherwise layer i has a
+    # sparse block of `num_experts` SwiGLU experts of `moe_intermediate_size` (a router picks
+    # `num_experts_per_tok` per token) when (i + 1) % decoder_sparse_step == 0 and i is not in
+    # mlp_only_layers, and the dense MLP of `intermediate_size` otherwise.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return (
+            self.num_experts > 0
+            and layer_id not in self.mlp_only_layers
+            and (layer_id + 1) % self.decoder_sparse_step == 0
+        )
 
     def local_kv_heads(self, tp_size: int) -> int:
         """KV heads held by one rank: split evenly, or one replicated head when there are fewer than ranks."""
@@ -81,10 +99,14 @@ class ModelConfig:
         """Raise ValueError naming the dimension that cannot be split over tp_size ranks."""
         if tp_size == 1:
             return
-        for what, size in (
-            ("attention heads", self.num_heads),
-            ("intermediate size", self.intermediate_size),
-        ):
+        moe_layers = [self.is_moe_layer(i) for i in range(self.num_layers)]
+        checked = [("attention heads", self.num_heads)]
+        if not all(moe_layers):
+            checked.append(("intermediate size", self.intermediate_size))
+        if any(moe_layers):
+            # Experts are split on their intermediate dimension: every rank holds a slice of each.
+            checked.append(("expert intermediate size (moe_intermediate_size)", self.moe_intermediate_size))
+        for what, size in checked:
             if size % tp_size:
                 raise ValueError(f"tp size {tp_size} does not divide the model's {what} ({size})")
         check_kv_split(self.num_kv_heads, tp_size)
@@ -102,7 +124,8 @@ class ModelConfig:
         theta, scaling = _rope_settings(hf_config)
         model_type = getattr(hf_config, "model_type", "")
         eos = _as_id_tuple(getattr(hf_config, "eos_token_id", None))
-        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        # Newer transformers name it dtype and warn when torch_dtype is read; older ones know only torch_dtype.
+        dtype = hf_config.dtype if hasattr(hf_config, "dtype") else getattr(hf_config, "torch_dtype", None)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype, None)
         return cls(
@@ -126,7 +149,29 @@ class ModelConfig:
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             eos_token_ids=tuple(dict.fromkeys(eos + extra_eos_ids)),
             checkpoint_dtype=dtype if isinstance(dtype, torch.dtype) else None,
+            **_moe_settings(hf_config),
         )
+
+
+def _moe_settings(hf_config: Any) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields from a Qwen3-MoE style config; none for a dense model."""
+    num_experts = int(getattr(hf_config, "num_experts", 0) or 0)
+    if num_experts == 0:
+        return {}
+    top_k = int(hf_config.num_experts_per_tok)
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok {top_k} must be in 1..num_experts ({num_experts})")
+    step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
+    if step < 1:
+        raise ValueError(f"decoder_sparse_step must be >= 1, got {step}")
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=int(hf_config.moe_intermediate_size),
+        norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
+        decoder_sparse_step=step,
+        mlp_only_layers=tuple(int(i) for i in getattr(hf_config, "mlp_only_layers", None) or ()),
+    )
 
 
 _ARCH_BY_MODEL_TYPE = {
@@ -134,6 +179,7 @@ _ARCH_BY_MODEL_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 _DTYPES = {
@@ -160,6 +206,17 @@ def parse_dtype(
     if name not in _DTYPES:
         raise ValueError(f"dtype {name!r} is not one of: auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
+
+
+# KV cache element types: "auto" is the model's dtype; fp8_e4m3 stores K and V in one byte each, scaled
+# per layer (FlashInfer attention on CUDA; the torch backend dequantizes them).
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8_e4m3")
+_KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def parse_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's dtype for a kv_cache_dtype that EngineConfig.validate accepted."""
+    return model_dtype if name == "auto" else _KV_DTYPES[name]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -201,10 +258,17 @@ class EngineConfig:
     mix_decode_into_prefill: bool = True
     # Overlap scheduling (prepare step N+1 while step N runs); also off with MINISGL_DISABLE_OVERLAP_SCHEDULING=1.
     disable_overlap: bool = False
+    # KV cache element type: auto (the model's dtype), bfloat16, float16, or fp8_e4m3 (one byte per
+    # element, so twice the pages in the same memory; K and V scaled per layer, 1.0 unless the checkpoint
+    # carries k_scale / v_scale).
+    kv_cache_dtype: str = "auto"
     # Decode CUDA graphs up to this batch size; None: min(256, max_running_requests); 0 disables them.
     cuda_graph_max_bs: int | None = None
     seed: int = 0
     tp_size: int = 1
+    # Expert compute of mixture-of-experts models: "torch" (grouped GEMMs), "flashinfer" (its CUTLASS
+    # fused MoE, CUDA only) or "auto" (torch).
+    moe_backend: str = "auto"
 
     def validate(self) -> None:
         if self.page_size is not None and (self.page_size < 1 or self.page_size & (self.page_size - 1)):
@@ -225,8 +289,16 @@ class EngineConfig:
             )
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {self.cuda_graph_max_bs}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
         if self.cache not in ("radix", "naive"):
             raise ValueError(f"cache must be radix or naive, got {self.cache!r}")
+        if self.moe_backend not in MOE_BACKENDS:
+            raise ValueError(
+                f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}"
+            )
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
         if self.tp_size > 1 and self.device.startswith("cuda:"):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,8 @@ RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=10)
 # Followers wait in the control broadcast while the server is idle, for as long as it stays idle; a dead
 # peer still ends the wait at once (gloo sees the connection close).
 CONTROL_TIMEOUT = datetime.timedelta(days=30)
+_JOINED_KEY = "minisgl/joined"  # counts the ranks > 0 that reached the store
+_PEER_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -74,27 +78,47 @@ def set_tp(info: TPInfo) -> None:
     _GROUP.info = info
 
 
-def init_distributed(rank: int, size: int, init_address: str, device: torch.device) -> None:
+def init_distributed(
+    rank: int,
+    size: int,
+    init_address: str,
+    device: torch.device,
+    check_peers: Callable[[], None] | None = None,
+) -> None:
     """Join the TP group of `size` ranks that meet at init_address ("host:port", rank 0 listens there).
-    Every rank calls this before building its model."""
+    Every rank calls this before building its model. Rank 0 waits for the others in Python, calling
+    `check_peers` (which raises when a rank it started has died) between waits, instead of blocking in
+    the rendezvous for RENDEZVOUS_TIMEOUT."""
     if size == 1:
         set_tp(TPInfo())
         return
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialized in this process")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://{init_address}",
-        rank=rank,
-        world_size=size,
-        timeout=RENDEZVOUS_TIMEOUT,
+    host, port = init_address.rsplit(":", 1)
+    store = dist.TCPStore(
+        host, int(port), size, is_master=rank == 0, timeout=RENDEZVOUS_TIMEOUT, wait_for_workers=False
     )
+    if rank == 0:
+        _wait_for_peers(store, size, check_peers)
+    else:
+        store.add(_JOINED_KEY, 1)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=RENDEZVOUS_TIMEOUT)
     _GROUP.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     set_tp(TPInfo(rank, size))
     # On the CPU the tensors go over gloo too; on CUDA over NCCL.
     comm = _cuda_communicator(rank, size, device) if device.type == "cuda" else TorchCommunicator()
     _GROUP.comm = comm
     logger.info("joined the TP group as rank %d of %d (%s)", rank, size, type(comm).__name__)
+
+
+def _wait_for_peers(store: Any, size: int, check_peers: Callable[[], None] | None) -> None:
+    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT.total_seconds()
+    while int(store.add(_JOINED_KEY, 0)) < size - 1:
+        if check_peers is not None:
+            check_peers()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the other TP ranks did not join within {RENDEZVOUS_TIMEOUT}")
+        time.sleep(_PEER_POLL_S)
 
 
 def _cuda_communicator(rank: int, size: int, device: torch.device) -> Communicator:

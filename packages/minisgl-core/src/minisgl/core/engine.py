@@ -29,8 +29,27 @@ class StepOutput:
     tokens: list[int | None]
     logprobs: list[float | None]
     top_logprobs: list[dict[int, float] | None]
-    # Logprobs of prompt tokens start+1 .. end (where known) for chunks that asked for them.
+    # Logprobs of prompt tokens start+1 .. end (where known) for chunks that asked for them, and the top
+    # alternatives at each of those positions (empty dicts when the request asked for none).
     prompt_logprobs: list[list[float]] = field(default_factory=list)
+    prompt_top_logprobs: list[list[dict[int, float]]] = field(default_factory=list)
+
+
+@dataclass
+class PromptLogprobs:
+    """Device tensors of one chunk's prompt logprobs: the prompt tokens' own, and the top k per position."""
+
+    chosen: torch.Tensor
+    top_ids: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None
+
+    def to_host(self) -> tuple[list[float], list[dict[int, float]]]:
+        chosen = self.chosen.tolist()
+        if self.top_ids is None or self.top_values is None:
+            return chosen, [{} for _ in chosen]
+        ids, values = self.top_ids.tolist(), self.top_values.tolist()
+        tops = [dict(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
+        return chosen, tops
 
 
 @dataclass
@@ -55,7 +74,7 @@ class PendingStep:
     tokens_host: torch.Tensor | None
     done: torch.cuda.Event | None
     requested_logprobs: list[int]  # k asked for, per row of result.logprob_rows
-    prompt_logprobs: dict[int, torch.Tensor]
+    prompt_logprobs: dict[int, PromptLogprobs]
     # Set when the engine times steps on the device: recorded before the step's first device work.
     started: torch.cuda.Event | None = None
     late: LateRows | None = None
@@ -72,9 +91,11 @@ class PendingStep:
         if self.done is not None:
             self.done.synchronize()
         n = self.num_chunks
-        output = StepOutput([None] * n, [None] * n, [None] * n, [[] for _ in range(n)])
+        output = StepOutput(
+            [None] * n, [None] * n, [None] * n, [[] for _ in range(n)], [[] for _ in range(n)]
+        )
         for i, values in self.prompt_logprobs.items():
-            output.prompt_logprobs[i] = values.tolist()
+            output.prompt_logprobs[i], output.prompt_top_logprobs[i] = values.to_host()
         if self.result is None or self.tokens_host is None:
             return output
         for row, token in zip(self.sampling, self.tokens_host.tolist(), strict=True):
@@ -108,6 +129,7 @@ class Engine:
         device: torch.device,
         generator: torch.Generator,
         graphs: DecodeGraphRunner | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.model = model
         self.kv_pool = kv_pool
@@ -117,6 +139,8 @@ class Engine:
         # Draws the noise of sampled requests that have no seed of their own.
         self.generator = generator
         self.graphs = graphs
+        # For min_tokens: EOS may not be sampled before a request has generated that many tokens.
+        self.eos_token_ids = eos_token_ids
         self._is_cuda = device.type == "cuda"
         # Record CUDA events around every step (for benchmarks: device busy time against wall time).
         self.time_device = False
@@ -215,7 +239,7 @@ class Engine:
         chunks: list[Chunk],
         sampling: list[int],
         logits: torch.Tensor | None,
-        prompt_logprobs: dict[int, torch.Tensor],
+        prompt_logprobs: dict[int, PromptLogprobs],
     ) -> PendingStep:
         if logits is None:
             done = self._event() if self.time_device else None
@@ -227,7 +251,7 @@ class Engine:
             result = self._sample_except(logits, requests, late)
         else:
             mask_logits(logits, requests)  # only the constrained rows change
-            result = sample(logits, requests, self.generator)
+            result = sample(logits, requests, self.generator, self.eos_token_ids)
         # The next step reads its input ids from the token table: write the new tokens there on the device.
         rows = to_device([r.table_row for r in requests], torch.int64, self.device)
         columns = to_device([chunks[i].end for i in sampling], torch.int64, self.device)
@@ -254,7 +278,7 @@ class Engine:
         ready_logits = logits[index]
         ready_requests = [requests[j] for j in ready]
         mask_logits(ready_logits, ready_requests)
-        result = sample(ready_logits, ready_requests, self.generator)
+        result = sample(ready_logits, ready_requests, self.generator, self.eos_token_ids)
         tokens[index] = result.tokens
         logprob_rows = [ready[k] for k in result.logprob_rows]
         return SampleOutput(tokens, logprob_rows, result.chosen_logprobs, result.top_ids, result.top_values)
@@ -269,7 +293,7 @@ class Engine:
         pending.late = None
         live = [r if r.finish_reason is None else None for r in late.requests]
         mask_logits(late.logits, live)
-        tokens = sample(late.logits, late.requests, self.generator).tokens
+        tokens = sample(late.logits, late.requests, self.generator, self.eos_token_ids).tokens
         assert pending.result is not None
         pending.result.tokens[to_device(late.rows, torch.int64, self.device)] = tokens
         self.tables.token_table[late.table_rows, late.columns] = tokens
@@ -283,13 +307,19 @@ class Engine:
         pending.tokens_host = tokens_host
         pending.done = self._event()
 
-    def _prompt_logprobs(self, chunk: Chunk, hidden: torch.Tensor, first_row: int) -> torch.Tensor:
-        """Logprob of each prompt token at positions start+1 .. min(end, prompt_len - 1)."""
+    def _prompt_logprobs(self, chunk: Chunk, hidden: torch.Tensor, first_row: int) -> PromptLogprobs:
+        """Logprob of each prompt token at positions start+1 .. min(end, prompt_len - 1), and the
+        request's `logprobs` most likely tokens at each of those positions."""
         prompt = chunk.req.prompt_ids
         last = min(chunk.end, len(prompt) - 1)
         if last <= chunk.start:
-            return torch.empty(0)
+            return PromptLogprobs(torch.empty(0))
         targets = to_device(prompt[chunk.start + 1 : last + 1], torch.int64, self.device)
         rows = hidden[first_row : first_row + len(targets)]
         logprobs = self.model.compute_logits(rows).float().log_softmax(dim=-1)
-        return logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        k = chunk.req.params.logprobs or 0
+        if k == 0:
+            return PromptLogprobs(chosen)
+        top_values, top_ids = logprobs.topk(k, dim=-1)
+        return PromptLogprobs(chosen, top_ids, top_values)

@@ -10,6 +10,7 @@ import multiprocessing as mp
 import socket
 import time
 from collections.abc import Sequence
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any
@@ -36,11 +37,16 @@ class LLM:
         config = EngineConfig(**engine_options)
         config.validate()
         address = f"127.0.0.1:{_free_port()}" if config.tp_size > 1 else None
-        self._followers = [
-            _start_follower(model, config, rank, address) for rank in range(1, config.tp_size) if address
-        ]
+        started = [_start_follower(model, config, r, address) for r in range(1, config.tp_size) if address]
+        self._followers = [process for process, _ in started]
         try:
-            self.runtime = Runtime(model, config, tp_rank=0, dist_init_address=address)
+            self.runtime = Runtime(
+                model,
+                config,
+                tp_rank=0,
+                dist_init_address=address,
+                check_peers=lambda: _check_started(started),
+            )
         except BaseException:
             _stop(self._followers)
             raise
@@ -140,6 +146,7 @@ class LLM:
             logprobs=list(req.output_logprobs) if wants_logprobs else None,
             top_logprobs=list(req.output_top_logprobs) if wants_logprobs else None,
             prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs else None,
+            prompt_top_logprobs=list(req.prompt_top_logprobs) if req.params.prompt_logprobs else None,
         )
 
     def _text(self, req: Request) -> str:
@@ -158,18 +165,47 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _start_follower(model: str, config: EngineConfig, rank: int, address: str) -> BaseProcess:
-    process = mp.get_context("spawn").Process(
-        target=_follow, args=(model, config, rank, address), name=f"minisgl-tp{rank}", daemon=True
+def _start_follower(
+    model: str, config: EngineConfig, rank: int, address: str
+) -> tuple[BaseProcess, Connection]:
+    """TP rank `rank` in a spawned process, and the pipe on which it reports a start-up error."""
+    context = mp.get_context("spawn")
+    errors, report = context.Pipe(duplex=False)
+    process = context.Process(
+        target=_follow, args=(model, config, rank, address, report), name=f"minisgl-tp{rank}", daemon=True
     )
     process.start()
-    return process
+    report.close()
+    return process, errors
 
 
-def _follow(model: str, config: EngineConfig, rank: int, address: str) -> None:
-    runtime = Runtime(model, config, tp_rank=rank, dist_init_address=address)
+def _follow(model: str, config: EngineConfig, rank: int, address: str, report: Connection) -> None:
+    try:
+        runtime = Runtime(model, config, tp_rank=rank, dist_init_address=address)
+    except BaseException as exc:
+        report.send(f"{type(exc).__name__}: {exc}")
+        raise
+    report.close()
     runtime.follow()
     runtime.shutdown()
+
+
+def _check_started(started: list[tuple[BaseProcess, Connection]]) -> None:
+    """Raise when a TP rank this process started has died during start-up, with its error if it sent one."""
+    for process, errors in started:
+        if process.exitcode is None:
+            continue
+        try:
+            reason = errors.recv() if errors.poll() else None
+        except EOFError:  # it died before it could report anything
+            reason = None
+        if reason is not None:
+            raise RuntimeError(f"TP rank process {process.name} failed to start: {reason}")
+        raise RuntimeError(
+            f"TP rank process {process.name} exited during start-up (exit code {process.exitcode}) before "
+            "loading the model. Spawned ranks re-import the main module: a script that creates an LLM "
+            'with tp_size > 1 must do it under `if __name__ == "__main__":`.'
+        )
 
 
 def _stop(processes: list[BaseProcess], timeout: float = 30.0) -> None:

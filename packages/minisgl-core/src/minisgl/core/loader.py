@@ -18,6 +18,8 @@ from minisgl.core.config import ModelConfig, _as_id_tuple
 from minisgl.core.model_source import ModelSource
 from minisgl.core.models import create_model
 from minisgl.core.models.decoder import DecoderForCausalLM
+from minisgl.core.moe_ops import resolve_moe_backend
+from minisgl.core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +37,37 @@ def load_model_config(source: ModelSource, hf_config: Any) -> ModelConfig:
     return ModelConfig.from_hf(hf_config, extra_eos_ids=_generation_eos_ids(source))
 
 
-def _generation_eos_ids(source: ModelSource) -> tuple[int, ...]:
-    """EOS ids from generation_config.json (often a list: Llama 3 stops on several tokens)."""
+# The sampling fields of generation_config.json that requests inherit when they leave them out (as vLLM
+# does); their names are SamplingParams' too.
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _generation_config(source: ModelSource) -> dict[str, Any]:
     path = source.directory / "generation_config.json"
     if source.is_gguf or not path.is_file():
-        return ()
-    return _as_id_tuple(json.loads(path.read_text()).get("eos_token_id"))
+        return {}
+    config = json.loads(path.read_text())
+    return config if isinstance(config, dict) else {}
+
+
+def _generation_eos_ids(source: ModelSource) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (often a list: Llama 3 stops on several tokens)."""
+    return _as_id_tuple(_generation_config(source).get("eos_token_id"))
+
+
+def load_sampling_defaults(source: ModelSource) -> dict[str, Any]:
+    """The model's recommended sampling values from generation_config.json, by SamplingParams field name;
+    {} when it has none or they are not valid SamplingParams values (that is logged)."""
+    config = _generation_config(source)
+    defaults = {name: config[name] for name in SAMPLING_DEFAULT_FIELDS if config.get(name) is not None}
+    if defaults.get("top_k") == 0:  # Hugging Face's "no top-k"
+        defaults["top_k"] = -1
+    try:
+        SamplingParams(**defaults)
+    except (TypeError, ValueError) as exc:
+        logger.warning("ignoring the sampling values of %s's generation_config.json: %s", source.name, exc)
+        return {}
+    return defaults
 
 
 def load_tokenizer(source: ModelSource) -> Any | None:
@@ -76,6 +103,7 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     load_format: str,
+    moe_backend: str = "auto",
 ) -> DecoderForCausalLM:
     if load_format == "auto":
         load_format = "gguf" if source.is_gguf else "safetensors"
@@ -84,7 +112,7 @@ def build_model(
             f"model {source.name!r} is a bundled config without weights: use load_format='dummy'"
         )
     with _default_dtype(dtype), torch.device(device):
-        model = create_model(config)
+        model = create_model(config, resolve_moe_backend(moe_backend, device))
     if load_format == "dummy":
         tensors = dummy_checkpoint(config, dtype, device)
     elif load_format == "gguf":
@@ -164,6 +192,9 @@ def dummy_checkpoint(
         if config.qk_norm:
             shapes[f"{layer}.self_attn.q_norm.weight"] = (head_dim,)
             shapes[f"{layer}.self_attn.k_norm.weight"] = (head_dim,)
+        if config.is_moe_layer(i):
+            shapes.update(_expert_shapes(config, f"{layer}.mlp"))
+            continue
         shapes[f"{layer}.mlp.gate_proj.weight"] = (inter, hidden)
         shapes[f"{layer}.mlp.up_proj.weight"] = (inter, hidden)
         shapes[f"{layer}.mlp.down_proj.weight"] = (hidden, inter)
@@ -177,3 +208,14 @@ def dummy_checkpoint(
         generator = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
         tensor = torch.empty(shape, dtype=dtype, device=device)
         yield name, tensor.uniform_(-0.02, 0.02, generator=generator)
+
+
+def _expert_shapes(config: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """A sparse block's tensors in the per-expert layout of Hugging Face checkpoints."""
+    hidden, inter = config.hidden_size, config.moe_intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {f"{prefix}.gate.weight": (config.num_experts, hidden)}
+    for expert in range(config.num_experts):
+        shapes[f"{prefix}.experts.{expert}.gate_proj.weight"] = (inter, hidden)
+        shapes[f"{prefix}.experts.{expert}.up_proj.weight"] = (inter, hidden)
+        shapes[f"{prefix}.experts.{expert}.down_proj.weight"] = (hidden, inter)
+    return shapes

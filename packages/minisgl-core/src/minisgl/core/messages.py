@@ -40,6 +40,10 @@ class GenerateRequest:
     # Chats: the tools and extra arguments the chat template is rendered with.
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # The prompt's text (and, with params.prompt_logprobs, its logprobs) comes before the output's.
+    echo: bool = False
+    # max_tokens 0: the one token the engine computes after the prompt is dropped, not reported.
+    score_only: bool = False
 
 
 @dataclass
@@ -59,6 +63,31 @@ class StatsQuery:
     """Asks the scheduler for its counters; the reply proves every process on the path is alive."""
 
     query_id: int
+
+
+@dataclass
+class TokenizeQuery:
+    """/tokenize: a text prompt, or a chat rendered with the chat template (and the generation prompt)."""
+
+    query_id: int
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+
+
+@dataclass
+class DetokenizeQuery:
+    query_id: int
+    token_ids: np.ndarray
+
+
+@dataclass
+class TokenizerReply:
+    """The tokenizer worker's answer to a TokenizeQuery / DetokenizeQuery, or why it could not answer."""
+
+    query_id: int
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 # ---- tokenizer -> scheduler ---------------------------------------------------------------------------
@@ -91,6 +120,16 @@ class TokenLogprobs:
 
 
 @dataclass
+class PromptLogprobs:
+    """The logprobs of prompt tokens 1 .. n-1 (token 0 has none), and the top alternatives at each."""
+
+    uid: int
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass
 class FinishedRequest:
     uid: int
     reason: str  # "stop", "length" or "abort"
@@ -110,6 +149,8 @@ class StepOutputs:
     tokens: np.ndarray
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finished: list[FinishedRequest] = field(default_factory=list)
+    # Sent with a request's first output token, when it asked for prompt logprobs.
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 @dataclass
@@ -169,6 +210,10 @@ MESSAGE_TYPES: tuple[type, ...] = (
     RequestOutput,
     OutputBatch,
     RequestError,
+    TokenizeQuery,
+    DetokenizeQuery,
+    TokenizerReply,
+    PromptLogprobs,
 )
 _TYPE_IDS = {cls: index for index, cls in enumerate(MESSAGE_TYPES)}
 _INIT_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls) if f.init) for cls in MESSAGE_TYPES}

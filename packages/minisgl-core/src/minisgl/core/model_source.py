@@ -17,7 +17,7 @@ EMBEDDED_MODELS = {
 
 # Real configs shipped with the package, for benchmarks with random weights (load_format="dummy").
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "model_configs"
-BUNDLED_CONFIGS = ("qwen3-0.6b", "qwen3-8b", "llama-3.1-8b")
+BUNDLED_CONFIGS = ("qwen3-0.6b", "qwen3-8b", "llama-3.1-8b", "qwen3-30b-a3b")
 
 
 @dataclass(frozen=True)

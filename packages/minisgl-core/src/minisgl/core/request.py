@@ -48,6 +48,7 @@ class Request:
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top_logprobs: list[dict[int, float] | None] = field(default_factory=list)
 
     @property
     def seq_len(self) -> int:
@@ -87,5 +88,7 @@ class GenerationResult:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[float | None] | None = None
+    # The `logprobs` most likely tokens at each prompt position (None at the first), with prompt_logprobs.
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
     # With SamplingParams(n > 1): all n samples (this result is the first of them).
     samples: list[GenerationResult] | None = None

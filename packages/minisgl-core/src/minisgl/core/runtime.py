@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -23,6 +24,7 @@ from minisgl.core.config import (
     default_page_size,
     pages_for,
     parse_dtype,
+    parse_kv_cache_dtype,
     resolve_device,
 )
 from minisgl.core.cuda_graph import DecodeGraphRunner
@@ -137,6 +139,7 @@ class Runtime:
         config: EngineConfig,
         tp_rank: int = 0,
         dist_init_address: str | None = None,
+        check_peers: Callable[[], None] | None = None,  # rank 0: raises when a rank it started died
     ) -> None:
         config.validate()
         env.check_all()
@@ -157,8 +160,9 @@ class Runtime:
         self.model_config = _with_tokenizer_eos(load_model_config(source, hf_config), self.tokenizer)
         self.model_config.check_tp(config.tp_size)
         self.dtype = parse_dtype(config.dtype, self.model_config.checkpoint_dtype, self.device)
-        self.max_seq_len = min(config.max_seq_len or 1 << 62, self.model_config.max_position_embeddings)
-        init_distributed(tp_rank, config.tp_size, dist_init_address or "", self.device)
+        self.kv_dtype = parse_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        self.max_seq_len = _context_length(config.max_seq_len, self.model_config.max_position_embeddings)
+        init_distributed(tp_rank, config.tp_size, dist_init_address or "", self.device, check_peers)
         try:
             self._build(source, hf_config, started)
         except BaseException:
@@ -171,7 +175,13 @@ class Runtime:
         _check_same_settings(config, self.model_config)
         self.lockstep = Lockstep()
         model_module = build_model(
-            source, hf_config, self.model_config, self.dtype, self.device, config.load_format
+            source,
+            hf_config,
+            self.model_config,
+            self.dtype,
+            self.device,
+            config.load_format,
+            config.moe_backend,
         )
         # Every rank must schedule alike, so all use the smallest pool any of them can hold.
         num_pages = min_over_ranks(self._num_kv_pages())
@@ -182,9 +192,10 @@ class Runtime:
             self.page_size,
             self.model_config.local_kv_heads(config.tp_size),
             self.model_config.head_dim,
-            self.dtype,
+            self.kv_dtype,
             self.device,
         )
+        self._use_checkpoint_kv_scales(model_module)
         self.tables = RequestTables(
             config.max_running_requests, self.max_seq_len, self.page_size, self.device
         )
@@ -211,7 +222,7 @@ class Runtime:
         self.max_in_flight = 2 if overlap else 1
         self.in_flight: deque[Launched] = deque()
         logger.info(
-            "loaded %s (%s%s) on %s in %s: %d KV pages of %d tokens, %s cache, context %d, in %.1f s",
+            "loaded %s (%s%s) on %s in %s: %d KV pages of %d tokens in %s, %s cache, context %d, in %.1f s",
             source.name,
             self.model_config.architecture,
             f", TP rank {self.tp.rank} of {self.tp.size}" if self.tp.size > 1 else "",
@@ -219,6 +230,7 @@ class Runtime:
             self.dtype,
             num_pages,
             self.page_size,
+            self.kv_dtype,
             config.cache,
             self.max_seq_len,
             time.perf_counter() - started,
@@ -232,11 +244,20 @@ class Runtime:
             cfg.local_kv_heads(tp),
             cfg.head_dim,
             self.dtype,
+            self.kv_dtype,
             self.device,
             self.page_size,
         )
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        engine = Engine(model, self.kv_pool, self.tables, backend, self.device, generator)
+        engine = Engine(
+            model,
+            self.kv_pool,
+            self.tables,
+            backend,
+            self.device,
+            generator,
+            eos_token_ids=frozenset(self.model_config.eos_token_ids),
+        )
         max_graph_bs = self.config.cuda_graph_max_bs
         if max_graph_bs is None:
             max_graph_bs = min(256, self.config.max_running_requests)
@@ -248,12 +269,26 @@ class Runtime:
             engine.graphs.capture()
         return engine
 
+    def _use_checkpoint_kv_scales(self, model: DecoderForCausalLM) -> None:
+        """An FP8 pool takes the checkpoint's per-layer k/v scales (1.0 for a layer without one)."""
+        found = model.kv_scales
+        if not found["k"] and not found["v"]:
+            return
+        if not self.kv_pool.quantized:
+            logger.info("the checkpoint's KV cache scales are unused: the KV cache is %s", self.kv_dtype)
+            return
+        layers = range(self.model_config.num_layers)
+        self.kv_pool.set_scales(
+            [found["k"].get(i, 1.0) for i in layers], [found["v"].get(i, 1.0) for i in layers]
+        )
+        logger.info("FP8 KV cache scales from the checkpoint for %d layers", len(found["k"]))
+
     def _num_kv_pages(self) -> int:
         if self.config.num_kv_pages is not None:
             return self.config.num_kv_pages
         cfg = self.model_config
         per_token = KVPool.bytes_per_token(
-            cfg.num_layers, cfg.local_kv_heads(self.config.tp_size), cfg.head_dim, self.dtype
+            cfg.num_layers, cfg.local_kv_heads(self.config.tp_size), cfg.head_dim, self.kv_dtype
         )
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -276,6 +311,10 @@ class Runtime:
         for token in prompt_ids:
             if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
                 raise ValueError(f"token id {token!r} is outside the vocabulary [0, {vocab})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+            outside = [token for token in ids or () if token >= vocab]
+            if outside:
+                raise ValueError(f"{name} holds token id {outside[0]}, outside the vocabulary [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
@@ -358,12 +397,14 @@ class Runtime:
         batch, output = launched.batch, launched.pending.wait()
         host_wait = launch_wait + time.perf_counter() - waiting_since
         live = [c.req.finish_reason is None for c in batch.chunks]
-        for chunk, alive, prompt_logprobs, logprob, top in zip(
-            batch.chunks, live, output.prompt_logprobs, output.logprobs, output.top_logprobs, strict=True
+        for i, (chunk, alive, logprob, top) in enumerate(
+            zip(batch.chunks, live, output.logprobs, output.top_logprobs, strict=True)
         ):
             if not alive:
                 continue
-            _record_prompt_logprobs(chunk.req, chunk.start, prompt_logprobs)
+            _record_prompt_logprobs(
+                chunk.req, chunk.start, output.prompt_logprobs[i], output.prompt_top_logprobs[i]
+            )
             if logprob is not None:
                 chunk.req.output_logprobs.append(logprob)
                 chunk.req.output_top_logprobs.append(top or {})
@@ -444,15 +485,19 @@ class Runtime:
         }
 
 
-def _record_prompt_logprobs(req: Request, start: int, values: list[float]) -> None:
-    """Append the logprobs of prompt tokens start+1 ... that the request does not have yet (a retracted
-    request recomputes positions it already reported)."""
+def _record_prompt_logprobs(
+    req: Request, start: int, values: list[float], tops: list[dict[int, float]]
+) -> None:
+    """Append the logprobs (and top alternatives) of prompt tokens start+1 ... that the request does not
+    have yet (a retracted request recomputes positions it already reported)."""
     if not req.params.prompt_logprobs:
         return
     if not req.prompt_logprobs:
         req.prompt_logprobs.append(None)
-    already = len(req.prompt_logprobs) - (start + 1)
-    req.prompt_logprobs.extend(values[max(0, already) :])
+        req.prompt_top_logprobs.append(None)
+    already = max(0, len(req.prompt_logprobs) - (start + 1))
+    req.prompt_logprobs.extend(values[already:])
+    req.prompt_top_logprobs.extend(tops[already:])
 
 
 def _rank_device(device: torch.device, rank: int, tp_size: int) -> torch.device:
@@ -506,3 +551,16 @@ def _with_tokenizer_eos(config: ModelConfig, tokenizer: Any | None) -> ModelConf
     if eos is None or eos in config.eos_token_ids:
         return config
     return replace(config, eos_token_ids=(*config.eos_token_ids, int(eos)))
+
+
+def _context_length(requested: int | None, model_limit: int) -> int:
+    """The requested context length, or the model's when none is asked for; above the model's it is an
+    error, not a silent clamp (positions beyond what the model was trained on)."""
+    if requested is None:
+        return model_limit
+    if requested > model_limit:
+        raise ValueError(
+            f"the context length {requested} (max_seq_len, --context-length) is above this model's "
+            f"maximum of {model_limit} tokens (max_position_embeddings)"
+        )
+    return requested

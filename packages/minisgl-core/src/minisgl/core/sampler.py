@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from minisgl.core import fused_ops
+from minisgl.core.logit_adjust import adjust_logits, needs_adjusting
 from minisgl.core.request import Request
 from minisgl.core.transfer import to_device
 
@@ -26,13 +27,18 @@ class SampleOutput:
     top_values: torch.Tensor | None
 
 
-def sample(logits: torch.Tensor, requests: list[Request], generator: torch.Generator) -> SampleOutput:
-    """Logprobs are those of the model's distribution, before penalties and temperature."""
-    tokens = _sample_plain_batch(logits, requests, generator)
+def sample(
+    logits: torch.Tensor,
+    requests: list[Request],
+    generator: torch.Generator,
+    eos_token_ids: frozenset[int] = frozenset(),
+) -> SampleOutput:
+    """Logprobs are those of the model's distribution, before logit_bias, penalties and temperature."""
+    tokens = _sample_plain_batch(logits, requests, generator, eos_token_ids)
     if tokens is not None:
         return _with_logprobs(logits, tokens, requests)
     raw = logits.float()
-    logits = _apply_penalties(raw, requests)
+    logits = _apply_penalties(adjust_logits(raw, requests, eos_token_ids), requests)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, req in enumerate(requests) if not req.params.is_greedy]
     if random_rows:
@@ -42,12 +48,12 @@ def sample(logits: torch.Tensor, requests: list[Request], generator: torch.Gener
 
 
 def _sample_plain_batch(
-    logits: torch.Tensor, requests: list[Request], generator: torch.Generator
+    logits: torch.Tensor, requests: list[Request], generator: torch.Generator, eos_token_ids: frozenset[int]
 ) -> torch.Tensor | None:
     """The common batch (no penalties, no top-k/top-p/min-p, no per-request seed) in two or three kernels:
     argmax for greedy rows, one fused Gumbel-max draw at each row's temperature for the others. None when
     the batch is not that simple or there is no fused kernel (the general path below handles it)."""
-    if any(_needs_general_path(r) for r in requests):
+    if any(_needs_general_path(r) or needs_adjusting(r, eos_token_ids) for r in requests):
         return None
     greedy = [r.params.is_greedy for r in requests]
     if all(greedy):

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_TOP_LOGPROBS = 20
+# OpenAI's range for a logit_bias value: -100 bans a token, 100 all but forces it.
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -34,7 +36,9 @@ class SamplingParams:
     n: int = 1
     # None: no logprobs. k >= 0: the chosen token's logprob plus the k most likely alternatives.
     logprobs: int | None = None
-    # Logprob of every prompt token given the tokens before it (the first is None).
+    # Logprob of every prompt token given the tokens before it (the first is None), plus the `logprobs`
+    # most likely alternatives at each position. Such a request does not read the prefix cache: every
+    # prompt position is computed, so cached tokens get their logprobs too.
     prompt_logprobs: bool = False
     # Structured output (at most one): the output must match a JSON schema (a JSON string or a dict), a
     # regular expression, or an EBNF grammar (see minisgl.core.structured).
@@ -43,6 +47,10 @@ class SamplingParams:
     ebnf: str | None = None
     # With a grammar: it applies only after this token (a reasoning model's "</think>") is generated.
     grammar_after: str | None = None
+    # EOS and the stop token ids cannot be sampled before this many tokens are generated.
+    min_tokens: int = 0
+    # Token id -> value added to its logit before sampling (penalties and temperature come after).
+    logit_bias: dict[int, float] | None = None
     stop_token_id_set: frozenset[int] = field(init=False, repr=False, default=frozenset())
 
     def __post_init__(self) -> None:
@@ -88,6 +96,22 @@ class SamplingParams:
         for token_id in self.stop_token_ids or ():
             if not isinstance(token_id, int) or token_id < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {token_id!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], got {self.min_tokens!r}"
+            )
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not isinstance(token_id, int) or token_id < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {token_id!r}")
+            if (
+                isinstance(bias, bool)
+                or not isinstance(bias, (int, float))
+                or not abs(bias) <= MAX_LOGIT_BIAS
+            ):
+                raise ValueError(
+                    f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                    f"got {bias!r} for token {token_id}"
+                )
 
     def _validate_grammar(self) -> None:
         if isinstance(self.json_schema, dict):

@@ -14,6 +14,8 @@ def store_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     slots: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Write `k[i]` and `v[i]` into row `slots[i]` of `k_cache` and `v_cache`, in place.
 
@@ -24,13 +26,14 @@ def store_kv(
     slots: 1-D int32/int64 of num_tokens distinct rows in [0, num_slots).
 
     CUDA tensors run one fused kernel on the current stream (capturable in a CUDA graph); other
-    devices run `reference.store_kv`. k and v are cast to the cache dtype first if they differ.
+    devices run `reference.store_kv`. k and v are converted to the cache dtype first if they differ
+    (`reference.quantize_kv`: a float8 cache stores k / k_scale and v / v_scale).
     """
     if not use_cuda_kernels(k_cache):
-        reference.store_kv(k_cache, v_cache, k, v, slots)
+        reference.store_kv(k_cache, v_cache, k, v, slots, k_scale, v_scale)
         return
-    if k.dtype != k_cache.dtype:
-        k = k.to(k_cache.dtype)
-    if v.dtype != v_cache.dtype:
-        v = v.to(v_cache.dtype)
+    if k.dtype != k_cache.dtype or k_scale != 1.0:
+        k = reference.quantize_kv(k, k_cache.dtype, k_scale)
+    if v.dtype != v_cache.dtype or v_scale != 1.0:
+        v = reference.quantize_kv(v, v_cache.dtype, v_scale)
     cuda_ops(device_index(k_cache)).store_kv(k_cache, v_cache, k, v, slots, AUTO_LANES)

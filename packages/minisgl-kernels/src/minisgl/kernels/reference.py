@@ -8,6 +8,28 @@ from __future__ import annotations
 
 import torch
 
+# The one quantized KV cache format: FP8 E4M3 (max 448), a per-layer float scale for K and one for V.
+FP8_KV_DTYPE = torch.float8_e4m3fn
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """`x` as a cache of `cache_dtype` stores it. A float8 cache holds x / scale, rounded to nearest and
+    saturated to the format's largest finite value (the CUDA kernels' conversion does the same; a plain
+    cast of an out-of-range value is NaN on some torch versions). Other caches hold x cast, unscaled."""
+    if cache_dtype != FP8_KV_DTYPE:
+        if scale != 1.0:
+            raise ValueError(f"a KV scale ({scale}) applies to {FP8_KV_DTYPE} caches only, not {cache_dtype}")
+        return x.to(cache_dtype)
+    limit = torch.finfo(cache_dtype).max
+    return (x.float() / scale).clamp(-limit, limit).to(cache_dtype)
+
+
+def dequantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """The inverse of quantize_kv: cached values as `dtype` (times scale for a float8 cache)."""
+    if x.dtype != FP8_KV_DTYPE:
+        return x.to(dtype)
+    return (x.float() * scale).to(dtype)
+
 
 def store_kv(
     k_cache: torch.Tensor,
@@ -15,11 +37,14 @@ def store_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     slots: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Write `k[i]` and `v[i]` into row `slots[i]` of `k_cache` and `v_cache`, in place.
 
     The caches are (num_slots, kv_heads, head_dim) views of the KV pool; `k` and `v` are
     (num_tokens, kv_heads, head_dim); `slots` is a 1-D integer tensor of num_tokens distinct rows.
+    Values are stored as `quantize_kv` gives them (k / k_scale and v / v_scale in a float8 cache).
     """
     if slots.dim() != 1 or slots.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slots must be a 1-D int32/int64 tensor, got {tuple(slots.shape)} {slots.dtype}")
@@ -29,8 +54,8 @@ def store_kv(
                 f"{name} has shape {tuple(new.shape)}, expected {(slots.shape[0], *cache.shape[1:])}"
             )
     index = slots.long()
-    k_cache[index] = k.to(k_cache.dtype)
-    v_cache[index] = v.to(v_cache.dtype)
+    k_cache[index] = quantize_kv(k, k_cache.dtype, k_scale)
+    v_cache[index] = quantize_kv(v, v_cache.dtype, v_scale)
 
 
 def gather_rows(
@@ -83,8 +108,11 @@ def rope_store(
     v_cache: torch.Tensor,
     q_heads: int,
     kv_heads: int,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Reference of `minisgl.kernels.rope_store`, in float32 and rounded once at the end."""
+    """Reference of `minisgl.kernels.rope_store`, in float32 and rounded once at the end (K and V as
+    `quantize_kv` stores them)."""
     head_dim = k_cache.shape[-1]
     tokens = qkv.shape[0]
     q, k, v = qkv.float().split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
@@ -101,6 +129,6 @@ def rope_store(
         half = head_dim // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    k_cache[slots.long()] = rotate(k).to(k_cache.dtype)
-    v_cache[slots.long()] = v.reshape(tokens, kv_heads, head_dim).to(v_cache.dtype)
+    k_cache[slots.long()] = quantize_kv(rotate(k), k_cache.dtype, k_scale)
+    v_cache[slots.long()] = quantize_kv(v.reshape(tokens, kv_heads, head_dim), v_cache.dtype, v_scale)
     return rotate(q).to(qkv.dtype)

@@ -23,6 +23,8 @@ def rope_store(
     v_cache: torch.Tensor,
     q_heads: int,
     kv_heads: int,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Split a fused qkv projection into attention inputs; returns the queries (tokens, q_heads, head_dim).
 
@@ -32,6 +34,8 @@ def rope_store(
     (max_positions, head_dim) table holding the cos of the head_dim / 2 frequencies, then their sin. The
     keys and the values are written to row `slots[i]` of k_cache and v_cache, (num_slots, kv_heads,
     head_dim) views of one layer's pool. positions and slots: int64 (tokens,). head_dim: one of ROPE_STORE_HEAD_DIMS.
+    The caches have qkv's dtype, or are float8_e4m3fn (a quantized KV cache): then they hold K / k_scale
+    and V / v_scale, saturated (`reference.quantize_kv`).
 
     CUDA tensors run one kernel on the current stream (capturable in a CUDA graph), computing in float32
     and rounding once; other devices run `reference.rope_store`. This replaces two copies, two RMSNorms,
@@ -39,7 +43,19 @@ def rope_store(
     """
     if not use_cuda_kernels(qkv):
         return reference.rope_store(
-            qkv, positions, slots, cos_sin, q_weight, k_weight, eps, k_cache, v_cache, q_heads, kv_heads
+            qkv,
+            positions,
+            slots,
+            cos_sin,
+            q_weight,
+            k_weight,
+            eps,
+            k_cache,
+            v_cache,
+            q_heads,
+            kv_heads,
+            k_scale,
+            v_scale,
         )
     if (q_weight is None) != (k_weight is None):
         raise ValueError("q_weight and k_weight go together (both or neither)")
@@ -60,5 +76,7 @@ def rope_store(
         kv_heads,
         eps,
         int(use_norm),
+        1.0 / k_scale,
+        1.0 / v_scale,
     )
     return q

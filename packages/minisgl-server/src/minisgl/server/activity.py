@@ -1,5 +1,5 @@
-"""The scheduler's activity line: what it computed since the last one, logged every few seconds while it
-has work (and once more when it runs out), so that a server's log shows its load and speed:
+"""The scheduler's activity line: what it computed since the last one, logged at most once per interval
+while there is work (a quiet server logs nothing), so that a server's log shows its load and speed:
 
     12:00:10 INFO minisgl-sched0 minisgl.server.scheduler: 1,497 steps in 10.0 s: 256 running, 0 waiting,
     KV 41.3% used (1,024 pages cached), prompt 13,107 tok/s, generation 25,903 tok/s, 128 finished
@@ -17,28 +17,37 @@ from typing import Any
 class ActivityLog:
     interval: float  # seconds between lines; 0 turns them off
     clock: Callable[[], float] = time.monotonic
-    since: float = 0.0  # start of the current period, set by its first step
+    last_line: float | None = None  # when the last line was taken (or the first step came)
+    busy: float = 0.0  # seconds of work in the finished busy spells since the last line
+    spell_start: float | None = None  # start of the current busy spell; None while resting
     steps: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     finished: int = 0
-    resting: bool = True  # no work since the last line: the next period starts with the next step
 
     def record(self, prompt_tokens: int, generated_tokens: int, finished: int) -> None:
         """One completed step."""
-        if self.resting:
-            self.since, self.resting = self.clock(), False
+        if self.spell_start is None:
+            self.spell_start = self.clock()
+        if self.last_line is None:
+            self.last_line = self.spell_start
         self.steps += 1
         self.prompt_tokens += prompt_tokens
         self.generated_tokens += generated_tokens
         self.finished += finished
 
     def due(self) -> bool:
-        return self.interval > 0 and self.steps > 0 and self.clock() - self.since >= self.interval
+        """A line is due: there were steps, and an interval has passed since the last line. Light
+        traffic (a request now and then) so gets one line per interval, not one per request."""
+        if self.interval <= 0 or self.steps == 0 or self.last_line is None:
+            return False
+        return self.clock() - self.last_line >= self.interval
 
     def rest(self) -> None:
-        """There is no work: the next period starts when work does (idle time is not counted)."""
-        self.resting = True
+        """There is no work: the busy spell ends (idle time is not counted in the rates)."""
+        if self.spell_start is not None:
+            self.busy += self.clock() - self.spell_start
+            self.spell_start = None
 
     def take_line(self, stats: Callable[[], Mapping[str, Any]]) -> str | None:
         """The line for the steps recorded so far (None if there were none or lines are off); starts a new
@@ -46,7 +55,7 @@ class ActivityLog:
         if self.interval <= 0 or self.steps == 0:
             return None
         now = self.clock()
-        seconds = max(now - self.since, 1e-9)
+        seconds = max(self.busy + (now - self.spell_start if self.spell_start is not None else 0.0), 1e-9)
         counters = stats()
         total, used = int(counters["pages_total"]), int(counters["pages_used"])
         steps = f"{self.steps:,} step{'s' if self.steps != 1 else ''} in {seconds:.1f} s"
@@ -57,5 +66,14 @@ class ActivityLog:
             f"generation {self.generated_tokens / seconds:,.0f} tok/s"
         )
         line = f"{steps}: {requests}, {kv}, {rates}, {self.finished} finished"
-        self.since, self.steps, self.prompt_tokens, self.generated_tokens, self.finished = now, 0, 0, 0, 0
+        self.last_line, self.busy, self.steps, self.prompt_tokens, self.generated_tokens, self.finished = (
+            now,
+            0.0,
+            0,
+            0,
+            0,
+            0,
+        )
+        if self.spell_start is not None:
+            self.spell_start = now
         return line

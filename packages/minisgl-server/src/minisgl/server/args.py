@@ -21,8 +21,16 @@ DEFAULT_PORT = 1919
 ATTENTION_BACKENDS = ("torch", "fi", "fa3")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+KV_CACHE_DTYPES = (
+    "auto",
+    "bfloat16",
+    "float16",
+    "fp8_e4m3",
+)  # minisgl.core.config's (a test keeps them equal)
 CACHES = ("radix", "naive")
+MOE_BACKENDS = ("auto", "torch", "flashinfer")  # minisgl.core.config's, kept here so --help needs no torch
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -32,15 +40,19 @@ class ServerArgs:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     api_key: str | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    shutdown_timeout: float = 15.0  # seconds running requests get to finish after SIGTERM / SIGINT
     # engine
     device: str = "auto"
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
     tp: int = 1
     # several machines: node 0 serves HTTP; the ranks of every node meet at dist_init_addr (host:port)
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None
     attn: str = "auto"
+    moe_backend: str = "auto"
     cache: str = "radix"
     page_size: int | None = None  # None: 16 on CUDA, 1 on the CPU
     max_running_requests: int = 256
@@ -75,6 +87,7 @@ class ServerArgs:
         return {
             "device": self.device,
             "dtype": self.dtype,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "page_size": self.page_size,
             "max_running_requests": self.max_running_requests,
             "max_prefill_tokens": self.max_prefill_length,
@@ -85,6 +98,7 @@ class ServerArgs:
             "load_format": self.load_format,
             "cache": self.cache,
             "attn": self.attn,
+            "moe_backend": self.moe_backend,
             "cuda_graph_max_bs": self.cuda_graph_max_bs,
             "disable_overlap": self.disable_overlap,
             "mix_decode_into_prefill": not self.no_mixed_batches,
@@ -115,6 +129,12 @@ class ServerArgs:
             return (
                 "--dist-init-addr",
                 "is required with --nnodes > 1 (node 0's HOST:PORT, the same on every node)",
+            )
+        if self.kv_cache_dtype == "fp8_e4m3" and "fa3" in self.attn.split(","):
+            return (
+                "--attn",
+                "fa3 cannot read an FP8 KV cache (FlashInfer's FA3 kernels need FP8 queries for it); "
+                "use fi or auto with --kv-cache-dtype fp8_e4m3",
             )
         if self.tp > 1 and self.device.startswith("cuda:"):
             return (
@@ -247,6 +267,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto (float32 on CPU, the checkpoint's half type on GPU), float32, bfloat16 or float16",
     )
     group.add_argument(
+        "--kv-cache-dtype",
+        type=_choice(KV_CACHE_DTYPES),
+        default=d.kv_cache_dtype,
+        help="KV cache element type: auto (the model's dtype), bfloat16, float16, or fp8_e4m3 (one byte "
+        "per element: twice the KV pages; scales from the checkpoint's k_scale/v_scale, else 1.0)",
+    )
+    group.add_argument(
         "--tp", "--tp-size", type=int_at_least(1), default=d.tp, help="tensor-parallel ranks (default 1)"
     )
     group.add_argument(
@@ -271,6 +298,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         type=_attention,
         default=d.attn,
         help="attention backend: auto, torch, fi, fa3, or PREFILL,DECODE such as fa3,fi (default auto)",
+    )
+    group.add_argument(
+        "--moe-backend",
+        type=_choice(MOE_BACKENDS),
+        default=d.moe_backend,
+        help="expert compute of mixture-of-experts models: torch (grouped GEMMs), flashinfer (its CUTLASS "
+        "fused MoE, CUDA only) or auto (torch) (default auto)",
     )
     group.add_argument(
         "--cache",
@@ -400,6 +434,20 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="split a reasoning model's <think> block into message.reasoning_content: "
         f"{', '.join(REASONING_PARSERS)} (default: none, the block stays in content)",
+    )
+    group.add_argument(
+        "--max-request-bytes",
+        type=int_at_least(1),
+        default=d.max_request_bytes,
+        help="largest request body accepted; larger ones get HTTP 413 before they are read "
+        f"(default {d.max_request_bytes:,} bytes = {d.max_request_bytes >> 20} MiB)",
+    )
+    group.add_argument(
+        "--shutdown-timeout",
+        type=_non_negative_float,
+        default=d.shutdown_timeout,
+        help="on SIGTERM or SIGINT, seconds running requests get to finish before open streams are "
+        f"ended with an error event (default {d.shutdown_timeout:g})",
     )
     group.add_argument(
         "--log-requests", action="store_true", help="log one line per finished request (default: off)"

@@ -4,6 +4,7 @@
     minisgl generate --prompt "What is the capital of France?"   offline generation on one process
     minisgl bench offline [ARGS...]                              the offline throughput benchmark
     minisgl bench serve [ARGS...]                                latency and throughput of a running server
+    minisgl bench soak [ARGS...]                                 many varied requests, then check for leaks
     python -m minisgl --model M [--shell]                        mini-sglang's spelling: serve, or the shell
 
 Heavy imports (torch, the engine) happen inside the subcommands, so that `--help` stays instant.
@@ -25,12 +26,15 @@ from minisgl.server.args import (
     args_from_namespace,
     checked,
 )
+from minisgl.server.versions import package_versions, server_version
 
 SHELL_FLAGS = ("--shell", "--shell-mode")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minisgl", description="minisgl: a compact LLM inference engine.")
+    versions = ", ".join(f"{name.removeprefix('minisgl-')} {v}" for name, v in package_versions().items())
+    parser.add_argument("--version", action="version", version=f"minisgl {server_version()} ({versions})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     generate = commands.add_parser(
@@ -74,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="replay a workload against a running server: TTFT, TPOT, latency, throughput (try --help)",
     )
+    bench_kinds.add_parser(
+        "soak",
+        add_help=False,
+        help="many varied requests, aborts and disconnects against a running server, then check that no "
+        "KV page leaked and memory stopped growing (try --help)",
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -88,11 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--") and argv[0] != "--help":
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "--version"):
         return _mini_sglang_style(argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
+        if args.bench_kind == "soak":
+            from minisgl.server.bench_soak import main as bench_soak_main
+
+            return bench_soak_main(rest)
         return _bench_offline(rest) if args.bench_kind == "offline" else _bench_serve(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

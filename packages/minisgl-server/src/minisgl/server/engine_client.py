@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -142,9 +143,11 @@ class EngineClient:
         self._uids = itertools.count(1)
         self._query_ids = itertools.count(1)
         self._routes: dict[int, Generation] = {}
-        self._stats_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # Stats and tokenizer queries waiting for their reply, by query id.
+        self._waiters: dict[int, asyncio.Future[Any]] = {}
         self._listener: asyncio.Task[None] | None = None
         self.gone: str | None = None
+        self.last_message_at: float | None = None  # time.monotonic() of the engine's latest message
 
     def start(self) -> None:
         if self._listener is None:
@@ -190,16 +193,29 @@ class EngineClient:
 
     async def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """The scheduler's counters; raises TimeoutError when it does not answer in time."""
+        reply = await self._query(msg.StatsQuery(0), timeout, worker=0)
+        stats: dict[str, Any] = reply.stats
+        return stats
+
+    async def tokenizer_query(
+        self, query: msg.TokenizeQuery | msg.DetokenizeQuery, timeout: float
+    ) -> msg.TokenizerReply:
+        """/tokenize or /detokenize, answered by a tokenizer worker; TimeoutError when it does not."""
+        reply: msg.TokenizerReply = await self._query(query, timeout, next(self._next_worker))
+        return reply
+
+    async def _query(self, query: Any, timeout: float, worker: int) -> Any:
+        """Send a query (its query_id is set here) and wait for the reply that carries the same id."""
         if self.gone is not None:
             raise EngineError(503, self.gone, None, "engine_unavailable")
-        query_id = next(self._query_ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._stats_waiters[query_id] = future
+        query.query_id = next(self._query_ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[query.query_id] = future
         try:
-            self._send(msg.StatsQuery(query_id))
+            self._send(query, worker)
             return await asyncio.wait_for(future, timeout)
         finally:
-            self._stats_waiters.pop(query_id, None)
+            self._waiters.pop(query.query_id, None)
 
     def _send(self, message: Any, worker: int = 0) -> None:
         # A PUSH socket with a connected peer queues without blocking; NOBLOCK turns a stuck engine into an
@@ -217,7 +233,7 @@ class EngineClient:
         for generation in set(self._routes.values()):
             generation.queue.put_nowait(EngineGone(reason))
         self._routes.clear()
-        for future in self._stats_waiters.values():
+        for future in self._waiters.values():
             if not future.done():
                 future.set_exception(EngineError(503, reason, None, "engine_unavailable"))
 
@@ -226,6 +242,7 @@ class EngineClient:
     async def _listen(self) -> None:
         while True:
             data = await self.receiver.recv()
+            self.last_message_at = time.monotonic()
             try:
                 self._route(msg.decode(data))
             except Exception:  # a malformed message must not stop every request's outputs
@@ -247,9 +264,9 @@ class EngineClient:
                 if generation is not None and id(generation) not in notified:
                     notified.add(id(generation))
                     generation.queue.put_nowait(message)
-        elif isinstance(message, msg.StatsReply):
-            future = self._stats_waiters.get(message.query_id)
+        elif isinstance(message, (msg.StatsReply, msg.TokenizerReply)):
+            future = self._waiters.get(message.query_id)
             if future is not None and not future.done():
-                future.set_result(message.stats)
+                future.set_result(message)
         else:
             logger.error("frontend got an unexpected %s; ignored", type(message).__name__)

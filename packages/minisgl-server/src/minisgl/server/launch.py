@@ -28,7 +28,9 @@ from typing import Any
 from minisgl.server.args import ServerArgs
 from minisgl.server.ipc import IpcAddresses
 
-logger = logging.getLogger("minisgl.server")
+logger = logging.getLogger("minisgl.server.launch")
+
+PROGRESS_INTERVAL_S = 10.0  # a "still loading" line this often while children start
 
 
 class LaunchError(RuntimeError):
@@ -46,6 +48,12 @@ class EngineProcesses:
     @property
     def scheduler_info(self) -> dict[str, Any]:
         info: dict[str, Any] = self.loaded.get("minisgl-scheduler-0", {})
+        return info
+
+    @property
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What the first tokenizer worker reported (every worker loads the same tokenizer)."""
+        info: dict[str, Any] = next((v for k, v in self.loaded.items() if k.startswith("minisgl-tok")), {})
         return info
 
     def dead_child(self) -> BaseProcess | None:
@@ -136,7 +144,13 @@ def _wait_until_ready(engine: EngineProcesses, pipes: dict[str, Connection], tim
     started = time.monotonic()
     by_name = {p.name: p for p in engine.processes}
     waiting = dict(pipes)
+    next_progress = started + PROGRESS_INTERVAL_S
     while waiting:
+        if time.monotonic() >= next_progress:
+            next_progress += PROGRESS_INTERVAL_S
+            logger.info(
+                "still loading (%.0f s): waiting for %s", time.monotonic() - started, ", ".join(waiting)
+            )
         remaining = timeout - (time.monotonic() - started)
         if remaining <= 0:
             raise LaunchError(

@@ -58,7 +58,7 @@ class Metrics:
         self.generation_tokens = 0
         self.cached_tokens = 0
         self.finished: Counter[str] = Counter()
-        self.rejected: Counter[int] = Counter()
+        self.rejected: Counter[tuple[int, str]] = Counter()  # (HTTP status, reason)
         self.ttft = Histogram("time_to_first_token_seconds", "Time from request arrival to its first token.")
         self.tpot = Histogram(
             "time_per_output_token_seconds", "Mean time between output tokens of a request."
@@ -84,9 +84,10 @@ class Metrics:
         with self.lock:
             self.finished["abort"] += count
 
-    def request_rejected(self, status: int) -> None:
+    def request_rejected(self, status: int, reason: str) -> None:
+        """A request answered with an error status (4xx or 5xx); reason is the error's code or type."""
         with self.lock:
-            self.rejected[status] += 1
+            self.rejected[status, reason] += 1
 
     def render(self, stats: dict[str, Any] | None) -> str:
         labels = self.labels
@@ -99,6 +100,11 @@ class Metrics:
             lines.append(f"{full}{{{labels}{extra}}} {value}")
 
         with self.lock:
+            # 0 when the scheduler did not answer in time: its gauges below are missing, not zero.
+            metric(
+                "scheduler_up", "gauge", "1 if the scheduler answered this scrape in time, else 0.",
+                int(stats is not None),
+            )  # fmt: skip
             if stats is not None:
                 metric(
                     "num_requests_running",
@@ -111,25 +117,33 @@ class Metrics:
                 )
                 total = stats.get("pages_total", 0)
                 free = stats.get("pages_free", 0)
+                used = stats.get("pages_used", total - free)
+                cached = stats.get("pages_cached", 0)
                 metric("kv_pages_total", "gauge", "KV cache pages in the pool.", total)
                 metric(
                     "kv_pages_used",
                     "gauge",
-                    "KV cache pages not free.",
-                    stats.get("pages_used", total - free),
+                    "KV cache pages not free (held by requests or by the prefix cache).",
+                    used,
                 )
                 metric("kv_pages_free", "gauge", "KV cache pages on the free list.", free)
                 metric(
                     "kv_pages_cached",
                     "gauge",
-                    "KV cache pages held by the prefix cache.",
-                    stats.get("pages_cached", 0),
+                    "KV cache pages held by the prefix cache (reusable: evicted when requests need room).",
+                    cached,
+                )
+                metric(
+                    "kv_pages_in_use",
+                    "gauge",
+                    "KV cache pages held only by running requests (used minus cached).",
+                    used - cached,
                 )
                 metric(
                     "kv_cache_usage_ratio",
                     "gauge",
-                    "Fraction of KV pages in use.",
-                    (total - free) / total if total else 0.0,
+                    "Fraction of KV pages held by running requests (the prefix cache's are not counted).",
+                    (used - cached) / total if total else 0.0,
                 )
                 metric(
                     "num_retractions_total",
@@ -159,10 +173,10 @@ class Metrics:
                     "request_success_total", "counter", "Finished requests by finish reason.",
                     self.finished[reason], f',finished_reason="{reason}"',
                 )  # fmt: skip
-            for status in sorted(self.rejected):
+            for status, reason in sorted(self.rejected):
                 metric(
-                    "request_rejected_total", "counter", "Requests refused, by HTTP status.",
-                    self.rejected[status], f',status="{status}"',
+                    "request_rejected_total", "counter", "Requests answered with an error, by status and reason.",
+                    self.rejected[status, reason], f',status="{status}",reason="{_escape(reason)}"',
                 )  # fmt: skip
             for histogram in (self.ttft, self.tpot, self.e2e):
                 lines.extend(histogram.render(labels))

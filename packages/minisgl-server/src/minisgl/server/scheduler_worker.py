@@ -143,8 +143,9 @@ class SchedulerWorker:
                 if self.activity.due():
                     self._log_activity()
                 continue
-            self._log_activity()
             self.activity.rest()
+            if self.activity.due():  # the last busy spell's figures, once its interval is over
+                self._log_activity()
             if self.pending_finished:
                 self._send_outputs([], [], [], [])
             elif not busy and parent_is_gone(parent_pid):
@@ -175,6 +176,7 @@ class SchedulerWorker:
         tokens: list[int],
         logprobs: list[msg.TokenLogprobs],
         finished: list[msg.FinishedRequest],
+        prompt_logprobs: list[msg.PromptLogprobs] | None = None,
     ) -> None:
         """One StepOutputs per tokenizer worker that has something in this step (aborts included)."""
         finished = self.pending_finished + finished
@@ -186,11 +188,17 @@ class SchedulerWorker:
             part.tokens.append(token)
         for entry in logprobs:
             parts[self.worker_of.get(entry.uid, 0)].logprobs.append(entry)
+        for prompt in prompt_logprobs or ():
+            parts[self.worker_of.get(prompt.uid, 0)].prompt_logprobs.append(prompt)
         for end in finished:
             parts[self.worker_of.pop(end.uid, 0)].finished.append(end)
         for worker, part in parts.items():
             message = msg.StepOutputs(
-                msg.int64_array(part.uids), msg.int32_array(part.tokens), part.logprobs, part.finished
+                msg.int64_array(part.uids),
+                msg.int32_array(part.tokens),
+                part.logprobs,
+                part.finished,
+                part.prompt_logprobs,
             )
             self._send(message, worker)
 
@@ -279,12 +287,16 @@ class SchedulerWorker:
         uids: list[int] = []
         tokens: list[int] = []
         logprobs: list[msg.TokenLogprobs] = []
+        prompt_logprobs: list[msg.PromptLogprobs] = []
         for req, token in result.new_tokens:
             uid = self.uid_of_rid.get(req.rid)
             if uid is None:
                 continue
             uids.append(uid)
             tokens.append(token)
+            # A request's first token comes once its whole prompt is computed: its prompt logprobs go with it.
+            if req.params.prompt_logprobs and len(req.output_ids) - req.num_pending == 1:
+                prompt_logprobs.append(_prompt_logprobs(uid, req))
             if req.params.logprobs is not None and req.output_logprobs:
                 top = req.output_top_logprobs[-1] if req.output_top_logprobs else {}
                 logprobs.append(
@@ -300,7 +312,7 @@ class SchedulerWorker:
             self.requests.pop(uid, None)
             finished.append(self._finished(uid, req, req.finish_reason or "stop"))
         if uids or finished or self.pending_finished:
-            self._send_outputs(uids, tokens, logprobs, finished)
+            self._send_outputs(uids, tokens, logprobs, finished, prompt_logprobs)
         computed = result.batch.chunks if result.batch is not None else []
         self.activity.record(sum(c.end - c.start for c in computed if c.is_prefill), len(uids), len(finished))
 
@@ -341,6 +353,17 @@ class _WorkerOutputs:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[msg.TokenLogprobs] = field(default_factory=list)
     finished: list[msg.FinishedRequest] = field(default_factory=list)
+    prompt_logprobs: list[msg.PromptLogprobs] = field(default_factory=list)
+
+
+def _prompt_logprobs(uid: int, req: Any) -> msg.PromptLogprobs:
+    tops = [top or {} for top in req.prompt_top_logprobs[1:]]
+    return msg.PromptLogprobs(
+        uid,
+        [float(v) for v in req.prompt_logprobs[1:]],
+        [list(t) for t in tops],
+        [list(t.values()) for t in tops],
+    )
 
 
 def _param_of(message: str) -> str | None:
@@ -359,6 +382,8 @@ def _param_of(message: str) -> str | None:
         "frequency_penalty",
         "repetition_penalty",
         "logprobs",
+        "min_tokens",
+        "logit_bias",
     )
     if first in known:
         return first

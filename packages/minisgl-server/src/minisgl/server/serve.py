@@ -1,8 +1,11 @@
 """`minisgl serve`: launch the engine's processes, then serve the API with hypercorn until told to stop.
 
-Stopping: SIGINT or SIGTERM stops hypercorn (open streams get a short grace period), then every child
-is terminated; the exit status is 0. A child that dies on its own makes /health fail at once, stops the
-server, and the exit status is 1.
+The port is bound (and listening) before the model loads, so a second server on the same port fails at
+once instead of after loading. Stopping: SIGINT or SIGTERM makes new requests and /health answer 503 and
+gives running requests --shutdown-timeout seconds to finish; then every open stream ends with an error
+event and [DONE], hypercorn stops, every child is terminated, and the exit status is 0 (a second signal
+skips the wait). A child that dies on its own makes /health fail at once, stops the server, and the exit
+status is 1.
 
 With --nnodes > 1, nodes other than 0 serve no HTTP: they run their scheduler ranks until node 0 stops
 them (exit status 0) or until one of them fails (exit status 1).
@@ -16,38 +19,50 @@ import logging
 import signal
 import socket
 import sys
+import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from minisgl.server.args import ServerArgs, setup_logging
 from minisgl.server.launch import EngineProcesses, LaunchError, launch_engine
 
+if TYPE_CHECKING:
+    from minisgl.server.api.app import ServerState
+
 logger = logging.getLogger("minisgl.server")
 
-GRACEFUL_TIMEOUT_S = 3.0
+GRACEFUL_TIMEOUT_S = 3.0  # for responses to flush once every request has ended
+SHUTDOWN_POLL_S = 0.05
+LISTEN_BACKLOG = 2048
 
 
 def serve(args: ServerArgs) -> int:
     setup_logging(args.log_level)
     if args.node_rank > 0:
         return _run_other_node(args)
-    problem = _port_problem(args.host, args.port)
-    if problem is not None:
-        logger.error("cannot listen on %s:%d: %s", args.host, args.port, problem)
+    try:
+        listener = _listen(args.host, args.port)
+    except OSError as exc:
+        problem = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        logger.error("cannot listen on %s:%d: %s (--host, --port)", args.host, args.port, problem)
         return 1
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # stop cleanly during start-up too
     try:
         engine = launch_engine(args)
     except LaunchError as exc:
         logger.error("%s", exc)
+        listener.close()
         return 1
     except KeyboardInterrupt:
         logger.info("interrupted during start-up")
+        listener.close()
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
     try:
-        return asyncio.run(_serve(args, engine))
+        return asyncio.run(_serve(args, engine, listener))
     except KeyboardInterrupt:
         return 0
     finally:
@@ -91,23 +106,23 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _port_problem(host: str, port: int) -> str | None:
-    """Why host:port cannot be bound now, found before spending a minute loading the model."""
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, made before spending a minute loading the model: a port in use
+    fails now, and no other server can take the port while this one loads (connections made meanwhile
+    wait in the backlog). Hypercorn serves on it later."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        return f"unknown host ({exc.strerror})"
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            return "the port is already in use" if exc.errno == errno.EADDRINUSE else str(exc)
-    return None
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(LISTEN_BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
-async def _serve(args: ServerArgs, engine: EngineProcesses) -> int:
+async def _serve(args: ServerArgs, engine: EngineProcesses, listener: socket.socket) -> int:
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
 
@@ -115,7 +130,9 @@ async def _serve(args: ServerArgs, engine: EngineProcesses) -> int:
     from minisgl.server.engine_client import EngineClient
 
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = asyncio.Event()  # a signal or a dead child: stop taking requests
+    hurry = asyncio.Event()  # a second signal: do not wait for running requests
+    stopped = asyncio.Event()  # every request has ended: hypercorn may stop
     exit_code = 0
     client = EngineClient(engine.addresses)
     client.start()
@@ -135,8 +152,12 @@ async def _serve(args: ServerArgs, engine: EngineProcesses) -> int:
 
     for process in engine.processes:
         loop.add_reader(process.sentinel, child_died, process.name)
+
+    def on_signal() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
 
     info = engine.scheduler_info
     state = ServerState(
@@ -148,24 +169,67 @@ async def _serve(args: ServerArgs, engine: EngineProcesses) -> int:
         log_requests=args.log_requests,
         tool_call_parser=None if args.tool_call_parser == "none" else args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
+        max_request_bytes=args.max_request_bytes,
+        longest_token=engine.tokenizer_info.get("longest_token"),
+        sampling_defaults=engine.tokenizer_info.get("sampling_defaults") or {},
     )
     config = Config()
-    config.bind = [_bind_address(args.host, args.port)]
+    config.bind = [f"fd://{listener.detach()}"]  # hypercorn owns the socket from here on
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 30
     url = f"http://{_bind_address(args.host, args.port)}"
     logger.info("serving %s at %s (OpenAI API under %s/v1)", args.model_name, url, url)
+    draining = loop.create_task(
+        _drain(state, stop, hurry, stopped, args.shutdown_timeout, lambda: exit_code == 0)
+    )
     try:
-        await hypercorn_serve(build_app(state), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await hypercorn_serve(build_app(state), config, shutdown_trigger=stopped.wait)  # type: ignore[arg-type]
     finally:
+        draining.cancel()
         for process in engine.processes:
             loop.remove_reader(process.sentinel)
         await client.stop()
     if exit_code == 0:
         logger.info("shutting down")
     return exit_code
+
+
+async def _drain(
+    state: ServerState,
+    stop: asyncio.Event,
+    hurry: asyncio.Event,
+    stopped: asyncio.Event,
+    timeout: float,
+    engine_alive: Callable[[], bool],
+) -> None:
+    """Once told to stop: refuse new requests, give running ones `timeout` seconds (unless hurried),
+    then end the rest with an error (streams get an error event and [DONE]) and let hypercorn stop."""
+    await stop.wait()
+    try:
+        await _end_requests(state, hurry, timeout, engine_alive())
+    finally:
+        stopped.set()  # whatever happened above, the server stops
+
+
+async def _end_requests(state: ServerState, hurry: asyncio.Event, timeout: float, engine_alive: bool) -> None:
+    from minisgl.server.api.app import SHUTTING_DOWN
+
+    state.draining = True
+    client = state.client
+    if engine_alive and client.num_open:
+        logger.info(
+            "stopping: %d request(s) running; they get up to %g s to finish (--shutdown-timeout)",
+            client.num_open,
+            timeout,
+        )
+        deadline = time.monotonic() + timeout
+        while client.num_open and time.monotonic() < deadline and not hurry.is_set():
+            await asyncio.sleep(SHUTDOWN_POLL_S)
+        if client.num_open:
+            logger.warning("stopping: ending %d unfinished request(s)", client.num_open)
+            client.fail_all(SHUTTING_DOWN)
 
 
 def _bind_address(host: str, port: int) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from minisgl.core import messages as msg
+from minisgl.server.api.prompt_size import longest_token_chars
 from minisgl.server.args import ServerArgs
 from minisgl.server.detokenize import DecodeState, Detokenizer
 from minisgl.server.ipc import IpcAddresses, parent_is_gone, prepare_child, pull_socket, push_socket
@@ -33,10 +34,11 @@ def run_tokenizer(args: ServerArgs, addresses: IpcAddresses, worker: int, ready:
     parent_pid = os.getppid()
     try:
         from minisgl.core.gguf_cache import converted
-        from minisgl.core.loader import load_tokenizer
+        from minisgl.core.loader import load_sampling_defaults, load_tokenizer
         from minisgl.core.model_source import resolve_model
 
         source = resolve_model(args.model)
+        sampling_defaults = load_sampling_defaults(source)
         if args.load_format != "gguf":
             source = converted(source)  # what the scheduler loads too, converted once
         tokenizer = load_tokenizer(source)
@@ -44,7 +46,16 @@ def run_tokenizer(args: ServerArgs, addresses: IpcAddresses, worker: int, ready:
         ready.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     process = TokenizerWorker(tokenizer, addresses, worker)
-    ready.send(("ready", {"tokenizer": type(tokenizer).__name__ if tokenizer is not None else None}))
+    ready.send(
+        (
+            "ready",
+            {
+                "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
+                "longest_token": longest_token_chars(tokenizer),
+                "sampling_defaults": sampling_defaults,
+            },
+        )
+    )
     ready.close()
     process.run(parent_pid)
 
@@ -59,6 +70,11 @@ class RequestState:
     # in the scheduler and reported as stopped when its FinishedRequest comes back.
     tokens_at_stop: int | None = None
     pending_logprobs: list[list[Any]] = field(default_factory=list)
+    # echo: the prompt's text (and its ids, for its logprob entries), sent before any output.
+    echo_text: str = ""
+    echo_ids: list[int] | None = None
+    # max_tokens 0: the engine's one token is dropped.
+    score_only: bool = False
 
 
 class TokenizerWorker:
@@ -94,6 +110,8 @@ class TokenizerWorker:
             self._detokenize(message, outputs)
         elif isinstance(message, msg.GenerateGroup):
             self._tokenize(message)
+        elif isinstance(message, (msg.TokenizeQuery, msg.DetokenizeQuery)):
+            self.to_frontend.send(msg.encode(self._answer(message)))
         elif isinstance(message, (msg.AbortRequests, msg.StatsQuery)):
             self.to_scheduler.send(msg.encode(message))
         elif isinstance(message, msg.RequestError):
@@ -129,40 +147,64 @@ class TokenizerWorker:
                 msg.encode(msg.RequestError(uids, 400, str(exc), _prompt_param(group), None))
             )
             return
-        for request in group.requests:
-            self.states[request.uid] = RequestState(
+        for request, sent in zip(group.requests, tokenized, strict=True):
+            state = RequestState(
                 DecodeState(stop=list(request.stop), skip_special_tokens=request.skip_special_tokens),
                 request.params.logprobs,
+                score_only=request.score_only,
             )
+            if request.echo:
+                state.echo_text = self._echo_text(request, sent.prompt_ids)
+                state.echo_ids = sent.prompt_ids.tolist()
+            self.states[request.uid] = state
         self.to_scheduler.send(msg.encode(msg.TokenizedGroup(tokenized, self.worker)))
+
+    def _echo_text(self, request: msg.GenerateRequest, ids: Any) -> str:
+        if request.prompt is not None:
+            return request.prompt
+        if self.tokenizer is None:
+            return ""
+        text: str = self.tokenizer.decode(ids.tolist(), skip_special_tokens=request.skip_special_tokens)
+        return text
 
     def _prompt_ids(self, request: msg.GenerateRequest, memo: dict[str, Any]) -> Any:
         if request.prompt_ids is not None:
             return request.prompt_ids
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: send the prompt as a list of token ids")
         if request.messages is not None:
             chat = [request.messages, request.tools, request.chat_template_kwargs]
             key = "chat:" + json.dumps(chat, sort_keys=True)
         else:
             key = "text:" + (request.prompt or "")
         if key not in memo:
-            memo[key] = msg.int32_array(self._encode(request))
+            memo[key] = msg.int32_array(
+                self._encode(
+                    request.prompt, request.messages, True, request.tools, request.chat_template_kwargs
+                )
+            )
         return memo[key]
 
-    def _encode(self, request: msg.GenerateRequest) -> list[int]:
-        if request.messages is None:
-            ids: list[int] = self.tokenizer.encode(request.prompt or "")
+    def _encode(
+        self,
+        prompt: str | None,
+        messages: list[dict[str, Any]] | None,
+        add_special_tokens: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: send the prompt as a list of token ids")
+        if messages is None:
+            ids: list[int] = self.tokenizer.encode(prompt or "", add_special_tokens=add_special_tokens)
             return ids
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template: use /v1/completions with a plain prompt")
         try:
             text = self.tokenizer.apply_chat_template(
-                request.messages,
-                tools=request.tools,
+                messages,
+                tools=tools,
                 tokenize=False,
                 add_generation_prompt=True,
-                **(request.chat_template_kwargs or {}),
+                **(template_kwargs or {}),
             )
         except Exception as exc:  # template errors (jinja raise_exception) are the client's fault
             raise ValueError(f"the chat template rejected these messages: {exc}") from None
@@ -170,17 +212,36 @@ class TokenizerWorker:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return ids
 
+    def _answer(self, query: msg.TokenizeQuery | msg.DetokenizeQuery) -> msg.TokenizerReply:
+        """/tokenize and /detokenize, answered here: this process holds the tokenizer."""
+        try:
+            if isinstance(query, msg.TokenizeQuery):
+                ids = self._encode(query.prompt, query.messages, query.add_special_tokens)
+                return msg.TokenizerReply(
+                    query.query_id, {"tokens": [int(i) for i in ids], "count": len(ids)}
+                )
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer")
+            text = self.tokenizer.decode(query.token_ids.tolist())
+            return msg.TokenizerReply(query.query_id, {"prompt": text})
+        except ValueError as exc:
+            return msg.TokenizerReply(query.query_id, error=str(exc))
+
     # ---- outbound: token ids to text --------------------------------------------------------------
 
     def _detokenize(self, step: msg.StepOutputs, outputs: list[msg.RequestOutput]) -> None:
         finished = {f.uid: f for f in step.finished}
+        for prompt in step.prompt_logprobs:
+            state = self.states.get(prompt.uid)
+            if state is not None and state.echo_ids is not None and self.detokenizer is not None:
+                state.pending_logprobs += self._prompt_entries(state.echo_ids, prompt)
         new_counts: dict[int, int] = {}
         token_of: dict[int, int] = {}
         updates: list[tuple[DecodeState, list[int]]] = []
         for uid, token in zip(step.uids.tolist(), step.tokens.tolist(), strict=True):
             token_of[uid] = token
             state = self.states.get(uid)
-            if state is None or state.tokens_at_stop is not None:
+            if state is None or state.tokens_at_stop is not None or state.score_only:
                 continue
             state.num_tokens += 1
             new_counts[uid] = new_counts.get(uid, 0) + 1
@@ -215,12 +276,14 @@ class TokenizerWorker:
             self.detokenizer.finish(decode)
         final = end is not None or decode.stopped
         text = self.detokenizer.take_text(decode, final) if self.detokenizer is not None else ""
+        if not state.sent_first:
+            text = state.echo_text + text
         logprobs = state.pending_logprobs if state.top_logprobs is not None else None
         if not (text or logprobs or end is not None or not state.sent_first):
             return None
         state.sent_first = True
         state.pending_logprobs = []
-        output = msg.RequestOutput(uid, text, num_new, logprobs or None)
+        output = msg.RequestOutput(uid, text, 0 if state.score_only else num_new, logprobs or None)
         if end is not None:
             output.finish_reason = "stop" if decode.stopped else end.reason
             output.num_prompt_tokens = end.num_prompt_tokens
@@ -228,7 +291,25 @@ class TokenizerWorker:
             output.num_output_tokens = (
                 state.tokens_at_stop if state.tokens_at_stop is not None else end.num_output_tokens
             )
+            if state.score_only:
+                output.finish_reason, output.num_output_tokens = (
+                    ("length" if end.reason != "abort" else "abort"),
+                    0,
+                )
         return output
+
+    def _prompt_entries(self, prompt_ids: list[int], prompt: msg.PromptLogprobs) -> list[list[Any]]:
+        """Logprob entries of the echoed prompt; its first token has no logprob (nothing comes before it)."""
+        assert self.detokenizer is not None
+        text = self.detokenizer.token_text
+        entries: list[list[Any]] = [[text(prompt_ids[0]), None, None]]
+        for token, logprob, ids, values in zip(
+            prompt_ids[1:], prompt.logprobs, prompt.top_ids, prompt.top_logprobs, strict=True
+        ):
+            entries.append(
+                [text(token), float(logprob), [[text(i), float(v)] for i, v in zip(ids, values, strict=True)]]
+            )
+        return entries
 
     def _logprob_entry(self, entry: msg.TokenLogprobs, token: int) -> list[Any]:
         assert self.detokenizer is not None

@@ -101,13 +101,22 @@ class LocalBackend:
 
 
 class RemoteBackend:
-    """Talks to a running minisgl (or any OpenAI-compatible) server."""
+    """Talks to a running minisgl (or any OpenAI-compatible) server. A lost connection fails only the
+    current reply, so the shell survives a server restart with its conversation."""
 
-    def __init__(self, url: str, api_key: str | None = None, model: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.name = model or ""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(None, connect=10.0))
+        self.http = httpx.AsyncClient(
+            headers=headers, timeout=httpx.Timeout(None, connect=10.0), transport=transport
+        )
 
     async def start(self) -> None:
         try:
@@ -142,7 +151,12 @@ class RemoteBackend:
                         if text:
                             yield text
         except httpx.HTTPError as exc:
-            raise EngineLost(f"lost the connection to {self.url}: {exc}") from None
+            # The server may be restarting: keep the shell and its conversation; the next message
+            # connects afresh.
+            raise ShellError(
+                f"lost the connection to {self.url} ({exc or type(exc).__name__}); the conversation is "
+                "kept: send the message again once the server is back"
+            ) from None
 
     async def close(self) -> None:
         await self.http.aclose()

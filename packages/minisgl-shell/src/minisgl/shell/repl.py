@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -203,7 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(
                 "argument --node-rank: the shell runs on node 0; start the other nodes with `minisgl serve`"
             )
-        print(f"loading {server_args.model} ...", file=sys.stderr, flush=True)
+        # The launcher's progress (each process ready, "still loading" every few seconds) is shown while
+        # the model loads; after that only warnings, so that no log line lands inside a reply.
+        launcher_log = logging.getLogger("minisgl.server.launch")
+        launcher_log.setLevel(logging.INFO)
         try:
             engine = launch_engine(server_args)
         except LaunchError as exc:
@@ -211,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         except KeyboardInterrupt:
             return 130
+        finally:
+            launcher_log.setLevel(logging.WARNING)
         backend = LocalBackend(engine, server_args.model_name)
     try:
         return asyncio.run(_run(backend, settings, options.system))

@@ -5,7 +5,8 @@
 - `fa3`: FlashInfer's FlashAttention-3 kernels (Hopper only).
 `attn="p,d"` picks one backend for prefill batches and one for decode batches. `auto` is `fa3,fi` on
 Hopper (FA3 prefill; FA3's decode reads the KV cache at half the bandwidth of FA2's, tools/attn_bench.py),
-`fi` on other CUDA GPUs and `torch` on the CPU.
+`fi` on other CUDA GPUs and `torch` on the CPU. With an FP8 KV cache `auto` is `fi` on every GPU:
+FlashInfer's FA3 kernels read FP8 keys and values only with FP8 queries, so `fa3` is refused there.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
 from minisgl.core.attention.torch_backend import TorchAttentionBackend
 from minisgl.core.kv_pool import KVPool
+from minisgl.kernels.reference import FP8_KV_DTYPE
 
 BACKEND_NAMES = ("torch", "fi", "fa3")
 
@@ -49,25 +51,30 @@ class SplitBackend(AttentionBackend):
         return metadata.backend.forward(q, layer, kv_pool, metadata.inner)
 
 
-def resolve_attention(spec: str, device: torch.device) -> tuple[str, str]:
+def resolve_attention(spec: str, device: torch.device, fp8_kv: bool = False) -> tuple[str, str]:
     """Parse "auto", "name" or "prefill,decode" into (prefill, decode) backend names, and check that this
-    device runs them."""
+    device runs them (over an FP8 KV cache when fp8_kv)."""
     names = [part.strip() for part in spec.split(",")]
     if len(names) == 1:
         names *= 2
     if len(names) != 2:
         raise ValueError(f"attn must be NAME or PREFILL,DECODE, got {spec!r}")
-    auto = _auto(device)
+    auto = _auto(device, fp8_kv)
     resolved = [auto[i] if name == "auto" else name for i, name in enumerate(names)]
     for name in resolved:
         _check_runs_here(name, device)
+        if name == "fa3" and fp8_kv:
+            raise ValueError(
+                "attention backend 'fa3' cannot read an FP8 KV cache (FlashInfer's FA3 kernels need FP8 "
+                "queries for it): use attn='fi' with kv_cache_dtype='fp8_e4m3', or another kv_cache_dtype"
+            )
     return resolved[0], resolved[1]
 
 
-def _auto(device: torch.device) -> tuple[str, str]:
+def _auto(device: torch.device, fp8_kv: bool) -> tuple[str, str]:
     if device.type != "cuda":
         return "torch", "torch"
-    if torch.cuda.get_device_capability(device)[0] == 9:
+    if torch.cuda.get_device_capability(device)[0] == 9 and not fp8_kv:
         return "fa3", "fi"
     return "fi", "fi"
 
@@ -97,10 +104,12 @@ def create_backend(
     num_kv_heads: int,
     head_dim: int,
     dtype: torch.dtype,
+    kv_dtype: torch.dtype,
     device: torch.device,
     page_size: int,
 ) -> AttentionBackend:
-    prefill_name, decode_name = resolve_attention(spec, device)
+    """dtype: the queries'; kv_dtype: the KV pool's."""
+    prefill_name, decode_name = resolve_attention(spec, device, kv_dtype == FP8_KV_DTYPE)
     built: dict[str, AttentionBackend] = {}
     for name in {prefill_name, decode_name}:
         if name == "torch":
@@ -110,7 +119,7 @@ def create_backend(
 
             kernels = "fa3" if name == "fa3" else "fa2"
             built[name] = FlashInferBackend(
-                num_qo_heads, num_kv_heads, head_dim, dtype, device, page_size, kernels
+                num_qo_heads, num_kv_heads, head_dim, dtype, kv_dtype, device, page_size, kernels
             )
     if prefill_name == decode_name:
         return built[prefill_name]

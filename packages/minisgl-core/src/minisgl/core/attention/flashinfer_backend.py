@@ -4,7 +4,8 @@ FlashInfer's FlashAttention-2 kernels (`fi`) or its FlashAttention-3 kernels (`f
 The pool's per-layer (num_pages, page_size, kv_heads, head_dim) tensors are FlashInfer's NHD paged
 layout as they are. `prepare` plans one wrapper per batch: the page-count prefix sums and last-page
 lengths are built on the host (FlashInfer's planner reads them there), the page ids are gathered from
-the device page table on the device, with no synchronisation.
+the device page table on the device, with no synchronisation. The KV cache is in the queries' dtype or
+FP8 E4M3: FlashInfer's FP8 paged kernels read one byte per element and take the layer's k/v scales.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
 from minisgl.core.kv_pool import KVPool
 from minisgl.core.transfer import pinned, to_device
+from minisgl.kernels.reference import FP8_KV_DTYPE
 
 WORKSPACE_BYTES = 256 << 20
 
@@ -86,16 +88,24 @@ class FlashInferBackend(AttentionBackend):
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
+        kv_dtype: torch.dtype,
         device: torch.device,
         page_size: int,
         kernels: str = "fa2",
     ) -> None:
-        """kernels: "fa2" or "fa3", FlashInfer's implementation of prefill and tensor-core decode."""
+        """kernels: "fa2" or "fa3", FlashInfer's implementation of prefill and tensor-core decode. dtype:
+        the queries'; kv_dtype: the pool's, dtype itself or float8_e4m3fn."""
+        if kv_dtype not in (dtype, FP8_KV_DTYPE):
+            raise ValueError(
+                f"FlashInfer attention reads a KV cache in the model's dtype ({dtype}) or fp8_e4m3, not "
+                f"{kv_dtype}: set kv_cache_dtype to auto or fp8_e4m3, or use attn='torch'"
+            )
         self.flashinfer = import_flashinfer()
         self.num_qo_heads = num_qo_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
+        self.kv_dtype = kv_dtype
         self.kernels = kernels
         self.use_tensor_cores = use_tensor_core_decode(num_qo_heads // num_kv_heads, page_size, kernels)
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
@@ -124,7 +134,7 @@ class FlashInferBackend(AttentionBackend):
             self.head_dim,
             page_size,
             q_data_type=self.dtype,
-            kv_data_type=self.dtype,
+            kv_data_type=self.kv_dtype,
         )
 
     def prepare(self, layout: BatchLayout, kv_pool: KVPool) -> AttentionMetadata:
@@ -144,7 +154,7 @@ class FlashInferBackend(AttentionBackend):
             kv_pool.page_size,
             causal=True,
             q_data_type=self.dtype,
-            kv_data_type=self.dtype,
+            kv_data_type=self.kv_dtype,
         )
         return FlashInferMetadata(self.prefill_wrapper)
 
@@ -156,5 +166,11 @@ class FlashInferBackend(AttentionBackend):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         assert isinstance(metadata, FlashInferMetadata)
-        out = metadata.wrapper.run(q.contiguous(), (kv_pool.k_cache(layer), kv_pool.v_cache(layer)))
+        cache = (kv_pool.k_cache(layer), kv_pool.v_cache(layer))
+        if kv_pool.quantized:
+            # FlashInfer folds k_scale into the softmax scale and multiplies the output by v_scale.
+            scales = {"k_scale": kv_pool.k_scales[layer], "v_scale": kv_pool.v_scales[layer]}
+            out = metadata.wrapper.run(q.contiguous(), cache, **scales)
+        else:
+            out = metadata.wrapper.run(q.contiguous(), cache)
         return out.reshape(q.shape[0], -1)

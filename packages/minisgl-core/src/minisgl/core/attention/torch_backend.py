@@ -1,6 +1,8 @@
 """The reference attention backend in plain torch: gathers each request's keys from the paged pool into
 a padded (batch, max_kv, kv_heads, d) tensor and runs scaled_dot_product_attention with a causal mask
-offset by the cached prefix. One SDPA call per layer for the whole batch."""
+offset by the cached prefix. One SDPA call per layer for the whole batch. Keys and values of a pool in
+another dtype than the queries (an FP8 or a half-precision cache under a float32 model) are converted
+to the queries' dtype after the gather, FP8 ones times the layer's scales."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
 from minisgl.core.kv_pool import KVPool
 from minisgl.core.transfer import to_device
+from minisgl.kernels.reference import dequantize_kv
 
 
 @dataclass
@@ -68,6 +71,8 @@ class TorchAttentionBackend(AttentionBackend):
         assert isinstance(metadata, TorchAttentionMetadata)
         keys = kv_pool.k_slots(layer)[metadata.kv_slots]  # (batch, max_kv, kv_heads, d)
         values = kv_pool.v_slots(layer)[metadata.kv_slots]
+        keys = dequantize_kv(keys, q.dtype, kv_pool.k_scales[layer])
+        values = dequantize_kv(values, q.dtype, kv_pool.v_scales[layer])
         num_heads, head_dim = q.shape[1], q.shape[2]
         padded_q = q.new_zeros(metadata.batch_size * metadata.max_q, num_heads, head_dim)
         padded_q[metadata.padded_index] = q

@@ -45,5 +45,7 @@ class PagedAttention(nn.Module):
             ctx.kv_pool.v_slots(self.layer_id),
             num_heads,
             num_kv_heads,
+            ctx.kv_pool.k_scales[self.layer_id],
+            ctx.kv_pool.v_scales[self.layer_id],
         )
         return ctx.backend.forward(q, self.layer_id, ctx.kv_pool, ctx.metadata)

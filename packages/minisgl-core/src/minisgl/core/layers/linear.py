@@ -118,3 +118,18 @@ class RowParallelLinear(nn.Module):
             return
         _check_shape(name, torch.Size([self.out_features, self.local_in * tp.size]), tensor.shape)
         self.weight.data.copy_(tensor[:, tp.rank * self.local_in : (tp.rank + 1) * self.local_in])
+
+
+class ReplicatedLinear(nn.Module):
+    """y = x W^T, the whole W on every rank (a MoE router: small, and every rank needs all its logits)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def load_weight(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
+        _check_shape(name, self.weight.shape, tensor.shape)
+        self.weight.data.copy_(tensor[:])

@@ -1,9 +1,11 @@
-"""The dense decoder shared by Llama, Mistral, Qwen2 and Qwen3: pre-norm blocks of grouped-query
+"""The decoder shared by Llama, Mistral, Qwen2, Qwen3 and Qwen3-MoE: pre-norm blocks of grouped-query
 attention with rotary embeddings and a SwiGLU MLP. The architectures differ only in flags from
-ModelConfig: q/k/v biases (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+ModelConfig: q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3), and sparse mixture-of-experts blocks in
+place of the MLP in some layers (Qwen3-MoE)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -16,6 +18,7 @@ from minisgl.core.layers.activation import silu_and_mul
 from minisgl.core.layers.attention import PagedAttention
 from minisgl.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from minisgl.core.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from minisgl.core.layers.moe import EXPERT_TENSOR, STACKED_NAMES, SparseMoeBlock, StackedExperts
 from minisgl.core.layers.norm import RMSNorm
 from minisgl.core.layers.rotary import RotaryEmbedding
 from minisgl.kernels import ROPE_STORE_HEAD_DIMS
@@ -72,12 +75,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, moe_backend: str) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_id, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp: nn.Module = (
+            SparseMoeBlock(config, moe_backend) if config.is_moe_layer(layer_id) else MLP(config)
+        )
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -93,14 +98,16 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, moe_backend: str) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # One rotary table shared by all layers.
         rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, rotary, moe_backend) for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -123,14 +130,20 @@ _MERGED = {
 }
 # Checkpoint tensors that carry no weights we use.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Per-layer FP8 KV cache scales of quantized checkpoints: `self_attn.k_scale`, or under a submodule
+# (`self_attn.k_proj.k_scale`, `self_attn.attn.k_scale`); of per-head scales the layer takes the largest.
+_KV_SCALE = re.compile(r"model\.layers\.(?P<layer>\d+)\.self_attn\.(?:\w+\.)?(?P<kind>[kv])_scale")
 
 
 class DecoderForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, moe_backend: str = "torch") -> None:
+        """moe_backend: a resolved moe_ops backend (torch or flashinfer); dense models ignore it."""
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config)
+        self.model = DecoderModel(config, moe_backend)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        # The checkpoint's KV cache scales, if it has any: {"k": {layer: scale}, "v": {...}}.
+        self.kv_scales: dict[str, dict[int, float]] = {"k": {}, "v": {}}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Returns the final hidden states, one row per input token; see compute_logits."""
@@ -148,6 +161,10 @@ class DecoderForCausalLM(nn.Module):
         for name, tensor in tensors:
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
+            scale = _KV_SCALE.fullmatch(name)
+            if scale is not None:
+                self.kv_scales[scale["kind"]][int(scale["layer"])] = float(tensor[...].float().max())
+                continue
             target = self._route(name)
             if target is None or target[0] not in modules:
                 unused.append(name)
@@ -163,7 +180,12 @@ class DecoderForCausalLM(nn.Module):
 
     def _route(self, name: str) -> tuple[str, int, str] | None:
         """Map an HF tensor name to (module, shard, parameter)."""
+        expert = EXPERT_TENSOR.match(name)
+        if expert is not None:  # a per-expert tensor: its shard is its expert
+            return expert["module"], int(expert["expert"]), f"{expert['proj']}_proj"
         module_name, _, param = name.rpartition(".")
+        if module_name.endswith(".experts") and param not in STACKED_NAMES:
+            return None
         parent, _, leaf = module_name.rpartition(".")
         if leaf in _MERGED:
             merged, shard = _MERGED[leaf]
@@ -172,15 +194,17 @@ class DecoderForCausalLM(nn.Module):
 
     def _check_complete(self, loaded: set[str]) -> None:
         expected: set[str] = set()
+        missing_experts: list[str] = []
         for module_name, module in self.named_modules():
+            if isinstance(module, StackedExperts):  # two checkpoint layouts: it keeps its own account
+                missing_experts.extend(f"{module_name}.{name}" for name in module.unloaded())
+                continue
             if not hasattr(module, "load_weight"):
                 continue
             shards = len(module.full_out_sizes) if isinstance(module, ColumnParallelLinear) else 1
             for param, value in module.named_parameters(recurse=False):
                 if value is not None:
                     expected.update(f"{module_name}.{param}#{s}" for s in range(shards))
-        missing = sorted(expected - loaded)
+        missing = [m.split("#")[0] for m in sorted(expected - loaded)] + missing_experts
         if missing:
-            raise ValueError(
-                f"checkpoint is missing tensor(s) for: {', '.join(m.split('#')[0] for m in missing[:5])}"
-            )
+            raise ValueError(f"checkpoint is missing tensor(s) for: {', '.join(missing[:5])}")

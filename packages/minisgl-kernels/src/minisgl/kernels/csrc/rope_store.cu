@@ -6,10 +6,16 @@
 // copies value head h. Each lane holds head_dim / 32 consecutive elements; the rotate-half partner of
 // lane l's elements (i <-> i + head_dim / 2) lives in lane l ^ 16. Arithmetic is in float32, rounded
 // once to the storage dtype at the end.
+//
+// The KV pool has qkv's dtype, or is FP8 E4M3 (the opt-in quantized cache): then K and V are stored
+// multiplied by the layer's inverse k/v scales, rounded to nearest and saturated to +-448.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/function.h>
+
+#include <type_traits>
 
 #include "row_copy.cuh"
 
@@ -36,6 +42,8 @@ template <>
 __device__ __half FromFloat(float x) { return __float2half(x); }
 template <>
 __device__ float FromFloat(float x) { return x; }
+template <>
+__device__ __nv_fp8_e4m3 FromFloat(float x) { return __nv_fp8_e4m3(x); }  // saturates to finite
 
 struct RopeStoreArgs {
   const char* qkv;      // (tokens, (q_heads + 2 kv_heads) * head_dim), rows dense
@@ -55,10 +63,14 @@ struct RopeStoreArgs {
   int kv_heads;
   float eps;
   bool use_norm;
+  float k_inv_scale;  // FP8 caches only: stored = value * inv_scale
+  float v_inv_scale;
 };
 
-template <typename T, int kPerLane>
+// T: qkv's dtype; C: the cache's (T itself, or __nv_fp8_e4m3).
+template <typename T, typename C, int kPerLane>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) RopeStoreKernel(const RopeStoreArgs args) {
+  constexpr bool kQuantized = !std::is_same_v<T, C>;
   constexpr int kHeadDim = kPerLane * 32;
   const int lane = threadIdx.x & 31;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
@@ -96,20 +108,27 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) RopeStoreKernel(const Rop
     out[e] = first_half ? x[e] * cos[freq] - partner * sin[freq] : x[e] * cos[freq] + partner * sin[freq];
   }
 
-  T* dst;
   if (is_query) {
-    dst = reinterpret_cast<T*>(args.q_out) + (token * args.q_heads + head) * kHeadDim;
-  } else {
-    const int kv_head = head - args.q_heads;
-    const int64_t slot = args.slots[token];
-    dst = reinterpret_cast<T*>(args.k_cache) + slot * args.k_cache_stride + kv_head * kHeadDim;
-    const T* v_src = row + static_cast<int64_t>(args.q_heads + args.kv_heads + kv_head) * kHeadDim;
-    T* v_dst = reinterpret_cast<T*>(args.v_cache) + slot * args.v_cache_stride + kv_head * kHeadDim;
+    T* dst = reinterpret_cast<T*>(args.q_out) + (token * args.q_heads + head) * kHeadDim;
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) v_dst[lane * kPerLane + e] = v_src[lane * kPerLane + e];
+    for (int e = 0; e < kPerLane; ++e) dst[lane * kPerLane + e] = FromFloat<T>(out[e]);
+    return;
   }
+  const int kv_head = head - args.q_heads;
+  const int64_t slot = args.slots[token];
+  C* k_dst = reinterpret_cast<C*>(args.k_cache) + slot * args.k_cache_stride + kv_head * kHeadDim;
+  const T* v_src = row + static_cast<int64_t>(args.q_heads + args.kv_heads + kv_head) * kHeadDim;
+  C* v_dst = reinterpret_cast<C*>(args.v_cache) + slot * args.v_cache_stride + kv_head * kHeadDim;
 #pragma unroll
-  for (int e = 0; e < kPerLane; ++e) dst[lane * kPerLane + e] = FromFloat<T>(out[e]);
+  for (int e = 0; e < kPerLane; ++e) {
+    if constexpr (kQuantized) {
+      k_dst[lane * kPerLane + e] = FromFloat<C>(out[e] * args.k_inv_scale);
+      v_dst[lane * kPerLane + e] = FromFloat<C>(ToFloat(v_src[lane * kPerLane + e]) * args.v_inv_scale);
+    } else {
+      k_dst[lane * kPerLane + e] = FromFloat<T>(out[e]);
+      v_dst[lane * kPerLane + e] = v_src[lane * kPerLane + e];
+    }
+  }
 }
 
 void CheckCuda(const char* name, const TensorView& t, const TensorView& like) {
@@ -118,26 +137,38 @@ void CheckCuda(const char* name, const TensorView& t, const TensorView& like) {
       << name << " is on another GPU than qkv";
 }
 
+bool IsFp8E4m3(DLDataType dtype) { return dtype.code == kDLFloat8_e4m3fn && dtype.bits == 8; }
+
+template <typename T, int kPerLane>
+void LaunchFor(const RopeStoreArgs& args, bool fp8_cache, int64_t blocks, cudaStream_t stream) {
+  if (fp8_cache) {
+    RopeStoreKernel<T, __nv_fp8_e4m3, kPerLane><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(args);
+  } else {
+    RopeStoreKernel<T, T, kPerLane><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(args);
+  }
+}
+
 template <int kPerLane>
-void Launch(const RopeStoreArgs& args, DLDataType dtype, cudaStream_t stream) {
+void Launch(const RopeStoreArgs& args, DLDataType dtype, bool fp8_cache, cudaStream_t stream) {
   const int64_t items = args.num_tokens * (args.q_heads + args.kv_heads);
   const int64_t blocks = (items + kWarpsPerBlock - 1) / kWarpsPerBlock;
   MINISGL_CHECK(blocks < (int64_t{1} << 31), ValueError) << "too many tokens: " << args.num_tokens;
   if (dtype.code == kDLBfloat) {
-    RopeStoreKernel<__nv_bfloat16, kPerLane><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(args);
+    LaunchFor<__nv_bfloat16, kPerLane>(args, fp8_cache, blocks, stream);
   } else if (dtype.code == kDLFloat && dtype.bits == 16) {
-    RopeStoreKernel<__half, kPerLane><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(args);
+    LaunchFor<__half, kPerLane>(args, fp8_cache, blocks, stream);
   } else {
-    RopeStoreKernel<float, kPerLane><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(args);
+    LaunchFor<float, kPerLane>(args, fp8_cache, blocks, stream);
   }
 }
 
 // qkv: (tokens, (q_heads + 2 kv_heads) * head_dim); positions, slots: (tokens,) int64; cos_sin:
 // (max_positions, head_dim) float32; q_weight, k_weight: (head_dim,) in qkv's dtype (read only when
-// use_norm); q_out: (tokens, q_heads, head_dim) dense; k_cache, v_cache: (slots, kv_heads, head_dim).
+// use_norm); q_out: (tokens, q_heads, head_dim) dense; k_cache, v_cache: (slots, kv_heads, head_dim), in
+// qkv's dtype or both float8_e4m3fn; k_inv_scale, v_inv_scale: 1 / the layer's scales (FP8 caches only).
 void rope_store(TensorView qkv, TensorView positions, TensorView slots, TensorView cos_sin, TensorView q_weight,
                 TensorView k_weight, TensorView q_out, TensorView k_cache, TensorView v_cache, int64_t q_heads,
-                int64_t kv_heads, double eps, int64_t use_norm) {
+                int64_t kv_heads, double eps, int64_t use_norm, double k_inv_scale, double v_inv_scale) {
   CheckCuda("qkv", qkv, qkv);
   CheckCuda("positions", positions, qkv);
   CheckCuda("slots", slots, qkv);
@@ -161,9 +192,14 @@ void rope_store(TensorView qkv, TensorView positions, TensorView slots, TensorVi
                     minisgl::RowsAreDense(cos_sin) && cos_sin.stride(0) == head_dim,
                 ValueError)
       << "cos_sin must be a dense float32 (max_positions, head_dim) table";
-  for (const TensorView* t : {&q_out, &k_cache, &v_cache, &q_weight, &k_weight}) {
-    MINISGL_CHECK(t->dtype() == qkv.dtype(), TypeError) << "q_out, the caches and the weights need qkv's dtype";
+  for (const TensorView* t : {&q_out, &q_weight, &k_weight}) {
+    MINISGL_CHECK(t->dtype() == qkv.dtype(), TypeError) << "q_out and the weights need qkv's dtype";
   }
+  const bool fp8_cache = IsFp8E4m3(k_cache.dtype());
+  MINISGL_CHECK(k_cache.dtype() == v_cache.dtype() && (fp8_cache || k_cache.dtype() == qkv.dtype()), TypeError)
+      << "the caches need qkv's dtype, or both float8_e4m3fn";
+  MINISGL_CHECK(fp8_cache || (k_inv_scale == 1.0 && v_inv_scale == 1.0), ValueError)
+      << "k/v scales apply to float8_e4m3fn caches only";
   MINISGL_CHECK(minisgl::RowsAreDense(q_out) && q_out.stride(0) == q_heads * head_dim, ValueError)
       << "q_out must be dense";
   MINISGL_CHECK(minisgl::RowsAreDense(k_cache) && minisgl::RowsAreDense(v_cache) && k_cache.size(1) == kv_heads &&
@@ -188,14 +224,16 @@ void rope_store(TensorView qkv, TensorView positions, TensorView slots, TensorVi
                      static_cast<int>(q_heads),
                      static_cast<int>(kv_heads),
                      static_cast<float>(eps),
-                     use_norm != 0};
+                     use_norm != 0,
+                     static_cast<float>(k_inv_scale),
+                     static_cast<float>(v_inv_scale)};
   cudaStream_t stream = minisgl::CurrentStream(qkv.device());
   if (head_dim == 64) {
-    Launch<2>(args, qkv.dtype(), stream);
+    Launch<2>(args, qkv.dtype(), fp8_cache, stream);
   } else if (head_dim == 128) {
-    Launch<4>(args, qkv.dtype(), stream);
+    Launch<4>(args, qkv.dtype(), fp8_cache, stream);
   } else {
-    Launch<8>(args, qkv.dtype(), stream);
+    Launch<8>(args, qkv.dtype(), fp8_cache, stream);
   }
   minisgl::CheckLaunch("rope_store");
 }

@@ -23,15 +23,30 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from minisgl.core import messages as msg
-from minisgl.server.api.protocol import ApiError, GenerationSpec, parse_chat, parse_completion
+from minisgl.server.api.body import read_json
+from minisgl.server.api.prompt_size import check_prompt_size
+from minisgl.server.api.protocol import (
+    ApiError,
+    GenerationSpec,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+)
 from minisgl.server.api.responses import ResponseBuilder
+from minisgl.server.api.sampling_defaults import apply_sampling_defaults
+from minisgl.server.args import DEFAULT_MAX_REQUEST_BYTES
 from minisgl.server.engine_client import EngineClient, EngineError, EngineGone, Generation
 from minisgl.server.metrics import Metrics
+from minisgl.server.versions import package_versions, server_version
 
 logger = logging.getLogger("minisgl.server.api")
 
 HEALTH_TIMEOUT_S = 5.0
+HEALTH_BUSY_S = 30.0  # a scheduler that sent something this recently is busy, not hung
 METRICS_STATS_TIMEOUT_S = 5.0
+TOKENIZER_TIMEOUT_S = 30.0
+SHUTTING_DOWN = "the server is shutting down"
 T = TypeVar("T")
 
 
@@ -45,6 +60,11 @@ class ServerState:
     log_requests: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    longest_token: int | None = None  # characters of the vocabulary's longest token
+    # the model's generation_config.json values for sampling fields a request leaves out
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    draining: bool = False  # the server is stopping: new requests and /health get 503
     started: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(init=False)
 
@@ -64,6 +84,9 @@ def build_app(state: ServerState) -> Starlette:
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/version", version, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
@@ -81,24 +104,34 @@ def _state(request: Request) -> ServerState:
 # ---- errors -----------------------------------------------------------------------------------------------
 
 
-def error_response(error: ApiError) -> JSONResponse:
+def error_response(request: Request, error: ApiError) -> JSONResponse:
+    """The OpenAI-style error body; every error answered is counted in /metrics by status and reason."""
+    state = _state(request)
+    state.metrics.request_rejected(error.status, error.code or error.type)
+    if state.log_requests:
+        logger.info(
+            "%s %s: %d %s (param %s): %s",
+            request.method, request.url.path, error.status, error.code or error.type, error.param, error.message[:200],
+        )  # fmt: skip
     return JSONResponse(error.body(), status_code=error.status)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc)
+    return error_response(request, exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = "not found" if exc.status_code == 404 else exc.detail
-    return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {message}"))
+    return error_response(
+        request, ApiError(exc.status_code, f"{request.method} {request.url.path}: {message}")
+    )
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     logger.exception("internal error on %s %s", request.method, request.url.path)
-    return error_response(ApiError(500, f"internal server error: {type(exc).__name__}"))
+    return error_response(request, ApiError(500, f"internal server error: {type(exc).__name__}"))
 
 
 def _check_api_key(request: Request) -> None:
@@ -109,29 +142,21 @@ def _check_api_key(request: Request) -> None:
         )
 
 
-async def _json_body(request: Request) -> Any:
-    data = await request.body()
-    if not data.strip():
-        raise ApiError(400, "the request body is empty; send a JSON object")
-    try:
-        return json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 # ---- simple routes --------------------------------------------------------------------------------------
 
 
 async def health(request: Request) -> Response:
     """200 only when the scheduler answers a query through the tokenizer worker, now."""
-    client = _state(request).client
+    state = _state(request)
+    if state.draining:
+        return JSONResponse({"status": "unhealthy", "reason": SHUTTING_DOWN}, status_code=503)
     try:
-        stats = await client.stats(HEALTH_TIMEOUT_S)
+        stats = await state.client.stats(HEALTH_TIMEOUT_S)
     except (EngineError, TimeoutError) as exc:
+        last = state.client.last_message_at
+        if isinstance(exc, TimeoutError) and last is not None and time.monotonic() - last < HEALTH_BUSY_S:
+            # A long step (a large prefill on a CPU) delays the answer, but outputs still flow: busy.
+            return JSONResponse({"status": "busy", "reason": "the scheduler is in a long step"})
         reason = exc.message if isinstance(exc, EngineError) else "the scheduler did not answer in time"
         return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
     return JSONResponse(
@@ -173,6 +198,41 @@ async def get_model(request: Request) -> Response:
     return JSONResponse(_model_card(state))
 
 
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": server_version(), "packages": package_versions()})
+
+
+async def tokenize(request: Request) -> Response:
+    """vLLM's and SGLang's /tokenize: {"tokens": [...], "count": n, "max_model_len": context}."""
+    _check_api_key(request)
+    state = _state(request)
+    query = parse_tokenize(await read_json(request, state.max_request_bytes), state.model_name)
+    result = await _tokenizer_query(state, query, "messages" if query.messages is not None else "prompt")
+    return JSONResponse({**result, "max_model_len": state.context_length})
+
+
+async def detokenize(request: Request) -> Response:
+    """{"tokens": [...]} -> {"prompt": text}."""
+    _check_api_key(request)
+    state = _state(request)
+    query = parse_detokenize(await read_json(request, state.max_request_bytes), state.model_name)
+    return JSONResponse(await _tokenizer_query(state, query, "tokens"))
+
+
+async def _tokenizer_query(
+    state: ServerState, query: msg.TokenizeQuery | msg.DetokenizeQuery, param: str
+) -> dict[str, Any]:
+    try:
+        reply = await state.client.tokenizer_query(query, TOKENIZER_TIMEOUT_S)
+    except TimeoutError:
+        raise ApiError(503, "the tokenizer did not answer in time", code="engine_unavailable") from None
+    except EngineError as exc:
+        raise ApiError(exc.status, exc.message, exc.param, exc.code) from None
+    if reply.error is not None:
+        raise ApiError(400, reply.error, param)
+    return reply.result
+
+
 # ---- generation -------------------------------------------------------------------------------------------
 
 
@@ -191,25 +251,28 @@ async def completions(request: Request) -> Response:
 async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec]) -> Response:
     _check_api_key(request)
     state = _state(request)
+    if state.draining:
+        raise ApiError(503, SHUTTING_DOWN, code="shutting_down")
     try:
-        spec = parse(await _json_body(request), state.model_name)
+        body = await read_json(request, state.max_request_bytes)
+        spec = parse(body, state.model_name)
     except ValueError as exc:  # SamplingParams' own checks
         raise ApiError(400, str(exc), str(exc).split(" ", 1)[0]) from None
+    apply_sampling_defaults(body, spec, state.sampling_defaults)
+    check_prompt_size(spec, state.context_length, state.longest_token)
     requests = _engine_requests(state.client, spec)
     try:
         generation = state.client.submit(requests)
     except EngineError as exc:
-        state.metrics.request_rejected(exc.status)
         raise ApiError(exc.status, exc.message, exc.param, exc.code) from None
     run = _Run(state, spec, generation, time.perf_counter())
     streaming = False
     try:
         first = await _unless_disconnected(request, generation.next_event())
         if isinstance(first, msg.RequestError):
-            state.metrics.request_rejected(first.status)
-            return error_response(ApiError(first.status, first.message, first.param, first.code))
+            raise ApiError(first.status, first.message, first.param, first.code)
         if isinstance(first, EngineGone):
-            return error_response(ApiError(503, first.reason, code="engine_unavailable"))
+            raise ApiError(503, first.reason, code="engine_unavailable")
         run.accept(first)
         if spec.stream:
             streaming = True  # from here on, the stream closes the generation
@@ -221,7 +284,7 @@ async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec
         run.close()
         return Response(status_code=499)
     except EngineError as exc:
-        return error_response(ApiError(exc.status, exc.message, exc.param, exc.code))
+        raise ApiError(exc.status, exc.message, exc.param, exc.code) from None
     finally:
         if not streaming:
             generation.close()
@@ -247,6 +310,8 @@ def _engine_requests(client: EngineClient, spec: GenerationSpec) -> list[msg.Gen
                     skip_special_tokens=spec.skip_special_tokens,
                     tools=spec.extras.tools,
                     chat_template_kwargs=spec.extras.template_kwargs or None,
+                    echo=spec.echo,
+                    score_only=spec.score_only,
                 )
             )
     return requests
@@ -311,8 +376,8 @@ class _Run:
             )
             if self.state.log_requests:
                 logger.info(
-                    "request %d finished (%s): prompt %d (cached %d), output %d tokens, %.3f s",
-                    output.uid, output.finish_reason, output.num_prompt_tokens,
+                    "%s (request %d): 200, finished (%s): prompt %d (cached %d), output %d tokens, %.3f s",
+                    self.builder.id, output.uid, output.finish_reason, output.num_prompt_tokens,
                     output.num_cached_tokens, output.num_output_tokens, now - self.arrived,
                 )  # fmt: skip
         return choice

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from minisgl.core.messages import DetokenizeQuery, TokenizeQuery, int32_array
 from minisgl.core.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from minisgl.server.api.structured import (
     ChatExtras,
@@ -23,8 +24,45 @@ from minisgl.server.api.structured import (
 MAX_N = 128
 MAX_SEQUENCES = 1024  # prompts x n in one request
 MAX_STOP_STRINGS = 16
+MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 T = TypeVar("T")
+
+# Every field each endpoint reads. Any other field is refused with a 400 naming it, never ignored.
+# `user` and `metadata` are informational in OpenAI's API too: accepted, and they change nothing.
+COMMON_FIELDS = frozenset(
+    {
+        "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "stop",
+        "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty",
+        "logprobs", "stream", "stream_options", "skip_special_tokens", "min_tokens", "logit_bias", "user",
+        "metadata",
+    }
+)  # fmt: skip
+# Fields of OpenAI's API this server does not implement: allowed only with a value that changes nothing.
+CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "store": (None, False),
+    "service_tier": (None, "auto", "default"),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {"suffix": (None, ""), "best_of": (None, 1)}
+# Structured output (both endpoints) and tools / chat template arguments (chat): api/structured.py.
+GRAMMAR_FIELDS = frozenset({"response_format", "regex", "ebnf"})
+CHAT_FIELDS = (
+    COMMON_FIELDS
+    | GRAMMAR_FIELDS
+    | {"messages", "max_completion_tokens", "top_logprobs"}
+    | {"tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"}
+    | set(CHAT_UNSUPPORTED)
+)
+COMPLETION_FIELDS = COMMON_FIELDS | GRAMMAR_FIELDS | {"prompt", "echo"} | set(COMPLETION_UNSUPPORTED)
+TOKENIZE_FIELDS = frozenset({"model", "prompt", "messages", "add_special_tokens"})
+DETOKENIZE_FIELDS = frozenset({"model", "tokens"})
 
 
 class ApiError(Exception):
@@ -84,6 +122,10 @@ class GenerationSpec:
     skip_special_tokens: bool = True
     # Chat only: tools, output parsers and chat template arguments.
     extras: ChatExtras = field(default_factory=ChatExtras)
+    # Completions: the prompt comes first in each choice's text (and logprobs, with `logprobs`).
+    echo: bool = False
+    # Completions with max_tokens 0: the prompt is only scored (and echoed); nothing is generated.
+    score_only: bool = False
 
     @property
     def num_choices(self) -> int:
@@ -162,7 +204,46 @@ def _token_ids(value: Any, name: str) -> list[int]:
         raise ApiError(400, f"'{name}' must be a list of integer token ids", name)
     if any(t < 0 for t in value):
         raise ApiError(400, f"'{name}' holds a negative token id", name)
+    if any(t > MAX_TOKEN_ID for t in value):
+        raise ApiError(400, f"'{name}' holds a token id above {MAX_TOKEN_ID}", name)
     return value
+
+
+def _sampling_params(**fields: Any) -> SamplingParams:
+    """SamplingParams' own checks (those that span fields) as 400s naming the field they start with."""
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), str(exc).split(" ", 1)[0]) from None
+
+
+def _string(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ApiError(400, f"'{name}' must be a string, got {_type_name(value)}", name)
+    return value
+
+
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} object (JSON keys are strings); the range is SamplingParams' check."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(
+            400, f"'logit_bias' must be an object of token id -> bias, got {_type_name(value)}", "logit_bias"
+        )
+    bias = {}
+    for key, number in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(400, f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ApiError(
+                400, f"'logit_bias' values must be numbers, got {_type_name(number)}", "logit_bias"
+            )
+        bias[token] = float(number)
+    return bias or None
 
 
 def _stop(body: dict[str, Any]) -> list[str]:
@@ -180,8 +261,16 @@ def _stop(body: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(value))
 
 
-def _reject_unsupported(body: dict[str, Any], harmless: dict[str, tuple[Any, ...]]) -> None:
-    """Fields this server does not implement: refused unless they hold a value that changes nothing."""
+def _reject_unsupported(
+    body: dict[str, Any], known: frozenset[str] | set[str], harmless: dict[str, tuple[Any, ...]]
+) -> None:
+    """Unknown fields, and fields this server does not implement unless they hold a value that changes
+    nothing, are refused: a client must never believe a field took effect when it did not."""
+    for name in body:
+        if name not in known:
+            raise ApiError(
+                400, f"'{name}' is not a field this endpoint accepts", name, "unsupported_parameter"
+            )
     for name, allowed in harmless.items():
         if name in body and body[name] not in allowed:
             raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
@@ -220,17 +309,7 @@ def parse_chat(
     body = _object(body)
     model = _model(body, served_model)
     messages = _messages(body.get("messages", _MISSING))
-    _reject_unsupported(
-        body,
-        {
-            "functions": (None, []),
-            "function_call": (None, "none", "auto"),
-            "logit_bias": (None, {}),
-            "audio": (None,),
-            "modalities": (None, ["text"]),
-            "prediction": (None,),
-        },
-    )
+    _reject_unsupported(body, CHAT_FIELDS, CHAT_UNSUPPORTED)
     max_tokens = _integer(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", None, 1)
@@ -249,15 +328,20 @@ def parse_completion(body: Any, served_model: str) -> GenerationSpec:
     body = _object(body)
     model = _model(body, served_model)
     prompts = _prompts(body.get("prompt", _MISSING))
-    _reject_unsupported(
-        body,
-        {"suffix": (None, ""), "echo": (None, False), "logit_bias": (None, {}), "best_of": (None, 1)},
-    )
-    max_tokens = _integer(body, "max_tokens", 16, 1)
+    _reject_unsupported(body, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)
+    max_tokens = _integer(body, "max_tokens", 16, 0)
     top = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
-    spec = _common(body, model, chat=False, prompts=prompts, max_tokens=max_tokens)
+    echo = _boolean(body, "echo", False)
+    # max_tokens 0 runs one step (the engine always computes a token after the prompt) whose token the
+    # tokenizer worker drops.
+    spec = _common(body, model, chat=False, prompts=prompts, max_tokens=max_tokens or 1)
     spec.top_logprobs = top
     spec.params.logprobs = top
+    spec.params.prompt_logprobs = echo and top is not None
+    spec.echo = echo
+    spec.score_only = max_tokens == 0
+    if spec.score_only and spec.params.min_tokens:
+        raise ApiError(400, "'min_tokens' must be 0 when 'max_tokens' is 0", "min_tokens")
     return spec
 
 
@@ -286,11 +370,22 @@ def _common(
     top_k = _integer(body, "top_k", -1, -1)
     stop_token_ids = body.get("stop_token_ids")
     stop = _stop(body)
-    params = SamplingParams(
-        max_tokens=max_tokens or 1,
+    min_tokens = _integer(body, "min_tokens", 0, 0)
+    assert min_tokens is not None
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise ApiError(
+            400, f"'min_tokens' ({min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens"
+        )
+    _string(body, "user")
+    if not isinstance(body.get("metadata", {}), (dict, type(None))):
+        raise ApiError(400, "'metadata' must be an object", "metadata")
+    params = _sampling_params(
+        # With no max_tokens the scheduler fills in the rest of the context; until then, a placeholder
+        # that min_tokens fits under.
+        max_tokens=max_tokens or max(1, min_tokens),
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=-1 if top_k in (0, -1) else top_k,  # type: ignore[arg-type]
+        top_k=-1 if top_k in (0, -1) else top_k,
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
         seed=_integer(body, "seed", None, -(2**63), 2**63 - MAX_N - 1),
         stop_token_ids=_token_ids(stop_token_ids, "stop_token_ids") if stop_token_ids is not None else None,
@@ -299,7 +394,9 @@ def _common(
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 2.0, low_open=True),
-        **_as_api_error(grammar_fields, body),  # type: ignore[arg-type]
+        **_as_api_error(grammar_fields, body),
+        min_tokens=min_tokens,
+        logit_bias=_logit_bias(body.get("logit_bias")),
     )
     return GenerationSpec(
         chat=chat,
@@ -386,3 +483,32 @@ def _prompts(value: Any) -> list[Prompt]:
         "or an array of token-id arrays",
         "prompt",
     )
+
+
+# ---- /tokenize and /detokenize --------------------------------------------------------------------------
+
+
+def parse_tokenize(body: Any, served_model: str) -> TokenizeQuery:
+    """{"prompt": text} or {"messages": [...]} (rendered with the chat template and the generation
+    prompt), with add_special_tokens (default true; a chat's template already holds its special tokens)."""
+    body = _object(body)
+    _model(body, served_model)
+    _reject_unsupported(body, TOKENIZE_FIELDS, {})
+    if ("prompt" in body) == ("messages" in body):
+        raise ApiError(400, "send exactly one of 'prompt' (a string) or 'messages'", "prompt")
+    add_special_tokens = _boolean(body, "add_special_tokens", True)
+    if "messages" in body:
+        return TokenizeQuery(0, messages=_messages(body["messages"]), add_special_tokens=add_special_tokens)
+    prompt = body["prompt"]
+    if not isinstance(prompt, str):
+        raise ApiError(400, f"'prompt' must be a string, got {_type_name(prompt)}", "prompt")
+    return TokenizeQuery(0, prompt=prompt, add_special_tokens=add_special_tokens)
+
+
+def parse_detokenize(body: Any, served_model: str) -> DetokenizeQuery:
+    body = _object(body)
+    _model(body, served_model)
+    _reject_unsupported(body, DETOKENIZE_FIELDS, {})
+    if body.get("tokens") is None:
+        raise ApiError(400, "'tokens' is required", "tokens")
+    return DetokenizeQuery(0, int32_array(_token_ids(body["tokens"], "tokens")))

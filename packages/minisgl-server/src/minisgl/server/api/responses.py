@@ -228,7 +228,8 @@ class ResponseBuilder:
         return {
             "tokens": [e[0] for e in entries],
             "token_logprobs": [e[1] for e in entries],
-            "top_logprobs": [dict((t, lp) for t, lp in e[2]) for e in entries],
+            # None at an echoed prompt's first token, which has no logprob.
+            "top_logprobs": [None if e[2] is None else {t: lp for t, lp in e[2]} for e in entries],
             "text_offset": offsets,
         }
 

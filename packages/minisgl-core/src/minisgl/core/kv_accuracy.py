@@ -1,0 +1,170 @@
+"""What a KV cache dtype costs in accuracy: one engine with the reference cache (the model's dtype) and one
+with the cache under test, on the same weights and prompts (random ids; `load_format="dummy"` draws the
+same random weights every time).
+
+- teacher-forced logprobs: both engines score the reference's greedy continuation (prompt logprobs);
+  the per-token |difference| (max, mean);
+- teacher-forced greedy agreement: for every prefix of that continuation, whether the engine under test
+  picks the reference's next token;
+- free-running greedy: the share of generated tokens before the two engines' outputs first differ.
+
+    python -m minisgl.core.kv_accuracy --model smollm2-135m --device cpu --kv-cache-dtype fp8_e4m3
+    python -m minisgl.core.kv_accuracy --model qwen3-8b --load-format dummy --kv-cache-dtype fp8_e4m3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from minisgl.core.config import KV_CACHE_DTYPES
+from minisgl.core.llm import LLM
+from minisgl.core.sampling_params import SamplingParams
+
+
+@dataclass
+class KVAccuracy:
+    kv_cache_dtype: str
+    positions: int  # teacher-forced positions scored
+    max_logprob_diff: float
+    mean_logprob_diff: float
+    greedy_agreement: float  # teacher-forced: the same next token as the reference
+    free_running_prefix: float  # generated tokens before the first difference, over all generated
+
+
+@dataclass
+class _Scores:
+    greedy: list[list[int]]  # free-running greedy continuation of each prompt
+    scored: list[list[float]]  # teacher-forced logprobs of the reference continuation's tokens
+    next_tokens: list[list[int]]  # greedy next token after each prefix of the reference continuation
+
+
+def random_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, min(vocab, 10000)) for _ in range(length)] for _ in range(num)]
+
+
+def _score(llm: LLM, prompts: list[list[int]], reference: list[list[int]] | None, gen_len: int) -> _Scores:
+    greedy = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True)
+    free = [r.token_ids for r in llm.generate(prompts, greedy, use_tqdm=False)]
+    continuation = reference if reference is not None else free
+    full = [p + c for p, c in zip(prompts, continuation, strict=True)]
+    forced = llm.generate(full, SamplingParams(max_tokens=1, prompt_logprobs=True), use_tqdm=False)
+    scored = []
+    for prompt, result in zip(prompts, forced, strict=True):
+        assert result.prompt_logprobs is not None
+        scored.append([float(x) for x in result.prompt_logprobs[len(prompt) :] if x is not None])
+    # One request per prefix; the prefix cache computes each shared prefix once.
+    prefixes = [p + c[:t] for p, c in zip(prompts, continuation, strict=True) for t in range(len(c))]
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    nexts = [r.token_ids[0] for r in llm.generate(prefixes, one, use_tqdm=False)]
+    next_tokens = [nexts[i * gen_len : (i + 1) * gen_len] for i in range(len(prompts))]
+    return _Scores(free, scored, next_tokens)
+
+
+def _run(
+    model: str,
+    kv_cache_dtype: str,
+    prompts: list[list[int]] | None,
+    reference: list[list[int]] | None,
+    shape: tuple[int, int, int],
+    engine_options: dict[str, Any],
+) -> tuple[list[list[int]], _Scores]:
+    """One engine, released before returning so that two never share the GPU's memory. Without prompts,
+    draws shape = (num_prompts, prompt_len, gen_len)'s prompts from the model's vocabulary."""
+    num_prompts, prompt_len, gen_len = shape
+    with LLM(model, kv_cache_dtype=kv_cache_dtype, **engine_options) as llm:
+        if prompts is None:
+            prompts = random_prompts(num_prompts, prompt_len, llm.model_config.vocab_size)
+        scores = _score(llm, prompts, reference, gen_len)
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return prompts, scores
+
+
+def measure(
+    model: str,
+    kv_cache_dtype: str,
+    num_prompts: int = 8,
+    prompt_len: int = 64,
+    gen_len: int = 32,
+    **engine_options: Any,
+) -> KVAccuracy:
+    """Compare kv_cache_dtype with the model's own dtype ("auto") on the same prompts; the engines run one
+    after the other (engine_options: the other EngineConfig fields, the same for both)."""
+    shape = (num_prompts, prompt_len, gen_len)
+    prompts, reference = _run(model, "auto", None, None, shape, engine_options)
+    _, tested = _run(model, kv_cache_dtype, prompts, reference.greedy, shape, engine_options)
+
+    diffs = torch.tensor(
+        [
+            abs(a - b)
+            for ref, got in zip(reference.scored, tested.scored, strict=True)
+            for a, b in zip(ref, got, strict=True)
+        ]
+    )
+    agree = sum(
+        a == b
+        for ref, got in zip(reference.greedy, tested.next_tokens, strict=True)
+        for a, b in zip(ref, got, strict=True)
+    )
+    before_difference = 0
+    for ref, got in zip(reference.greedy, tested.greedy, strict=True):
+        differs = [i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a != b]
+        before_difference += differs[0] if differs else len(ref)
+    total = num_prompts * gen_len
+    return KVAccuracy(
+        kv_cache_dtype=kv_cache_dtype,
+        positions=int(diffs.numel()),
+        max_logprob_diff=float(diffs.max()),
+        mean_logprob_diff=float(diffs.mean()),
+        greedy_agreement=agree / total,
+        free_running_prefix=before_difference / total,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m minisgl.core.kv_accuracy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--kv-cache-dtype", default="fp8_e4m3", choices=KV_CACHE_DTYPES)
+    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--attn", default="auto")
+    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--num-kv-pages", type=int, default=None)
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="0 disables decode CUDA graphs")
+    args = parser.parse_args(argv)
+    result = measure(
+        args.model,
+        args.kv_cache_dtype,
+        args.num_prompts,
+        args.prompt_len,
+        args.gen_len,
+        device=args.device,
+        dtype=args.dtype,
+        attn=args.attn,
+        load_format=args.load_format,
+        num_kv_pages=args.num_kv_pages,
+        cuda_graph_max_bs=args.cuda_graph_max_bs,
+        max_seq_len=args.prompt_len + args.gen_len + 8,
+    )
+    print(json.dumps({"model": args.model, **asdict(result)}))
+
+
+if __name__ == "__main__":
+    main()

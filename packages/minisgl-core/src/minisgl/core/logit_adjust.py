@@ -1,0 +1,46 @@
+"""Per-request changes to the logits before a token is chosen: OpenAI's `logit_bias`, and `min_tokens`
+(EOS and the stop token ids masked until enough tokens are generated). Logprobs are reported from the
+model's own logits, before these changes, as for the penalties."""
+
+from __future__ import annotations
+
+import torch
+
+from minisgl.core.request import Request
+from minisgl.core.transfer import to_device
+
+
+def needs_adjusting(req: Request, eos_token_ids: frozenset[int]) -> bool:
+    return bool(req.params.logit_bias) or bool(_masked_ids(req, eos_token_ids))
+
+
+def adjust_logits(
+    logits: torch.Tensor, requests: list[Request], eos_token_ids: frozenset[int]
+) -> torch.Tensor:
+    """logits with every request's bias and min_tokens mask applied (a copy when anything changes)."""
+    rows = [i for i, req in enumerate(requests) if needs_adjusting(req, eos_token_ids)]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        req = requests[i]
+        if req.params.logit_bias:
+            ids = to_device(list(req.params.logit_bias), torch.int64, logits.device)
+            biases = to_device(list(req.params.logit_bias.values()), logits.dtype, logits.device)
+            logits[i, ids] += biases
+        masked = _masked_ids(req, eos_token_ids)
+        if masked:
+            logits[i, to_device(masked, torch.int64, logits.device)] = float("-inf")
+    return logits
+
+
+def _masked_ids(req: Request, eos_token_ids: frozenset[int]) -> list[int]:
+    """The tokens req may not sample now: its stop tokens (and EOS unless ignore_eos), while fewer than
+    min_tokens are generated. output_ids holds every token launched before this one."""
+    params = req.params
+    if len(req.output_ids) >= params.min_tokens:
+        return []
+    stop = set(params.stop_token_id_set)
+    if not params.ignore_eos:
+        stop |= eos_token_ids
+    return sorted(stop)

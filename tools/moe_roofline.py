@@ -1,0 +1,102 @@
+"""Memory roofline of the offline benchmark workload for a model config, dense or mixture-of-experts.
+
+Lower bound on the run's time = HBM bytes / bandwidth (the roofline docs/benchmarks.md uses for the dense
+models, which this reproduces for them), where the bytes are
+  - KV reads: every decode step reads each running request's whole KV so far (bf16);
+  - weight reads: every decode step reads every non-expert weight (attention, norms, dense MLPs, routers,
+    embeddings and LM head), plus, in each sparse layer, the experts that step's tokens are routed to.
+    With B tokens each picking k of E experts uniformly at random (random weights route about
+    uniformly), E * (1 - (1 - k/E)^B) experts are touched.
+Decode step s runs every request whose output is longer than s tokens (the benchmark's ignore_eos
+workload, all requests admitted at once). Prefill is compute-bound and left out of the bound; its
+minimum time (2 x active parameters x prompt tokens / matmul rate) is printed beside it.
+
+    python tools/moe_roofline.py --model qwen3-30b-a3b [--measured TOK_S] [--bandwidth 4.12e12]
+
+prints the bound in output tok/s and, with --measured, the fraction of it a run reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from minisgl.core.bench import make_workload
+from minisgl.core.config import ModelConfig
+from minisgl.core.loader import load_hf_config
+from minisgl.core.model_source import resolve_model
+
+BF16 = 2
+
+
+def dense_layer_params(config: ModelConfig, layer: int) -> int:
+    """Parameters of one layer read at every decode step: attention, norms, dense MLP or router."""
+    h, d = config.hidden_size, config.head_dim
+    attention = h * d * (2 * config.num_heads + 2 * config.num_kv_heads) + 2 * d + 2 * h
+    if config.is_moe_layer(layer):
+        return attention + config.num_experts * h
+    return attention + 3 * h * config.intermediate_size
+
+
+def expert_params(config: ModelConfig) -> int:
+    return 3 * config.hidden_size * config.moe_intermediate_size
+
+
+def roofline(config: ModelConfig, workload: Any, bandwidth: float, matmul_rate: float) -> dict[str, float]:
+    layers = range(config.num_layers)
+    moe_layers = sum(config.is_moe_layer(i) for i in layers)
+    tables = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    per_step = sum(dense_layer_params(config, i) for i in layers) + tables + config.hidden_size
+    kv_per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * BF16
+    inputs, outputs = [len(p) for p in workload.prompts], workload.output_lens
+    kv_bytes = sum(o * i + o * (o - 1) // 2 for i, o in zip(inputs, outputs, strict=True)) * kv_per_token
+    weight_bytes = expert_bytes = 0.0
+    for step in range(1, max(outputs)):
+        batch = sum(o > step for o in outputs)
+        weight_bytes += per_step * BF16
+        if moe_layers:
+            k, e = config.num_experts_per_tok, config.num_experts
+            touched = e * (1 - (1 - k / e) ** batch)
+            expert_bytes += moe_layers * touched * expert_params(config) * BF16
+    active = per_step + moe_layers * config.num_experts_per_tok * expert_params(config)
+    prefill_s = 2 * active * sum(inputs) / matmul_rate
+    total_s = (kv_bytes + weight_bytes + expert_bytes) / bandwidth
+    return {
+        "kv_tb": kv_bytes / 1e12,
+        "weights_tb": weight_bytes / 1e12,
+        "experts_tb": expert_bytes / 1e12,
+        "prefill_s": prefill_s,
+        "bound_s": total_s,
+        "bound_tok_s": workload.num_output_tokens / total_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="qwen3-30b-a3b", help="a bundled config name or an HF directory")
+    parser.add_argument("--bandwidth", type=float, default=4.12e12, help="bytes/s (the H200's copy rate)")
+    parser.add_argument("--matmul-rate", type=float, default=790e12, help="bf16 FLOP/s (the H200's)")
+    parser.add_argument("--measured", type=float, default=None, help="a run's output tok/s")
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--max-input-len", type=int, default=1024)
+    parser.add_argument("--max-output-len", type=int, default=1024)
+    args = parser.parse_args()
+    config = ModelConfig.from_hf(load_hf_config(resolve_model(args.model)))
+    workload = make_workload(args.num_prompts, args.max_input_len, args.max_output_len)
+    result = roofline(config, workload, args.bandwidth, args.matmul_rate)
+    print(
+        f"{args.model}: {workload.num_output_tokens} output tokens; reads: KV {result['kv_tb']:.2f} TB, "
+        f"dense weights {result['weights_tb']:.2f} TB, experts {result['experts_tb']:.2f} TB; "
+        f"prefill {result['prefill_s']:.2f} s; bound {result['bound_s']:.2f} s = "
+        f"{result['bound_tok_s']:,.0f} output tok/s"
+    )
+    if args.measured is not None:
+        print(
+            f"measured {args.measured:,.0f} tok/s = {args.measured / result['bound_tok_s']:.0%} of the bound"
+        )
+
+
+if __name__ == "__main__":
+    main()
