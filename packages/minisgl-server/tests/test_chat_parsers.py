@@ -8,8 +8,11 @@ import json
 import pytest
 import xgrammar as xgr
 
+from minisgl.core.messages import RequestOutput
 from minisgl.server.api.parsers import ChatOutputParser, ParsedDelta
 from minisgl.server.api.parsers.hermes import HermesToolParser
+from minisgl.server.api.protocol import parse_chat
+from minisgl.server.api.responses import ResponseBuilder
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>'
 
@@ -98,3 +101,19 @@ def test_forced_call_grammar_accepts_only_hermes_calls() -> None:
         assert not matcher.accept_string('<tool_call>\n{"name": "g"')
         matcher.reset()
         assert matcher.accept_string(one + "\n" + one) == parallel
+
+
+def test_an_aborted_stream_sends_each_parsed_piece_once() -> None:
+    """The abort chunk of a stream (engine gone, server stopping) flushes what the parser holds back and
+    repeats nothing that was already sent."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    builder = ResponseBuilder(parse_chat(body, "m", reasoning_parser="qwen3"), [7])
+    sent = []
+    for text in ("<think>abc", "</thi"):  # the second piece is held back: it may start </think>
+        output = RequestOutput(7, text, 1)
+        sent += builder.output_chunks(output, builder.add(output, 0.0))
+    sent += builder.abort_chunks()
+    deltas = [json.loads(chunk[len("data: ") :])["choices"][0] for chunk in sent]
+    reasoning = "".join(d["delta"].get("reasoning_content", "") for d in deltas)
+    assert reasoning == "abc</thi"
+    assert deltas[-1]["finish_reason"] == "abort"

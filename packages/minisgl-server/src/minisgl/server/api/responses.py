@@ -157,8 +157,9 @@ class ResponseBuilder:
         chunks = []
         for uid, choice in self.choices.items():
             if choice.finish_reason is None:
-                choice.finish_reason = "abort"
-                chunks += self.output_chunks(RequestOutput(uid, "", 0, None, "abort"), choice)
+                # Through add(), as any finish: it flushes what a parser holds and resets the last delta.
+                output = RequestOutput(uid, "", 0, None, "abort")
+                chunks += self.output_chunks(output, self.add(output, time.time()))
         return chunks
 
     def closing_chunks(self) -> list[str]:
