@@ -257,6 +257,11 @@ def test_tools_and_forced_calls() -> None:
     with pytest.raises(ApiError) as error_info:
         parse_chat({**CHAT, "tools": [tool]}, MODEL, tool_parser=None)
     assert error_info.value.param == "tools"
+    # A forced call's grammar is built from the tool's parameters: a schema xgrammar cannot use is a 400.
+    broken = {"type": "function", "function": {"name": "g", "parameters": {"type": "nonsense"}}}
+    with pytest.raises(ApiError) as error_info:
+        parse_chat({**CHAT, "tools": [tool, broken], "tool_choice": "required"}, MODEL, tool_parser="hermes")
+    assert (error_info.value.status, error_info.value.param) == (400, "tools[1].function.parameters")
     thinking = parse_chat({**CHAT, "regex": "a"}, MODEL, reasoning_parser="qwen3")
     assert thinking.params.grammar_after == "</think>"
     no_thinking = {**CHAT, "regex": "a", "chat_template_kwargs": {"enable_thinking": False}}

@@ -103,7 +103,10 @@ def chat_extras(
                 "tool_choice", f"tool_choice {choice!r} cannot be combined with a response_format"
             )
         assert tool_parser is not None
-        schemas = [_call_schema(t) for t in extras.tools if choice == "required" or _name(t) == choice]
+        forced = [(i, t) for i, t in enumerate(extras.tools) if choice == "required" or _name(t) == choice]
+        for i, tool in forced:  # the call grammar is built from these: a bad one is the client's error
+            _check_parameters(tool, f"tools[{i}].function.parameters")
+        schemas = [_call_schema(t) for _, t in forced]
         params.ebnf = TOOL_PARSERS[tool_parser].call_grammar(schemas, parallel)
     if reasoning_parser is not None and (params.json_schema or params.regex or params.ebnf):
         params.grammar_after = REASONING_PARSERS[reasoning_parser].grammar_after(extras.template_kwargs)
@@ -137,6 +140,14 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
 def _name(tool: dict[str, Any]) -> str:
     name: str = tool["function"]["name"]
     return name
+
+
+def _check_parameters(tool: dict[str, Any], where: str) -> None:
+    parameters = tool["function"].get("parameters") or {"type": "object"}
+    try:
+        check_grammar(SamplingParams(json_schema=parameters))
+    except ValueError as exc:
+        raise FieldError(where, f"'{where}' is not a usable JSON schema: {exc}") from None
 
 
 def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
