@@ -21,14 +21,10 @@ DEFAULT_PORT = 1919
 ATTENTION_BACKENDS = ("torch", "fi", "fa3")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-KV_CACHE_DTYPES = (
-    "auto",
-    "bfloat16",
-    "float16",
-    "fp8_e4m3",
-)  # minisgl.core.config's (a test keeps them equal)
 CACHES = ("radix", "naive")
-MOE_BACKENDS = ("auto", "torch", "flashinfer")  # minisgl.core.config's, kept here so --help needs no torch
+# minisgl.core.config's choices, repeated so that --help imports no torch (test_args keeps them equal)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8_e4m3")
+MOE_BACKENDS = ("auto", "torch", "flashinfer")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
@@ -431,7 +427,7 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--reasoning-parser",
         type=_choice(tuple(REASONING_PARSERS)),
-        default=None,
+        default=d.reasoning_parser,
         help="split a reasoning model's <think> block into message.reasoning_content: "
         f"{', '.join(REASONING_PARSERS)} (default: none, the block stays in content)",
     )

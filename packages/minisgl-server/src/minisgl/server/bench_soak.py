@@ -34,7 +34,7 @@ from typing import Any
 
 import aiohttp
 
-from minisgl.server.bench_serve import sse_data
+from minisgl.server.bench_serve import served_model, sse_data
 
 WORDS = [
     "the",
@@ -263,7 +263,7 @@ async def soak(args: argparse.Namespace) -> SoakReport:
     errors: list[str] = []
     rss: list[float] = []
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        model = args.model or await _served_model(session, args.url)
+        model = args.model or await served_model(session, args.url)
         gate = asyncio.Semaphore(args.concurrency)
         done = 0
         sample_every = max(1, len(cases) // 10)
@@ -304,12 +304,6 @@ async def soak(args: argparse.Namespace) -> SoakReport:
         rss_mb=[round(r, 1) for r in rss],
         rss_growth=growth,
     )
-
-
-async def _served_model(session: aiohttp.ClientSession, url: str) -> str:
-    async with session.get(f"{url}/v1/models") as response:
-        response.raise_for_status()
-        return str((await response.json())["data"][0]["id"])
 
 
 def format_report(report: SoakReport, rss_growth_limit: float) -> str:

@@ -90,7 +90,12 @@ def build_app(state: ServerState) -> Starlette:
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error},
+        exception_handlers={
+            ApiError: _api_error,
+            EngineError: _engine_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
     )
     app.state.server = state
     return app
@@ -119,6 +124,12 @@ def error_response(request: Request, error: ApiError) -> JSONResponse:
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return error_response(request, exc)
+
+
+async def _engine_error(request: Request, exc: Exception) -> Response:
+    """The engine refused a request (queue full, engine gone) before any response was sent."""
+    assert isinstance(exc, EngineError)
+    return error_response(request, ApiError(exc.status, exc.message, exc.param, exc.code))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -226,8 +237,6 @@ async def _tokenizer_query(
         reply = await state.client.tokenizer_query(query, TOKENIZER_TIMEOUT_S)
     except TimeoutError:
         raise ApiError(503, "the tokenizer did not answer in time", code="engine_unavailable") from None
-    except EngineError as exc:
-        raise ApiError(exc.status, exc.message, exc.param, exc.code) from None
     if reply.error is not None:
         raise ApiError(400, reply.error, param)
     return reply.result
@@ -253,18 +262,12 @@ async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec
     state = _state(request)
     if state.draining:
         raise ApiError(503, SHUTTING_DOWN, code="shutting_down")
-    try:
-        body = await read_json(request, state.max_request_bytes)
-        spec = parse(body, state.model_name)
-    except ValueError as exc:  # SamplingParams' own checks
-        raise ApiError(400, str(exc), str(exc).split(" ", 1)[0]) from None
+    body = await read_json(request, state.max_request_bytes)
+    spec = parse(body, state.model_name)  # SamplingParams' own checks are 400s there already
     apply_sampling_defaults(body, spec, state.sampling_defaults)
     check_prompt_size(spec, state.context_length, state.longest_token)
     requests = _engine_requests(state.client, spec)
-    try:
-        generation = state.client.submit(requests)
-    except EngineError as exc:
-        raise ApiError(exc.status, exc.message, exc.param, exc.code) from None
+    generation = state.client.submit(requests)  # an EngineError here is answered by _engine_error
     run = _Run(state, spec, generation, time.perf_counter())
     streaming = False
     try:
@@ -283,8 +286,6 @@ async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec
     except ClientGone:
         run.close()
         return Response(status_code=499)
-    except EngineError as exc:
-        raise ApiError(exc.status, exc.message, exc.param, exc.code) from None
     finally:
         if not streaming:
             generation.close()
