@@ -161,3 +161,15 @@ def test_retracted_request_resumes_in_its_grammar_through_chunked_prefill(smollm
         json.loads(runtime.tokenizer.decode(req.output_ids, skip_special_tokens=True)), PERSON
     )
     runtime.check_integrity()
+
+
+def test_min_tokens_holds_for_rows_sampled_late(smollm: Any) -> None:
+    """A constrained row sampled one step late (overlap on) counts its generated tokens as they were at
+    launch: EOS, pushed up by logit_bias, stays masked for exactly min_tokens tokens."""
+    assert smollm.runtime.max_in_flight == 2
+    eos = 2
+    params = SamplingParams(
+        temperature=0, max_tokens=20, min_tokens=5, logit_bias={eos: 100.0}, regex="[a-z ]*"
+    )
+    tokens = smollm.generate(["Write a few words."], params)[0].token_ids
+    assert eos not in tokens[:5] and tokens[5:6] == [eos], tokens

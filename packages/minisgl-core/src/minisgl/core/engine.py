@@ -59,6 +59,7 @@ class LateRows:
 
     rows: list[int]  # into the step's sampled rows
     requests: list[Request]
+    num_generated: list[int]  # each request's tokens before this one, as at launch (min_tokens)
     logits: torch.Tensor
     table_rows: torch.Tensor
     columns: torch.Tensor
@@ -247,8 +248,10 @@ class Engine:
         requests = [chunks[i].req for i in sampling]
         # Structured output: a constrained request whose previous token is still in flight is sampled late.
         late = [j for j, r in enumerate(requests) if r.grammar is not None and r.num_pending > 0]
+        late_set = set(late)
+        ready = [j for j in range(len(requests)) if j not in late_set]
         if late:
-            result = self._sample_except(logits, requests, late)
+            result = self._sample_ready(logits, requests, ready)
         else:
             mask_logits(logits, requests)  # only the constrained rows change
             result = sample(logits, requests, self.generator, self.eos_token_ids)
@@ -261,17 +264,17 @@ class Engine:
             self.tables.token_table[rows, columns] = result.tokens
             self._finish_step(pending)
             return pending
-        ready = to_device([j for j in range(len(requests)) if j not in set(late)], torch.int64, self.device)
-        self.tables.token_table[rows[ready], columns[ready]] = result.tokens[ready]
+        ready_index = to_device(ready, torch.int64, self.device)
+        self.tables.token_table[rows[ready_index], columns[ready_index]] = result.tokens[ready_index]
         index = to_device(late, torch.int64, self.device)
         late_requests = [requests[j] for j in late]
-        pending.late = LateRows(late, late_requests, logits[index], rows[index], columns[index])
+        generated = [len(r.output_ids) for r in late_requests]
+        pending.late = LateRows(late, late_requests, generated, logits[index], rows[index], columns[index])
         return pending
 
-    def _sample_except(self, logits: torch.Tensor, requests: list[Request], late: list[int]) -> SampleOutput:
-        """Sample every row but the late ones (their tokens are filled in by sample_late)."""
+    def _sample_ready(self, logits: torch.Tensor, requests: list[Request], ready: list[int]) -> SampleOutput:
+        """Sample the ready rows only (the late ones' tokens are filled in by sample_late)."""
         tokens = torch.zeros(len(requests), dtype=torch.int64, device=self.device)
-        ready = [j for j in range(len(requests)) if j not in set(late)]
         if not ready:
             return SampleOutput(tokens, [], None, None, None)
         index = to_device(ready, torch.int64, self.device)
@@ -293,7 +296,9 @@ class Engine:
         pending.late = None
         live = [r if r.finish_reason is None else None for r in late.requests]
         mask_logits(late.logits, live)
-        tokens = sample(late.logits, late.requests, self.generator, self.eos_token_ids).tokens
+        tokens = sample(
+            late.logits, late.requests, self.generator, self.eos_token_ids, late.num_generated
+        ).tokens
         assert pending.result is not None
         pending.result.tokens[to_device(late.rows, torch.int64, self.device)] = tokens
         self.tables.token_table[late.table_rows, late.columns] = tokens

@@ -10,15 +10,16 @@ from minisgl.core.request import Request
 from minisgl.core.transfer import to_device
 
 
-def needs_adjusting(req: Request, eos_token_ids: frozenset[int]) -> bool:
-    return bool(req.params.logit_bias) or bool(_masked_ids(req, eos_token_ids))
+def needs_adjusting(req: Request, eos_token_ids: frozenset[int], num_generated: int) -> bool:
+    return bool(req.params.logit_bias) or bool(_masked_ids(req, eos_token_ids, num_generated))
 
 
 def adjust_logits(
-    logits: torch.Tensor, requests: list[Request], eos_token_ids: frozenset[int]
+    logits: torch.Tensor, requests: list[Request], eos_token_ids: frozenset[int], num_generated: list[int]
 ) -> torch.Tensor:
-    """logits with every request's bias and min_tokens mask applied (a copy when anything changes)."""
-    rows = [i for i, req in enumerate(requests) if needs_adjusting(req, eos_token_ids)]
+    """logits with every request's bias and min_tokens mask applied (a copy when anything changes).
+    num_generated: per row, the request's tokens generated before the one being chosen."""
+    rows = [i for i, req in enumerate(requests) if needs_adjusting(req, eos_token_ids, num_generated[i])]
     if not rows:
         return logits
     logits = logits.clone()
@@ -28,17 +29,17 @@ def adjust_logits(
             ids = to_device(list(req.params.logit_bias), torch.int64, logits.device)
             biases = to_device(list(req.params.logit_bias.values()), logits.dtype, logits.device)
             logits[i, ids] += biases
-        masked = _masked_ids(req, eos_token_ids)
+        masked = _masked_ids(req, eos_token_ids, num_generated[i])
         if masked:
             logits[i, to_device(masked, torch.int64, logits.device)] = float("-inf")
     return logits
 
 
-def _masked_ids(req: Request, eos_token_ids: frozenset[int]) -> list[int]:
+def _masked_ids(req: Request, eos_token_ids: frozenset[int], num_generated: int) -> list[int]:
     """The tokens req may not sample now: its stop tokens (and EOS unless ignore_eos), while fewer than
-    min_tokens are generated. output_ids holds every token launched before this one."""
+    min_tokens are generated."""
     params = req.params
-    if len(req.output_ids) >= params.min_tokens:
+    if num_generated >= params.min_tokens:
         return []
     stop = set(params.stop_token_id_set)
     if not params.ignore_eos:

@@ -32,13 +32,18 @@ def sample(
     requests: list[Request],
     generator: torch.Generator,
     eos_token_ids: frozenset[int] = frozenset(),
+    num_generated: list[int] | None = None,
 ) -> SampleOutput:
-    """Logprobs are those of the model's distribution, before logit_bias, penalties and temperature."""
-    tokens = _sample_plain_batch(logits, requests, generator, eos_token_ids)
+    """Logprobs are those of the model's distribution, before logit_bias, penalties and temperature.
+    num_generated: per row, the tokens generated before this one (min_tokens); by default the request's
+    output_ids, which is right when sampling at launch (a late sample passes what it was then)."""
+    if num_generated is None:
+        num_generated = [len(r.output_ids) for r in requests]
+    tokens = _sample_plain_batch(logits, requests, generator, eos_token_ids, num_generated)
     if tokens is not None:
         return _with_logprobs(logits, tokens, requests)
     raw = logits.float()
-    logits = _apply_penalties(adjust_logits(raw, requests, eos_token_ids), requests)
+    logits = _apply_penalties(adjust_logits(raw, requests, eos_token_ids, num_generated), requests)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, req in enumerate(requests) if not req.params.is_greedy]
     if random_rows:
@@ -48,12 +53,19 @@ def sample(
 
 
 def _sample_plain_batch(
-    logits: torch.Tensor, requests: list[Request], generator: torch.Generator, eos_token_ids: frozenset[int]
+    logits: torch.Tensor,
+    requests: list[Request],
+    generator: torch.Generator,
+    eos_token_ids: frozenset[int],
+    num_generated: list[int],
 ) -> torch.Tensor | None:
     """The common batch (no penalties, no top-k/top-p/min-p, no per-request seed) in two or three kernels:
     argmax for greedy rows, one fused Gumbel-max draw at each row's temperature for the others. None when
     the batch is not that simple or there is no fused kernel (the general path below handles it)."""
-    if any(_needs_general_path(r) or needs_adjusting(r, eos_token_ids) for r in requests):
+    if any(
+        _needs_general_path(r) or needs_adjusting(r, eos_token_ids, n)
+        for r, n in zip(requests, num_generated, strict=True)
+    ):
         return None
     greedy = [r.params.is_greedy for r in requests]
     if all(greedy):
