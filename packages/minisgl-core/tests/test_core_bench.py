@@ -91,3 +91,11 @@ def test_bench_runs_a_moe_model_with_dummy_weights(
         ]
     )  # fmt: skip
     assert "throughput=" in capsys.readouterr().out
+
+
+def test_json_schema_fraction_constrains_that_share_of_requests() -> None:
+    assert bench.constrained_requests(6, 0.5) == [True, False] * 3
+    assert bench.constrained_requests(4, 1.0) == [True] * 4
+    assert not any(bench.constrained_requests(4, 0.0))
+    assert sum(bench.constrained_requests(10, 0.7)) == 7  # not every request, as round(1 / 0.7) gave
+    assert sum(bench.constrained_requests(10, 0.6)) == 6

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -166,18 +167,18 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> tuple[float, in
         tp_size=args.tp,
         moe_backend=args.moe_backend,
     )
-    every = round(1 / args.json_schema_fraction) if args.json_schema_fraction else 0
+    constrained = constrained_requests(len(workload.output_lens), args.json_schema_fraction)
     params = [
         SamplingParams(
             temperature=args.temperature,
             ignore_eos=True,
             max_tokens=n,
-            json_schema=BENCH_SCHEMA if every and i % every == 0 else None,
+            json_schema=BENCH_SCHEMA if schema else None,
         )
-        for i, n in enumerate(workload.output_lens)
+        for n, schema in zip(workload.output_lens, constrained, strict=True)
     ]
     # Warm-up (with a grammar: the tokenizer's grammar tables and the schema are compiled here, untimed).
-    warm_up = SamplingParams(max_tokens=4, json_schema=BENCH_SCHEMA if every else None)
+    warm_up = SamplingParams(max_tokens=4, json_schema=BENCH_SCHEMA if any(constrained) else None)
     llm.generate([[1, 2, 3]], warm_up, use_tqdm=False)
     timing = llm.runtime.timing = StepTiming()
     llm.runtime.engine.time_device = args.time_device
@@ -236,6 +237,12 @@ def run_hf(args: argparse.Namespace, workload: Workload) -> tuple[float, int]:
                 pad_token_id=0,
             )
     return time.perf_counter() - started, workload.num_output_tokens
+
+
+def constrained_requests(num_requests: int, fraction: float) -> list[bool]:
+    """Which requests run under the JSON schema: num_requests * fraction of them (rounded up), evenly
+    spread, the first included (every k-th for a fraction of 1/k)."""
+    return [math.floor(i * fraction) != math.floor((i - 1) * fraction) for i in range(num_requests)]
 
 
 def main(argv: list[str] | None = None) -> None:
