@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_TOP_LOGPROBS = 20
+# The fields that give a request a grammar (structured output); at most one per request.
+GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
 # OpenAI's range for a logit_bias value: -100 bans a token, 100 all but forces it.
 MAX_LOGIT_BIAS = 100.0
 
@@ -116,7 +118,7 @@ class SamplingParams:
     def _validate_grammar(self) -> None:
         if isinstance(self.json_schema, dict):
             self.json_schema = json.dumps(self.json_schema)
-        given = [name for name in ("json_schema", "regex", "ebnf") if getattr(self, name) is not None]
+        given = [name for name in GRAMMAR_FIELDS if getattr(self, name) is not None]
         if len(given) > 1:
             raise ValueError(f"json_schema, regex and ebnf exclude each other, got {' and '.join(given)}")
         for name in (*given, "grammar_after"):

@@ -23,9 +23,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
-from minisgl.core.sampling_params import SamplingParams
-
-GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
+from minisgl.core.sampling_params import GRAMMAR_FIELDS, SamplingParams
 
 
 def grammar_of(params: SamplingParams) -> tuple[str, str] | None:

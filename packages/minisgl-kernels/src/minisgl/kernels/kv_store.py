@@ -32,8 +32,6 @@ def store_kv(
     if not use_cuda_kernels(k_cache):
         reference.store_kv(k_cache, v_cache, k, v, slots, k_scale, v_scale)
         return
-    if k.dtype != k_cache.dtype or k_scale != 1.0:
-        k = reference.quantize_kv(k, k_cache.dtype, k_scale)
-    if v.dtype != v_cache.dtype or v_scale != 1.0:
-        v = reference.quantize_kv(v, v_cache.dtype, v_scale)
+    k = reference.quantize_kv(k, k_cache.dtype, k_scale)  # a no-op cast for a bf16/fp16 cache of k's type
+    v = reference.quantize_kv(v, v_cache.dtype, v_scale)
     cuda_ops(device_index(k_cache)).store_kv(k_cache, v_cache, k, v, slots, AUTO_LANES)
