@@ -19,46 +19,46 @@ prints the bound in output tok/s and, with --measured, the fraction of it a run 
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
+
+import torch
 
 from minisgl.core.bench import make_workload
 from minisgl.core.config import ModelConfig
-from minisgl.core.loader import load_hf_config
+from minisgl.core.kv_pool import KVPool
+from minisgl.core.loader import checkpoint_shapes, load_hf_config
 from minisgl.core.model_source import resolve_model
 
 BF16 = 2
 
 
-def dense_layer_params(config: ModelConfig, layer: int) -> int:
-    """Parameters of one layer read at every decode step: attention, norms, dense MLP or router."""
-    h, d = config.hidden_size, config.head_dim
-    attention = h * d * (2 * config.num_heads + 2 * config.num_kv_heads) + 2 * d + 2 * h
-    if config.is_moe_layer(layer):
-        return attention + config.num_experts * h
-    return attention + 3 * h * config.intermediate_size
-
-
-def expert_params(config: ModelConfig) -> int:
-    return 3 * config.hidden_size * config.moe_intermediate_size
+def parameter_counts(config: ModelConfig) -> tuple[int, int]:
+    """(parameters every decode step reads: all but the experts, parameters of one expert)."""
+    shapes = checkpoint_shapes(config)
+    always = sum(math.prod(shape) for name, shape in shapes.items() if ".experts." not in name)
+    one_expert = sum(math.prod(shape) for name, shape in shapes.items() if ".experts.0." in name)
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
+    return always, one_expert // max(moe_layers, 1)
 
 
 def roofline(config: ModelConfig, workload: Any, bandwidth: float, matmul_rate: float) -> dict[str, float]:
-    layers = range(config.num_layers)
-    moe_layers = sum(config.is_moe_layer(i) for i in layers)
-    tables = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    per_step = sum(dense_layer_params(config, i) for i in layers) + tables + config.hidden_size
-    kv_per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * BF16
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
+    per_step, expert_params = parameter_counts(config)
+    kv_per_token = KVPool.bytes_per_token(
+        config.num_layers, config.num_kv_heads, config.head_dim, torch.bfloat16
+    )
     inputs, outputs = [len(p) for p in workload.prompts], workload.output_lens
     kv_bytes = sum(o * i + o * (o - 1) // 2 for i, o in zip(inputs, outputs, strict=True)) * kv_per_token
-    weight_bytes = expert_bytes = 0.0
-    for step in range(1, max(outputs)):
-        batch = sum(o > step for o in outputs)
-        weight_bytes += per_step * BF16
-        if moe_layers:
-            k, e = config.num_experts_per_tok, config.num_experts
-            touched = e * (1 - (1 - k / e) ** batch)
-            expert_bytes += moe_layers * touched * expert_params(config) * BF16
-    active = per_step + moe_layers * config.num_experts_per_tok * expert_params(config)
+    decode_steps = range(1, max(outputs))
+    weight_bytes = per_step * BF16 * len(decode_steps)
+    expert_bytes = 0.0
+    if moe_layers:
+        k, e = config.num_experts_per_tok, config.num_experts
+        for step in decode_steps:
+            touched = e * (1 - (1 - k / e) ** sum(o > step for o in outputs))
+            expert_bytes += moe_layers * touched * expert_params * BF16
+    active = per_step + moe_layers * config.num_experts_per_tok * expert_params
     prefill_s = 2 * active * sum(inputs) / matmul_rate
     total_s = (kv_bytes + weight_bytes + expert_bytes) / bandwidth
     return {

@@ -172,6 +172,18 @@ def dummy_checkpoint(
     its name, and load like a real checkpoint: every TP size slices the same weights, so tp=2 can be
     compared with tp=1.
     """
+    for name, shape in checkpoint_shapes(config).items():
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, dtype=dtype, device=device)
+            continue
+        generator = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        yield name, tensor.uniform_(-0.02, 0.02, generator=generator)
+
+
+def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a checkpoint of this config, by its Hugging Face name (sparse blocks in the
+    per-expert layout)."""
     hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
     q_size, kv_size = config.num_heads * head_dim, config.num_kv_heads * head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
@@ -201,13 +213,7 @@ def dummy_checkpoint(
         if config.mlp_bias:
             for proj, rows in (("gate_proj", inter), ("up_proj", inter), ("down_proj", hidden)):
                 shapes[f"{layer}.mlp.{proj}.bias"] = (rows,)
-    for name, shape in shapes.items():
-        if name.endswith("norm.weight"):
-            yield name, torch.ones(shape, dtype=dtype, device=device)
-            continue
-        generator = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
-        tensor = torch.empty(shape, dtype=dtype, device=device)
-        yield name, tensor.uniform_(-0.02, 0.02, generator=generator)
+    return shapes
 
 
 def _expert_shapes(config: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
