@@ -37,6 +37,22 @@ def save_smollm2_tokenizer(directory: Path) -> Any:
     return tokenizer
 
 
+def tiny_config_fields(tokenizer: Any) -> dict[str, Any]:
+    """Config fields of a tiny random 2-layer model over the SmolLM2 tokenizer's vocabulary (the fields
+    every architecture shares; each test adds its own)."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from conftest import save_smollm2_tokenizer, start_server, stop_cleanly
+from conftest import save_smollm2_tokenizer, start_server, stop_cleanly, tiny_config_fields
 
 PROMPT = "The capital of France is"
 MAX_TOKENS = 12
@@ -23,21 +23,13 @@ def tiny_moe_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-moe")
     tokenizer = save_smollm2_tokenizer(directory)
     config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        **tiny_config_fields(tokenizer),
         moe_intermediate_size=32,
         num_experts=4,
         num_experts_per_tok=2,
         norm_topk_prob=True,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
-        max_position_embeddings=1024,
         initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)

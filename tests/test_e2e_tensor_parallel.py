@@ -24,6 +24,7 @@ from conftest import (
     process_name,
     save_smollm2_tokenizer,
     start_server,
+    tiny_config_fields,
     wait_until,
 )
 
@@ -38,18 +39,7 @@ def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     directory = tmp_path_factory.mktemp("tiny-chat")
     tokenizer = save_smollm2_tokenizer(directory)
-    LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    ).save_pretrained(directory)
+    LlamaConfig(**tiny_config_fields(tokenizer), tie_word_embeddings=True).save_pretrained(directory)
     return directory
 
 
