@@ -284,7 +284,7 @@ def test_a_qwen3moe_gguf_file_matches_transformers(
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     config = Qwen3MoeConfig(
-        **{**tiny_models._COMMON, "num_hidden_layers": 2, "intermediate_size": 128},
+        **tiny_models._COMMON,
         head_dim=16,
         num_experts=4,
         num_experts_per_tok=2,
