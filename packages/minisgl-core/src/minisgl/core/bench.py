@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from minisgl.core.config import KV_CACHE_DTYPES, MOE_BACKENDS
+from minisgl.core.config import KV_CACHE_DTYPES, LOAD_FORMATS, MOE_BACKENDS
 from minisgl.core.model_source import BUNDLED_CONFIGS, DEFAULT_MODEL
 from minisgl.core.runtime import StepTiming
 
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--load-format",
         default="auto",
-        choices=["auto", "safetensors", "gguf", "dummy"],
+        choices=LOAD_FORMATS,
         help=f"dummy: random weights (bundled configs: {', '.join(BUNDLED_CONFIGS)})",
     )
     parser.add_argument(

@@ -11,6 +11,7 @@ import torch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 MOE_BACKENDS = ("auto", "torch", "flashinfer")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
 def _rope_settings(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
@@ -283,9 +284,9 @@ class EngineConfig:
             raise ValueError(f"memory_ratio must be in (0, 1], got {self.memory_ratio}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
-        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+        if self.load_format not in LOAD_FORMATS:
             raise ValueError(
-                f"load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}"
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
             )
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             raise ValueError(f"cuda_graph_max_bs must be >= 0, got {self.cuda_graph_max_bs}")

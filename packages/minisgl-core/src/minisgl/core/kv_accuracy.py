@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from minisgl.core.config import KV_CACHE_DTYPES
+from minisgl.core.config import KV_CACHE_DTYPES, LOAD_FORMATS
 from minisgl.core.llm import LLM
 from minisgl.core.sampling_params import SamplingParams
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--kv-cache-dtype", default="fp8_e4m3", choices=KV_CACHE_DTYPES)
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--attn", default="auto")
