@@ -13,7 +13,7 @@ import pytest
 from bad_requests import BadRequest, load_corpus
 from starlette.testclient import TestClient
 
-from minisgl.core import messages as msg
+from minisgl.server import messages as msg
 from minisgl.server.api.app import ServerState, build_app
 from minisgl.server.engine_client import EngineGone, Generation
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import xgrammar as xgr
 
-from minisgl.core.messages import RequestOutput
+from minisgl.server.messages import RequestOutput
 from minisgl.server.api.parsers import ChatOutputParser, ParsedDelta
 from minisgl.server.api.parsers.hermes import HermesToolParser
 from minisgl.server.api.protocol import parse_chat

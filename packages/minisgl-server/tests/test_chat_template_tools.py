@@ -10,7 +10,7 @@ from typing import Any
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from minisgl.core import messages as msg
+from minisgl.server import messages as msg
 from minisgl.core.sampling_params import SamplingParams
 from minisgl.server.tokenizer_worker import TokenizerWorker
 

@@ -1,4 +1,4 @@
-"""minisgl.core.messages: one registry, msgpack on the wire, token arrays as raw bytes, never pickle."""
+"""minisgl.server.messages: one registry, msgpack on the wire, token arrays as raw bytes, never pickle."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from minisgl.core import messages as msg
+from minisgl.server import messages as msg
 from minisgl.core.sampling_params import SamplingParams
 
 

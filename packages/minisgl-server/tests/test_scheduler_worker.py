@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import zmq
 
-from minisgl.core import messages as msg
+from minisgl.server import messages as msg
 from minisgl.core.sampling_params import SamplingParams
 from minisgl.server.args import ServerArgs
 from minisgl.server.ipc import IpcAddresses, pull_socket

@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from minisgl.core import messages as msg
+from minisgl.server import messages as msg
 from minisgl.server.ipc import IpcAddresses
 
 logger = logging.getLogger("minisgl.server")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from minisgl.core import messages as msg
+from minisgl.server import messages as msg
 from minisgl.server.activity import ActivityLog
 from minisgl.server.args import ServerArgs
 from minisgl.server.ipc import IpcAddresses, parent_is_gone, prepare_child, pull_socket, push_socket

@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from minisgl.core import messages as msg
+from minisgl.server import messages as msg
 from minisgl.server.api.prompt_size import longest_token_chars
 from minisgl.server.args import ServerArgs
 from minisgl.server.detokenize import DecodeState, Detokenizer

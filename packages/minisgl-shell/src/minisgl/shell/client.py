@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from minisgl.core import messages as msg
+from minisgl.server import messages as msg
 from minisgl.core.sampling_params import SamplingParams
 from minisgl.server.engine_client import EngineClient, EngineError
 from minisgl.server.launch import EngineProcesses

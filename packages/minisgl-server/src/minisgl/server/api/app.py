@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from minisgl.core import messages as msg
+from minisgl.server import messages as msg
 from minisgl.server.api.body import read_json
 from minisgl.server.api.prompt_size import check_prompt_size
 from minisgl.server.api.protocol import (

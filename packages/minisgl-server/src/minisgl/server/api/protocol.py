@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from minisgl.core.messages import DetokenizeQuery, TokenizeQuery, int32_array
+from minisgl.server.messages import DetokenizeQuery, TokenizeQuery, int32_array
 from minisgl.core.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from minisgl.server.api.structured import (
     ChatExtras,
