@@ -49,7 +49,7 @@ def bring_to_decode(runtime: Runtime, batch: int, context: int, seed: int) -> No
 
 def clear(runtime: Runtime) -> None:
     for req in list(runtime.scheduler.running):
-        runtime.abort(req.rid)
+        runtime.abort(req.uid)
     while runtime.has_work():
         runtime.step()
 

@@ -164,11 +164,11 @@ def _drain(runtime: Any, limit: int = 10_000) -> int:
 
 
 def _abort(runtime: Any, req: Any) -> None:
-    assert runtime.abort(req.rid) is req
+    assert runtime.abort(req.uid) is req
     assert req.finish_reason == "abort"
     assert req.pages == [] and req.table_row == -1, "an aborted request still holds KV"
     assert req not in runtime.scheduler.running and req not in runtime.scheduler.waiting
-    assert runtime.abort(req.rid) is None  # a second abort finds nothing
+    assert runtime.abort(req.uid) is None  # a second abort finds nothing
     runtime.check_integrity()
 
 
@@ -426,6 +426,34 @@ def test_stop_strings(smollm: Any) -> None:
     # A stop string that never appears changes nothing.
     unseen = smollm.generate(prompt, _greedy(40, stop=["\u00a7\u00a7never\u00a7\u00a7"]), use_tqdm=False)[0]
     assert unseen.finish_reason == "length" and unseen.token_ids == full.token_ids
+    _assert_all_pages_home(smollm.runtime)
+
+
+def test_the_runtime_decodes_no_text(smollm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop strings are the caller's (the LLM offline, the detokenizer when serving): driven directly,
+    the runtime runs a request with stop strings to its length without decoding a token."""
+    tokenizer = smollm.runtime.tokenizer
+    for name in ("decode", "batch_decode"):
+        monkeypatch.setattr(tokenizer, name, lambda *a, **k: pytest.fail("the runtime decoded text"))
+    prompt = tokenizer.encode("Once upon a time, in a small village by the sea,")
+    req = smollm.runtime.add_request(prompt, _greedy(12, stop=[" ", "e", "the"]))
+    _drain(smollm.runtime)
+    assert req.finish_reason == "length" and len(req.output_ids) == 12
+    _assert_all_pages_home(smollm.runtime)
+
+
+def test_a_stop_string_completed_by_the_last_token_still_cuts_the_text(smollm: Any) -> None:
+    """One rule for the text, offline as served: it ends before the first stop string, finish "stop",
+    even when max_tokens ended the request in the same step."""
+    prompt = "Once upon a time, in a small village by the sea,"
+    full = smollm.generate(prompt, _greedy(12), use_tqdm=False)[0]
+    tokenizer = smollm.tokenizer
+    last_piece = tokenizer.decode(full.token_ids, skip_special_tokens=True)[-3:]
+    result = smollm.generate(prompt, _greedy(12, stop=[last_piece]), use_tqdm=False)[0]
+    want = full.text[: full.text.find(last_piece)]
+    assert (result.text, result.finish_reason) == (want, "stop")
+    n_samples = smollm.generate(prompt, _greedy(12, stop=[last_piece], n=2), use_tqdm=False)[0]
+    assert [(s.text, s.finish_reason) for s in n_samples.samples or ()] == [(want, "stop")] * 2
     _assert_all_pages_home(smollm.runtime)
 
 

@@ -147,7 +147,7 @@ def test_abort_reaches_every_rank(tp_engine: Callable[..., LLM], reference: Call
     requests = [runtime.add_request(r.prompt, GREEDY) for r in refs[:3]]
     for _ in range(5):
         runtime.step()
-    runtime.abort(requests[1].rid)
+    runtime.abort(requests[1].uid)
     while runtime.has_work():
         runtime.step()
     assert requests[1].finish_reason == "abort"

@@ -273,18 +273,18 @@ def test_random_aborts_and_arrivals_keep_integrity(model_dir: Path, monkeypatch:
     for _ in range(40):
         prompt = [rng.randrange(3, 8192) for _ in range(rng.randint(1, 300))]
         live.append(
-            runtime.add_request(prompt, SamplingParams(temperature=0.8, max_tokens=rng.randint(1, 64))).rid
+            runtime.add_request(prompt, SamplingParams(temperature=0.8, max_tokens=rng.randint(1, 64))).uid
         )
     while runtime.has_work() and steps < 3000:
         step = runtime.step()
         steps += 1
-        done = {req.rid for req in step.finished}
+        done = {req.uid for req in step.finished}
         live = [rid for rid in live if rid not in done]
         if live and rng.random() < 0.1:
             runtime.abort(live.pop(rng.randrange(len(live))))
         if steps % 7 == 0 and steps < 200:
             prompt = [rng.randrange(3, 8192) for _ in range(rng.randint(1, 300))]
-            live.append(runtime.add_request(prompt, SamplingParams(temperature=0.8, max_tokens=32)).rid)
+            live.append(runtime.add_request(prompt, SamplingParams(temperature=0.8, max_tokens=32)).uid)
     torch.cuda.synchronize()
     assert not runtime.has_work()
     runtime.check_integrity()

@@ -8,11 +8,11 @@ import json
 import pytest
 import xgrammar as xgr
 
-from minisgl.server.messages import RequestOutput
 from minisgl.server.api.parsers import ChatOutputParser, ParsedDelta
 from minisgl.server.api.parsers.hermes import HermesToolParser
 from minisgl.server.api.protocol import parse_chat
 from minisgl.server.api.responses import ResponseBuilder
+from minisgl.server.messages import RequestOutput
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>'
 

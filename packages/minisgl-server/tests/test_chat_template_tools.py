@@ -10,8 +10,8 @@ from typing import Any
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from minisgl.server import messages as msg
 from minisgl.core.sampling_params import SamplingParams
+from minisgl.server import messages as msg
 from minisgl.server.tokenizer_worker import TokenizerWorker
 
 QWEN_STYLE = (

@@ -8,8 +8,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from minisgl.server import messages as msg
 from minisgl.core.sampling_params import SamplingParams
+from minisgl.server import messages as msg
 
 
 def _examples() -> list[object]:
@@ -22,17 +22,18 @@ def _examples() -> list[object]:
         params,
         msg.GenerateGroup(
             [
-                msg.GenerateRequest(1, params, prompt="hi", stop=["x"]),
+                msg.GenerateRequest(1, params, prompt="hi"),
                 msg.GenerateRequest(2, params, messages=[{"role": "user", "content": "héllo ✓"}]),
                 msg.GenerateRequest(
-                    3, params, prompt_ids=ids, max_tokens_auto=True, skip_special_tokens=False
+                    3, dataclasses.replace(params, max_tokens=None), prompt_ids=ids, skip_special_tokens=False
                 ),
                 msg.GenerateRequest(4, params, prompt="x", echo=True, score_only=True),
             ]
         ),
         msg.AbortRequests([1, 2]),
+        msg.AbortRequests([3], reason="stop"),
         msg.StatsQuery(9),
-        msg.TokenizedGroup([msg.TokenizedRequest(4, ids, params, True)]),
+        msg.TokenizedGroup([msg.TokenizedRequest(4, ids, params)]),
         msg.StepOutputs(
             msg.int64_array([4, 5]),
             msg.int32_array([10, 20]),

@@ -22,7 +22,7 @@ COMPLETION = {"model": MODEL, "prompt": "hi"}
 
 def test_chat_defaults() -> None:
     spec = parse_chat(CHAT, MODEL)
-    assert spec.chat and spec.n == 1 and not spec.stream and spec.max_tokens_auto
+    assert spec.chat and spec.n == 1 and not spec.stream and spec.params.max_tokens is None
     assert spec.prompts[0].messages == [{"role": "user", "content": "hi"}]
     assert spec.params.temperature == 1.0 and spec.params.logprobs is None and spec.top_logprobs is None
 
@@ -55,14 +55,13 @@ def test_chat_fields_map_to_sampling_params() -> None:
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (9, 0.0, 0.5, 4, 0.1, 3)
     assert (p.stop, p.stop_token_ids, p.ignore_eos, p.logprobs) == (["END"], [5], True, 3)
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.2)
-    assert (spec.n, spec.stop, spec.top_logprobs, spec.stream, spec.include_usage) == (
+    assert (spec.n, spec.params.stop, spec.top_logprobs, spec.stream, spec.include_usage) == (
         2,
         ["END"],
         3,
         True,
         True,
     )
-    assert not spec.max_tokens_auto
 
 
 def test_chat_content_parts_and_developer_role() -> None:
@@ -92,7 +91,7 @@ def test_completion_prompt_forms(prompt: Any, kinds: list[tuple[str, Any]]) -> N
     spec = parse_completion({**COMPLETION, "prompt": prompt}, MODEL)
     got = [("text", p.text) if p.text is not None else ("ids", p.token_ids) for p in spec.prompts]
     assert got == kinds
-    assert spec.params.max_tokens == 16 and not spec.max_tokens_auto
+    assert spec.params.max_tokens == 16
 
 
 def test_completion_logprobs_is_a_count() -> None:
@@ -300,8 +299,8 @@ def test_min_tokens_logit_bias_and_user() -> None:
     }
     params = parse_chat(body, MODEL).params
     assert params.min_tokens == 3 and params.logit_bias == {5: -100.0, 17: 2.5}
-    # Without max_tokens the scheduler fills in the rest of the context later; min_tokens must fit now.
-    assert params.max_tokens >= 3
+    # Without max_tokens a chat may answer up to the end of the context (the engine's budget).
+    assert params.max_tokens is None
 
 
 def test_unsupported_and_unknown_fields_name_themselves() -> None:
@@ -332,3 +331,22 @@ def test_tokenize_and_detokenize_bodies() -> None:
         with pytest.raises(ApiError) as error_info:
             parse(body, MODEL)
         assert (error_info.value.status, error_info.value.param) == (400, param), body
+
+
+def test_sampling_ranges_are_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API checks the sampling fields against core's one table, and builds the params once, with
+    the model's defaults for the fields left out."""
+    from minisgl.core.sampling_params import FLOAT_RANGES, SamplingParams
+
+    for name, accepted in FLOAT_RANGES.items():
+        assert getattr(parse_chat({**CHAT, name: accepted.high}, MODEL).params, name) == accepted.high
+        with pytest.raises(ApiError) as info:
+            parse_chat({**CHAT, name: accepted.high + 0.01}, MODEL)
+        assert (info.value.status, info.value.param) == (400, name) and str(accepted) in info.value.message
+    calls = []
+    validate = SamplingParams.validate
+    monkeypatch.setattr(SamplingParams, "validate", lambda self: calls.append(1) or validate(self))
+    body = {**CHAT, "n": 3, "seed": 5, "top_p": 0.5, "response_format": {"type": "json_object"}}
+    spec = parse_chat(body, MODEL, sampling_defaults={"temperature": 0.6, "top_p": 0.9})
+    assert (spec.params.temperature, spec.params.top_p, spec.params.seed) == (0.6, 0.5, 5)
+    assert len(calls) == 1

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import zmq
 
-from minisgl.server import messages as msg
+from minisgl.core.request_checks import CheckedRequest, output_budget
 from minisgl.core.sampling_params import SamplingParams
+from minisgl.server import messages as msg
 from minisgl.server.args import ServerArgs
 from minisgl.server.ipc import IpcAddresses, pull_socket
 from minisgl.server.scheduler_worker import SchedulerWorker
@@ -32,7 +33,6 @@ class FakeRuntime:
         self.waiting: list[Any] = []
         self.running: list[Any] = []
         self.aborted: list[int] = []
-        self._rid = 0
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -44,15 +44,17 @@ class FakeRuntime:
             "page_size": 1,
         }
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise ValueError("prompt is empty: at least one token is needed")
+    def check_request(
+        self, prompt_ids: list[int], params: SamplingParams, refuse_overflow: bool = False
+    ) -> CheckedRequest:
+        budget = output_budget(len(prompt_ids), params.max_tokens, self.max_seq_len, refuse_overflow)
+        return CheckedRequest(prompt_ids, params, budget)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Any:
-        self._rid += 1
+    def add_checked(self, checked: CheckedRequest, uid: int) -> Any:
         req = SimpleNamespace(
-            rid=self._rid, prompt_ids=prompt_ids, params=params, output_ids=[], num_cached=1,
+            uid=uid, prompt_ids=checked.prompt_ids, params=checked.params, output_ids=[], num_cached=1,
             output_logprobs=[], output_top_logprobs=[], finish_reason=None,
+            max_new_tokens=checked.max_new_tokens,
         )  # fmt: skip
         self.waiting.append(req)
         return req
@@ -60,13 +62,13 @@ class FakeRuntime:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def abort(self, rid: int) -> Any:
-        self.aborted.append(rid)
+    def abort(self, uid: int, reason: str = "abort") -> Any:
+        self.aborted.append(uid)
         for queue in (self.waiting, self.running):
             for req in queue:
-                if req.rid == rid:
+                if req.uid == uid:
                     queue.remove(req)
-                    req.finish_reason = "abort"
+                    req.finish_reason = reason
                     return req
         return None
 
@@ -125,16 +127,13 @@ def setup(tmp_path: Path) -> Any:
 
 def group(
     *requests: tuple[int, list[int]],
-    max_tokens: int = 4,
-    auto: bool = False,
+    max_tokens: int | None = 4,
     worker: int = 0,
     **params: Any,
 ) -> msg.TokenizedGroup:
     return msg.TokenizedGroup(
         [
-            msg.TokenizedRequest(
-                uid, msg.int32_array(ids), SamplingParams(max_tokens=max_tokens, **params), auto
-            )
+            msg.TokenizedRequest(uid, msg.int32_array(ids), SamplingParams(max_tokens=max_tokens, **params))
             for uid, ids in requests
         ],
         worker,
@@ -153,7 +152,7 @@ def test_requests_run_and_report_tokens_and_finish(setup: Any) -> None:
     assert steps[0].logprobs[0].logprob == -0.25 and steps[0].logprobs[0].top_ids.tolist() == [5, 7]
     (finished,) = steps[-1].finished
     assert finished == msg.FinishedRequest(1, "stop", 2, 1, 3, last_token_is_stop=True)
-    assert not worker.requests and not worker.uid_of_rid
+    assert not worker.requests
 
 
 @pytest.mark.parametrize("interval", [1e-9, 0.0])
@@ -203,11 +202,11 @@ def test_max_tokens_beyond_the_context_is_refused(setup: Any) -> None:
     assert (error.status, error.param) == (400, "max_tokens")
 
 
-def test_max_tokens_auto_fills_the_context(setup: Any) -> None:
+def test_no_max_tokens_fills_the_context(setup: Any) -> None:
     make, _ = setup
     worker, runtime = make(context=8)
-    worker._handle(group((1, [1, 2, 3]), max_tokens=1, auto=True))
-    assert runtime.waiting[0].params.max_tokens == 5
+    worker._handle(group((1, [1, 2, 3]), max_tokens=None))
+    assert runtime.waiting[0].max_new_tokens == 5
 
 
 def test_engine_refusals_become_400(setup: Any) -> None:
@@ -229,6 +228,19 @@ def test_abort_reports_a_finished_request(setup: Any) -> None:
     aborted = [f for s in steps for f in s.finished if f.reason == "abort"]
     assert [f.uid for f in aborted] == [1]
     assert steps[-1].uids.tolist() == [2]
+
+
+def test_a_stop_from_the_detokenizer_finishes_with_stop(setup: Any) -> None:
+    """While serving, the detokenizer owns stop strings: it tells the scheduler to stop the request."""
+    make, received = setup
+    worker, runtime = make()
+    worker._handle(group((1, [1]), stop=["x"]))
+    worker._step()
+    worker._handle(msg.AbortRequests([1], reason="stop"))
+    worker._step()
+    ends = [f for s in received() for f in s.finished]
+    assert [(f.uid, f.reason) for f in ends] == [(1, "stop")]
+    assert runtime.aborted == [1] and not runtime.has_work() and not worker.requests
 
 
 def test_stats_reply(setup: Any) -> None:

@@ -3,8 +3,17 @@
 from minisgl.core.config import EngineConfig, ModelConfig
 from minisgl.core.llm import LLM
 from minisgl.core.request import GenerationResult
+from minisgl.core.request_error import InvalidRequestError
 from minisgl.core.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "EngineConfig", "GenerationResult", "ModelConfig", "SamplingParams", "__version__"]
+__all__ = [
+    "LLM",
+    "EngineConfig",
+    "GenerationResult",
+    "InvalidRequestError",
+    "ModelConfig",
+    "SamplingParams",
+    "__version__",
+]

@@ -136,7 +136,7 @@ class KVCacheManager:
         locks: Counter[int] = Counter()
         for req in requests:
             assert req.pages[: req.num_tree_pages] == self.cache.path_pages(req.cache_node), (
-                f"request {req.rid} does not use its cached path's pages"
+                f"request {req.uid} does not use its cached path's pages"
             )
             node = req.cache_node
             while node is not None and not node.is_root:

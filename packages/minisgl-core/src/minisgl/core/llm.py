@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from minisgl.core.config import EngineConfig
 from minisgl.core.model_source import DEFAULT_MODEL
-from minisgl.core.request import GenerationResult, Request
+from minisgl.core.request import FinishReason, GenerationResult, Request
 from minisgl.core.runtime import Runtime
 from minisgl.core.sampling_params import SamplingParams
+from minisgl.core.stop_strings import first_stop, reached_stop_strings
 
 Prompt = str | list[int]
 Conversation = list[dict[str, Any]]
@@ -75,18 +76,14 @@ class LLM:
     ) -> list[GenerationResult]:
         prompt_ids = [self._tokenize(p) for p in _as_prompt_list(prompts)]
         params = _as_params_list(sampling_params, len(prompt_ids))
-        # Validate everything before queuing anything, so a bad prompt leaves the engine untouched.
-        for ids, p in zip(prompt_ids, params, strict=True):
-            self.runtime.check_request(ids, p)
+        # Check everything before queuing anything, so a bad prompt leaves the engine untouched.
+        checked = [self.runtime.check_request(ids, p) for ids, p in zip(prompt_ids, params, strict=True)]
         # n samples of a prompt are n requests; the scheduler makes the later ones reuse the first's KV.
-        groups = [
-            [self.runtime.add_request(ids, p) for _ in range(p.n)]
-            for ids, p in zip(prompt_ids, params, strict=True)
-        ]
-        self._run(sum(len(g) for g in groups), use_tqdm)
+        groups = [[self.runtime.add_checked(c) for _ in range(c.params.n)] for c in checked]
+        stopped = self._run(sum(len(g) for g in groups), use_tqdm)
         results = []
         for group in groups:
-            samples = [self._result(req) for req in group]
+            samples = [self._result(req, req.uid in stopped) for req in group]
             if len(samples) > 1:
                 samples[0].samples = samples
             results.append(samples[0])
@@ -123,24 +120,40 @@ class LLM:
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         return list(prompt)
 
-    def _run(self, num_requests: int, use_tqdm: bool) -> None:
+    def _run(self, num_requests: int, use_tqdm: bool) -> set[int]:
+        """Step until every request has finished; the uids of those a stop string ended."""
         bar = tqdm(total=num_requests, desc="Generating", disable=not use_tqdm or num_requests < 2)
         started, generated = time.perf_counter(), 0
+        stopped: set[int] = set()
         while self.runtime.has_work():
             step = self.runtime.step()
             generated += step.num_new_tokens
-            if step.finished:
-                bar.update(len(step.finished))
+            ended = len(step.finished) + self._stop_on_strings(step.new_tokens, stopped)
+            if ended:
+                bar.update(ended)
                 bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.0f}")
         bar.close()
+        return stopped
 
-    def _result(self, req: Request) -> GenerationResult:
+    def _stop_on_strings(self, new_tokens: list[tuple[Request, int]], stopped: set[int]) -> int:
+        """End the requests whose new token completed a stop string (added to `stopped`); how many."""
+        live = [req for req, _ in new_tokens if not req.finished]
+        if self.tokenizer is None or not live:
+            return 0
+        reached = reached_stop_strings(self.tokenizer, live)
+        for req in reached:
+            self.runtime.abort(req.uid, "stop")
+            stopped.add(req.uid)
+        return len(reached)
+
+    def _result(self, req: Request, stopped_by_string: bool) -> GenerationResult:
         assert req.finish_reason is not None
         wants_logprobs = req.params.logprobs is not None
+        text, finish_reason = self._text(req, stopped_by_string)
         return GenerationResult(
-            text=self._text(req),
+            text=text,
             token_ids=list(req.output_ids),
-            finish_reason=req.finish_reason,
+            finish_reason=finish_reason,
             num_prompt_tokens=len(req.prompt_ids),
             num_cached_tokens=req.num_cached,
             logprobs=list(req.output_logprobs) if wants_logprobs else None,
@@ -149,14 +162,18 @@ class LLM:
             prompt_top_logprobs=list(req.prompt_top_logprobs) if req.params.prompt_logprobs else None,
         )
 
-    def _text(self, req: Request) -> str:
+    def _text(self, req: Request, stopped_by_string: bool) -> tuple[str, FinishReason]:
+        """The output text, ending before the first stop string (the request then finished with
+        "stop", whatever else ended it in the same step), and the finish reason."""
+        assert req.finish_reason is not None
         if self.tokenizer is None:
-            return ""
+            return "", req.finish_reason
         ids = req.output_ids
-        if req.finish_reason == "stop" and req.stop_text_offset is None and ids:
+        if req.finish_reason == "stop" and not stopped_by_string and ids:
             ids = ids[:-1]  # the EOS or stop token is reported in token_ids, not in the text
         text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return text if req.stop_text_offset is None else text[: req.stop_text_offset]
+        cut = first_stop(text, req.params.stop or [])
+        return (text, req.finish_reason) if cut is None else (text[:cut], "stop")
 
 
 def _free_port() -> int:

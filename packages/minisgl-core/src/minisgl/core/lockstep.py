@@ -12,19 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minisgl.core.distributed import broadcast_from_leader, get_tp
-from minisgl.core.sampling_params import SamplingParams
+from minisgl.core.request_checks import CheckedRequest
 
 
 @dataclass(frozen=True)
 class AddRequest:
-    rid: int
-    prompt_ids: list[int]
-    params: SamplingParams
+    uid: int
+    checked: CheckedRequest
 
 
 @dataclass(frozen=True)
 class AbortRequest:
-    rid: int
+    uid: int
 
 
 @dataclass(frozen=True)

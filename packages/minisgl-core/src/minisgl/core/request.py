@@ -18,9 +18,13 @@ FinishReason = Literal["stop", "length", "abort"]
 
 @dataclass
 class Request:
-    rid: int
+    # The caller's id for the request (the server's uid; the offline LLM numbers its own).
+    uid: int
     prompt_ids: list[int]
     params: SamplingParams
+    # Tokens it may generate at most: Runtime.check_request fixes it from max_tokens and the context
+    # length (minisgl.core.request_checks); -1 takes params.max_tokens as it is.
+    max_new_tokens: int = -1
     output_ids: list[int] = field(default_factory=list)
     # Tokens whose K and V are in the KV pool (cached prefix + computed by this request).
     num_computed: int = 0
@@ -40,8 +44,6 @@ class Request:
     admitted_at: int = -1
     num_retractions: int = 0
     finish_reason: FinishReason | None = None
-    # Where a stop string starts in the decoded output text, when one ended the request.
-    stop_text_offset: int | None = None
     generator: torch.Generator | None = None
     # Structured output: where the request is in its grammar (None for a free request).
     grammar: GrammarState | None = None
@@ -49,6 +51,11 @@ class Request:
     output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
     prompt_top_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            assert self.params.max_tokens is not None, "a request without max_tokens needs max_new_tokens"
+            self.max_new_tokens = self.params.max_tokens
 
     @property
     def seq_len(self) -> int:
@@ -69,7 +76,7 @@ class Request:
     @property
     def awaits_last_token(self) -> bool:
         """Its final token is already in flight: nothing more to schedule for it."""
-        return len(self.output_ids) >= self.params.max_tokens
+        return len(self.output_ids) >= self.max_new_tokens
 
     @property
     def finished(self) -> bool:

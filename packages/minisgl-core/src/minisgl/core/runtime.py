@@ -43,10 +43,11 @@ from minisgl.core.loader import build_model, load_hf_config, load_model_config, 
 from minisgl.core.lockstep import AbortRequest, AddRequest, Lockstep, Stop
 from minisgl.core.model_source import resolve_model
 from minisgl.core.models.decoder import DecoderForCausalLM
-from minisgl.core.request import Request
+from minisgl.core.request import FinishReason, Request
+from minisgl.core.request_checks import CheckedRequest, check_token_ids, output_budget
+from minisgl.core.request_error import InvalidRequestError
 from minisgl.core.sampling_params import SamplingParams
 from minisgl.core.scheduler import Scheduler
-from minisgl.core.stop_strings import StopStringChecker
 from minisgl.core.structured import GrammarCompiler
 from minisgl.core.tables import RequestTables
 
@@ -201,7 +202,6 @@ class Runtime:
         )
         self.kv = KVCacheManager(num_pages, self.tables, config.cache)
         self.engine = self._build_engine(model_module, dummy_page=num_pages)
-        self.stop_checker = StopStringChecker(self.tokenizer)
         self.grammars = GrammarCompiler(
             self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids
         )
@@ -214,7 +214,7 @@ class Runtime:
             self.model_config.eos_token_ids,
             config.mix_decode_into_prefill,
         )
-        self._rids = itertools.count()
+        self._uids = itertools.count()  # ids of requests added without one
         # Per-step timing, for benchmarks (None: not recorded; a server would keep every step forever).
         self.timing: StepTiming | None = None
         # Overlap scheduling keeps up to two batches in flight: one running, one being prepared.
@@ -304,34 +304,48 @@ class Runtime:
 
     # ---- driving ---------------------------------------------------------------------------------
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError if this request is invalid or could never run; changes nothing."""
-        params.validate()
-        vocab = self.model_config.vocab_size
-        for token in prompt_ids:
-            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
-                raise ValueError(f"token id {token!r} is outside the vocabulary [0, {vocab})")
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
-            outside = [token for token in ids or () if token >= vocab]
-            if outside:
-                raise ValueError(f"{name} holds token id {outside[0]}, outside the vocabulary [0, {vocab})")
+    def check_request(
+        self, prompt_ids: list[int], params: SamplingParams, refuse_overflow: bool = False
+    ) -> CheckedRequest:
+        """The request as add_checked takes it, or an InvalidRequestError (a ValueError) if it is invalid
+        or could never run; changes nothing. refuse_overflow:
+        an explicit max_tokens beyond the context is refused rather than cut at the context's end
+        (request_checks.output_budget)."""
+        params.ensure_valid()  # a no-op unless a field was set since the params were built
+        check_token_ids(prompt_ids, params, self.model_config.vocab_size)
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
-        self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+            raise InvalidRequestError(
+                "stop", "stop strings need a tokenizer, and this model has none; use stop_token_ids"
+            )
+        budget = output_budget(len(prompt_ids), params.max_tokens, self.max_seq_len, refuse_overflow)
+        self.scheduler.check_fits(len(prompt_ids), budget)
         self.grammars.state_for(params)  # compiles (and caches) the grammar, or says why it cannot
+        return CheckedRequest(list(prompt_ids), params, budget)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
-        self._check_leader("add_request")
-        self.check_request(prompt_ids, params)
-        req = self._add(next(self._rids), list(prompt_ids), params)
-        self.lockstep.record(AddRequest(req.rid, req.prompt_ids, params))
-        return req
+        """check_request, then add_checked."""
+        return self.add_checked(self.check_request(prompt_ids, params))
 
-    def _add(self, rid: int, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def add_checked(self, checked: CheckedRequest, uid: int | None = None) -> Request:
+        """Queue a request check_request accepted, under the caller's uid (or a new one)."""
+        self._check_leader("add_request")
+        add = AddRequest(next(self._uids) if uid is None else uid, checked)
+        self.lockstep.record(add)
+        return self._add(add)
+
+    def _add(self, add: AddRequest) -> Request:
+        params = add.checked.params
         generator = None
         if params.seed is not None and not params.is_greedy:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        req = Request(rid, prompt_ids, params, generator=generator, grammar=self.grammars.state_for(params))
+        req = Request(
+            add.uid,
+            list(add.checked.prompt_ids),
+            params,
+            add.checked.max_new_tokens,
+            generator=generator,
+            grammar=self.grammars.state_for(params),
+        )
         self.scheduler.add(req)
         return req
 
@@ -357,9 +371,9 @@ class Runtime:
                 if isinstance(message, Stop):
                     return
                 if isinstance(message, AddRequest):
-                    self._add(message.rid, list(message.prompt_ids), message.params)
+                    self._add(message)
                 else:
-                    self.scheduler.abort(message.rid)
+                    self.scheduler.abort(message.uid)
             self._step()
 
     def shutdown(self) -> None:
@@ -412,7 +426,6 @@ class Runtime:
         finished += self._advance_grammars(batch, output.tokens)
         if self.in_flight:  # the next step's constrained rows waited for these tokens
             self.engine.sample_late(self.in_flight[0].pending)
-        finished += self._finish_on_stop_strings(batch)
         new_tokens = [
             (chunk.req, token)
             for chunk, alive, token in zip(batch.chunks, live, output.tokens, strict=True)
@@ -436,7 +449,7 @@ class Runtime:
             if req.grammar is None or token is None or req.finish_reason is not None:
                 continue
             if not req.grammar.accept(token):
-                logger.error("request %d: token %d is outside its grammar; stopping it", req.rid, token)
+                logger.error("request %d: token %d is outside its grammar; stopping it", req.uid, token)
             elif not req.grammar.terminated:
                 continue
             req.finish_reason = "stop"
@@ -444,25 +457,13 @@ class Runtime:
             finished.append(req)
         return finished
 
-    def _finish_on_stop_strings(self, batch: Batch) -> list[Request]:
-        finished = []
-        for chunk in batch.chunks:
-            req = chunk.req
-            if req.params.stop and req.finish_reason is None and chunk.samples:
-                offset = self.stop_checker.find(req)
-                if offset is not None:
-                    req.stop_text_offset = offset
-                    req.finish_reason = "stop"
-                    self.scheduler.finish(req)
-                    finished.append(req)
-        return finished
-
-    def abort(self, rid: int) -> Request | None:
-        """Stop a request wherever it is (waiting, mid-prefill, decoding); its KV pages are returned."""
+    def abort(self, uid: int, reason: FinishReason = "abort") -> Request | None:
+        """Stop a request wherever it is (waiting, mid-prefill, decoding); its KV pages are returned.
+        reason "stop": its caller found a stop string in its text (runtimes do not decode text)."""
         self._check_leader("abort")
-        req = self.scheduler.abort(rid)
+        req = self.scheduler.abort(uid, reason)
         if req is not None:
-            self.lockstep.record(AbortRequest(rid))
+            self.lockstep.record(AbortRequest(uid))
             if self.debug_checks:
                 self.scheduler.check_integrity()
         return req
@@ -539,7 +540,7 @@ def _check_same_settings(config: EngineConfig, model_config: ModelConfig) -> Non
 def _check_ranks_agree(batch: Batch, tokens: list[int | None]) -> None:
     """MINISGL_DEBUG_CHECKS at tp>1: every rank must have scheduled the same batch and sampled the same
     tokens; a difference means the ranks have drifted apart."""
-    mine = ([(c.req.rid, c.start, c.end) for c in batch.chunks], tokens)
+    mine = ([(c.req.uid, c.start, c.end) for c in batch.chunks], tokens)
     differs = disagreeing_rank(mine)
     if differs is not None:
         rank, theirs = differs

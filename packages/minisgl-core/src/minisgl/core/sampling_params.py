@@ -1,10 +1,17 @@
-"""SamplingParams: how one request's tokens are chosen and when it stops (names follow SGLang and vLLM)."""
+"""SamplingParams: how one request's tokens are chosen and when it stops (names follow SGLang and vLLM).
+
+The accepted range of every parameter is declared here, once: the offline API and the server (which
+builds SamplingParams from a request body) check against the same table."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from minisgl.core.request_error import InvalidRequestError
 
 MAX_TOP_LOGPROBS = 20
 # The fields that give a request a grammar (structured output); at most one per request.
@@ -13,9 +20,37 @@ GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
 MAX_LOGIT_BIAS = 100.0
 
 
+@dataclass(frozen=True)
+class Range:
+    """The accepted values of a float parameter: [low, high], or (low, high] when low_open."""
+
+    low: float
+    high: float
+    low_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and value <= self.high  # NaN is neither
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+# OpenAI's ranges (temperature, top_p, the penalties) and SGLang's / vLLM's for their own fields.
+FLOAT_RANGES = {
+    "temperature": Range(0.0, 2.0),
+    "top_p": Range(0.0, 1.0, low_open=True),
+    "min_p": Range(0.0, 1.0),
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
+    "repetition_penalty": Range(0.0, 2.0, low_open=True),
+}
+
+
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    # None: up to the end of the context.
+    max_tokens: int | None = 16
     # 0.0 means greedy decoding.
     temperature: float = 1.0
     top_p: float = 1.0
@@ -57,7 +92,17 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.validate()
-        self.stop_token_id_set = frozenset(self.stop_token_ids or ())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name != "_valid":  # changed after validate(): ensure_valid() checks it again
+            super().__setattr__("_valid", False)
+
+    def ensure_valid(self) -> None:
+        """validate(), unless nothing changed since it last ran: a request's entry point calls this, so
+        params are checked once when built and again only if a field was set since."""
+        if not getattr(self, "_valid", False):
+            self.validate()
 
     @property
     def is_greedy(self) -> bool:
@@ -68,60 +113,86 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
-            raise ValueError(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
-        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        """Normalize (a lone stop string, a dict schema) and check every field; an InvalidRequestError
+        names the first bad one. Runs when the params are built: everything downstream trusts them."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        for text in self.stop or ():
-            if not isinstance(text, str) or not text:
-                raise ValueError(f"stop strings must be non-empty strings, got {text!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
-        self._validate_grammar()
-        for token_id in self.stop_token_ids or ():
-            if not isinstance(token_id, int) or token_id < 0:
-                raise ValueError(f"stop_token_ids must be non-negative integers, got {token_id!r}")
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], got {self.min_tokens!r}"
-            )
-        for token_id, bias in (self.logit_bias or {}).items():
-            if not isinstance(token_id, int) or token_id < 0:
-                raise ValueError(f"logit_bias keys must be non-negative token ids, got {token_id!r}")
-            if (
-                isinstance(bias, bool)
-                or not isinstance(bias, (int, float))
-                or not abs(bias) <= MAX_LOGIT_BIAS
-            ):
-                raise ValueError(
-                    f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
-                    f"got {bias!r} for token {token_id}"
-                )
-
-    def _validate_grammar(self) -> None:
         if isinstance(self.json_schema, dict):
             self.json_schema = json.dumps(self.json_schema)
+        for check in _FIELD_CHECKS:
+            check(self)
+        self._validate_grammar()
+        self.stop_token_id_set = frozenset(self.stop_token_ids or ())
+        self._valid = True
+
+    def _validate_grammar(self) -> None:
         given = [name for name in GRAMMAR_FIELDS if getattr(self, name) is not None]
         if len(given) > 1:
-            raise ValueError(f"json_schema, regex and ebnf exclude each other, got {' and '.join(given)}")
+            raise InvalidRequestError(
+                given[1], f"json_schema, regex and ebnf exclude each other, got {' and '.join(given)}"
+            )
         for name in (*given, "grammar_after"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+                raise InvalidRequestError(name, f"{name} must be a non-empty string, got {value!r}")
+
+
+# ---- the checks of single fields (and of min_tokens against max_tokens) ---------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fail(name: str, rule: str, value: Any, where: str = "") -> InvalidRequestError:
+    return InvalidRequestError(name, f"{name} {rule}, got {value!r}{where}")
+
+
+def _check_floats(p: SamplingParams) -> None:
+    for name, accepted in FLOAT_RANGES.items():
+        value = getattr(p, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value not in accepted:
+            raise _fail(name, f"must be a number in {accepted}", value)
+
+
+def _check_counts(p: SamplingParams) -> None:
+    if p.max_tokens is not None and not (_is_int(p.max_tokens) and p.max_tokens >= 1):
+        raise _fail("max_tokens", "must be an integer >= 1 or None (up to the context length)", p.max_tokens)
+    if not (_is_int(p.top_k) and (p.top_k >= 1 or p.top_k == -1)):
+        raise _fail("top_k", "must be -1 (disabled) or an integer >= 1", p.top_k)
+    if not (_is_int(p.n) and p.n >= 1):
+        raise _fail("n", "must be an integer >= 1", p.n)
+    if p.seed is not None and not _is_int(p.seed):
+        raise _fail("seed", "must be an integer or None", p.seed)
+    if p.logprobs is not None and not (_is_int(p.logprobs) and 0 <= p.logprobs <= MAX_TOP_LOGPROBS):
+        raise _fail("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] or None", p.logprobs)
+    most = p.max_tokens if p.max_tokens is not None else math.inf
+    if not (_is_int(p.min_tokens) and 0 <= p.min_tokens <= most):
+        raise _fail("min_tokens", f"must be an integer in [0, max_tokens = {p.max_tokens}]", p.min_tokens)
+
+
+def _check_stops(p: SamplingParams) -> None:
+    for text in p.stop or ():
+        if not isinstance(text, str) or not text:
+            raise _fail("stop", "must be a list of non-empty strings", text)
+    for token_id in p.stop_token_ids or ():
+        if not (_is_int(token_id) and token_id >= 0):
+            raise _fail("stop_token_ids", "must be a list of non-negative integers", token_id)
+
+
+def _check_logit_bias(p: SamplingParams) -> None:
+    for token_id, bias in (p.logit_bias or {}).items():
+        if not (_is_int(token_id) and token_id >= 0):
+            raise _fail("logit_bias", "keys must be non-negative token ids", token_id)
+        number = isinstance(bias, (int, float)) and not isinstance(bias, bool)
+        if not (number and abs(bias) <= MAX_LOGIT_BIAS):
+            rule = f"values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+            raise _fail("logit_bias", rule, bias, f" for token {token_id}")
+
+
+_FIELD_CHECKS: tuple[Callable[[SamplingParams], None], ...] = (
+    _check_counts,
+    _check_floats,
+    _check_stops,
+    _check_logit_bias,
+)

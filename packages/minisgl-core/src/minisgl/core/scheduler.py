@@ -27,6 +27,7 @@ from minisgl.core.batch import Batch, Chunk
 from minisgl.core.config import pages_for
 from minisgl.core.kv_cache import KVCacheManager
 from minisgl.core.request import FinishReason, Request
+from minisgl.core.request_error import InvalidRequestError
 
 # Stands in output_ids for a token that is sampled on the device but not yet copied to the host.
 PLACEHOLDER = -1
@@ -66,36 +67,28 @@ class Scheduler:
 
     # ---- admission -------------------------------------------------------------------------------
 
-    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
-        """Raise ValueError if a request of this size could never run."""
-        if prompt_len < 1:
-            raise ValueError("prompt is empty: at least one token is needed")
-        if prompt_len >= self.max_seq_len:
-            raise ValueError(
-                f"prompt has {prompt_len} tokens, but the context length is {self.max_seq_len} "
-                f"(prompt + at least one generated token must fit)"
-            )
-        needed = pages_for(self._final_len(prompt_len, max_tokens), self.page_size)
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Refuse a request whose prompt and output (within the context, request_checks.output_budget)
+        could never be in the KV pool at once."""
+        needed = pages_for(prompt_len + max_new_tokens, self.page_size)
         if needed > self.kv.num_pages:
-            raise ValueError(
-                f"request needs {needed} KV pages (prompt {prompt_len} + max_tokens {max_tokens}) "
-                f"but the KV pool has only {self.kv.num_pages}"
+            raise InvalidRequestError(
+                "prompt",
+                f"request needs {needed} KV pages (prompt {prompt_len} + {max_new_tokens} new tokens) "
+                f"but the KV pool has only {self.kv.num_pages}",
             )
 
     def add(self, req: Request) -> None:
-        self.check_fits(len(req.prompt_ids), req.params.max_tokens)
+        """Queue a request that check_fits accepted."""
         self.waiting.append(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _final_len(self, prompt_len: int, max_tokens: int) -> int:
-        return min(prompt_len + max_tokens, self.max_seq_len)
-
     def _expected_pages(self, req: Request) -> int:
         """Pages req may still need: the rest of its known tokens, plus the expected share of the tokens
         it may still generate."""
-        final = self._final_len(len(req.prompt_ids), req.params.max_tokens)
+        final = len(req.prompt_ids) + req.max_new_tokens
         expected_new = math.ceil((final - req.seq_len) * self.new_token_ratio)
         return max(0, pages_for(req.seq_len + expected_new, self.page_size) - len(req.pages))
 
@@ -275,7 +268,7 @@ class Scheduler:
             return "stop"
         if token in req.params.stop_token_id_set:
             return "stop"
-        if num_outputs >= req.params.max_tokens or len(req.prompt_ids) + num_outputs >= self.max_seq_len:
+        if num_outputs >= req.max_new_tokens:  # max_tokens, or the end of the context
             return "length"
         return None
 
@@ -292,21 +285,22 @@ class Scheduler:
         self.running.remove(req)
         self.kv.detach(req)
 
-    def abort(self, rid: int) -> Request | None:
-        """Stop request rid wherever it is; returns it (finish_reason "abort"), or None if unknown/done."""
+    def abort(self, uid: int, reason: FinishReason = "abort") -> Request | None:
+        """Stop request uid wherever it is; returns it (with finish_reason `reason`), or None if
+        unknown/done."""
         for req in self.waiting:
-            if req.rid == rid:
+            if req.uid == uid:
                 self.waiting.remove(req)
-                req.finish_reason = "abort"
+                req.finish_reason = reason
                 return req
         for req in self.running:
-            if req.rid == rid:
-                req.finish_reason = "abort"
+            if req.uid == uid:
+                req.finish_reason = reason
                 self.finish(req)
                 return req
         return None
 
     def check_integrity(self) -> None:
         for req in self.waiting:
-            assert not req.pages and req.table_row == -1, f"waiting request {req.rid} holds KV"
+            assert not req.pages and req.table_row == -1, f"waiting request {req.uid} holds KV"
         self.kv.check_integrity(self.running)

@@ -1,32 +1,38 @@
-"""Stop strings: a request ends when its decoded output contains one of its stop strings. Only the tail
-of the output is decoded each step, so the check costs the same at token 10 and at token 10,000."""
+"""Stop strings, offline: the LLM class owns them (a server's detokenizer owns them while serving; the
+runtime never decodes text). A request ends when its decoded output contains one of its stop strings;
+only the tail of each output is decoded, all requests in one batched call per step, so the check costs
+the same at token 10 and at token 10,000."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from minisgl.core.request import Request
+if TYPE_CHECKING:  # torch-free at run time: a server's detokenizer imports first_stop
+    from minisgl.core.request import Request
 
 # Tokens decoded beyond the longest stop string: a token decodes to at least one character except
 # for partial UTF-8 bytes and special tokens, which this margin absorbs.
 _MARGIN_TOKENS = 8
 
 
-class StopStringChecker:
-    def __init__(self, tokenizer: Any | None) -> None:
-        self.tokenizer = tokenizer
+def first_stop(text: str, stops: list[str], start: int = 0) -> int | None:
+    """Where the first of the stop strings occurs in text (from `start`), or None."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None
 
-    def find(self, req: Request) -> int | None:
-        """If a stop string occurs in req's output text, the character offset where the first one starts."""
-        stops = req.params.stop or []
-        if not stops or self.tokenizer is None:
-            return None
-        outputs = req.resolved_output_ids()
-        window = max(len(s) for s in stops) + _MARGIN_TOKENS
-        tail = self.tokenizer.decode(outputs[-window:], skip_special_tokens=True)
-        if not any(s in tail for s in stops):
-            return None
-        # Found in the tail: locate it exactly in the whole output (rare, so the full decode is fine).
-        text = self.tokenizer.decode(outputs, skip_special_tokens=True)
-        offsets = [text.find(s) for s in stops if s in text]
-        return min(offsets) if offsets else None
+
+def reached_stop_strings(tokenizer: Any, requests: list[Request]) -> list[Request]:
+    """The requests whose output (the tokens known on the host) now holds one of their stop strings."""
+    watched = [req for req in requests if req.params.stop]
+    if not watched:
+        return []
+    tails = []
+    for req in watched:
+        window = max(map(len, req.params.stop or ())) + _MARGIN_TOKENS
+        tails.append(req.resolved_output_ids()[-window:])
+    texts = tokenizer.batch_decode(tails, skip_special_tokens=True)
+    return [
+        req
+        for req, text in zip(watched, texts, strict=True)
+        if first_stop(text, req.params.stop or []) is not None
+    ]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from minisgl.core.request_error import InvalidRequestError
 from minisgl.core.sampling_params import GRAMMAR_FIELDS, SamplingParams
 
 
@@ -38,13 +39,16 @@ def grammar_of(params: SamplingParams) -> tuple[str, str] | None:
 def check_grammar(params: SamplingParams) -> None:
     """Parse the request's grammar (no tokenizer needed); ValueError naming the field if it is invalid."""
     grammar = grammar_of(params)
-    if grammar is None:
-        return
-    name, source = grammar
+    if grammar is not None:
+        check_grammar_source(*grammar)
+
+
+def check_grammar_source(name: str, source: str) -> None:
+    """Parse one grammar, `name` being its SamplingParams field (json_schema, regex or ebnf)."""
     try:
         _parse(name, source)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise ValueError(f"{name} is invalid: {_first_line(exc)}") from None
+        raise InvalidRequestError(name, f"{name} is invalid: {_first_line(exc)}") from None
 
 
 def _parse(name: str, source: str) -> xgr.Grammar:
@@ -106,7 +110,7 @@ class GrammarCompiler:
         if grammar is None:
             return None
         if self.tokenizer is None:
-            raise ValueError(f"{grammar[0]} needs a tokenizer, and this model has none")
+            raise InvalidRequestError(grammar[0], f"{grammar[0]} needs a tokenizer, and this model has none")
         name, source = grammar
         compiler = self._get()
         try:
@@ -117,7 +121,7 @@ class GrammarCompiler:
             else:
                 compiled = compiler.compile_grammar(source)
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise ValueError(f"{name} is invalid: {_first_line(exc)}") from None
+            raise InvalidRequestError(name, f"{name} is invalid: {_first_line(exc)}") from None
         return GrammarState(xgr.GrammarMatcher(compiled), self._start_token(params))
 
     def _start_token(self, params: SamplingParams) -> int | None:
@@ -125,7 +129,10 @@ class GrammarCompiler:
             return None
         ids = self.tokenizer.encode(params.grammar_after, add_special_tokens=False)
         if len(ids) != 1:
-            raise ValueError(f"grammar_after must be a single token, {params.grammar_after!r} is {len(ids)}")
+            raise InvalidRequestError(
+                "grammar_after",
+                f"grammar_after must be a single token, {params.grammar_after!r} is {len(ids)}",
+            )
         return int(ids[0])
 
 

@@ -6,14 +6,17 @@ space depending on the token before. So each request keeps a small window of tok
 tokens is decode(window + new) minus decode(window), and it is committed only when it does not end in an
 incomplete character. The window then moves up to the new tokens.
 
-Stop strings: text that could be the start of a stop string is held back until it is clear, and a
-complete stop string cuts the text where it starts; it is never sent.
+Stop strings (this is their one owner while serving: the scheduler decodes no text): text that could be
+the start of a stop string is held back until it is clear, and a complete stop string cuts the text where
+it starts; it is never sent.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from minisgl.core.stop_strings import first_stop
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -92,7 +95,7 @@ class Detokenizer:
         state.text += new_text
         state.window_start, state.text_end = state.text_end, len(state.ids)
         if state.stop:
-            cut = _first_stop(state.text, state.stop, search_from)
+            cut = first_stop(state.text, state.stop, search_from)
             if cut is not None:
                 state.text = state.text[:cut]
                 state.stopped = True
@@ -115,11 +118,6 @@ class Detokenizer:
             if len(self._token_text) < 1 << 18:
                 self._token_text[token_id] = text
         return text
-
-
-def _first_stop(text: str, stops: list[str], start: int) -> int | None:
-    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(found) if found else None
 
 
 def stop_prefix_len(text: str, stops: list[str]) -> int:

@@ -32,10 +32,6 @@ class GenerateRequest:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     prompt_ids: np.ndarray | None = None
-    # True when the client gave no max_tokens: the scheduler fills the rest of the context.
-    max_tokens_auto: bool = False
-    # Stop strings the detokenizer trims from the text (the runtime also stops on them).
-    stop: list[str] = field(default_factory=list)
     skip_special_tokens: bool = True
     # Chats: the tools and extra arguments the chat template is rendered with.
     tools: list[dict[str, Any]] | None = None
@@ -55,7 +51,11 @@ class GenerateGroup:
 
 @dataclass
 class AbortRequests:
+    """Stop these requests: "abort" (the client went away), or "stop" (the detokenizer found one of
+    their stop strings: it owns them while serving, the scheduler decodes no text)."""
+
     uids: list[int]
+    reason: str = "abort"
 
 
 @dataclass
@@ -98,7 +98,6 @@ class TokenizedRequest:
     uid: int
     prompt_ids: np.ndarray
     params: SamplingParams
-    max_tokens_auto: bool = False
 
 
 @dataclass

@@ -17,15 +17,20 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
 
+from minisgl.core.request_error import InvalidRequestError
 from minisgl.server import messages as msg
 from minisgl.server.activity import ActivityLog
 from minisgl.server.args import ServerArgs
 from minisgl.server.ipc import IpcAddresses, parent_is_gone, prepare_child, pull_socket, push_socket
+
+if TYPE_CHECKING:  # the scheduler process imports torch and the runtime only once it starts
+    from minisgl.core.request import Request
+    from minisgl.core.runtime import Runtime
 
 logger = logging.getLogger("minisgl.server.scheduler")
 
@@ -59,7 +64,7 @@ def run_scheduler(args: ServerArgs, addresses: IpcAddresses, rank: int, ready: C
         runtime.shutdown()
 
 
-def _follow(runtime: Any, rank: int) -> None:
+def _follow(runtime: Runtime, rank: int) -> None:
     try:
         runtime.follow()
     except RuntimeError as exc:  # gloo reports a vanished rank 0 as a RuntimeError
@@ -69,7 +74,7 @@ def _follow(runtime: Any, rank: int) -> None:
     logger.info("TP rank %d stopped", rank)
 
 
-def _load_runtime(args: ServerArgs, rank: int) -> Any:
+def _load_runtime(args: ServerArgs, rank: int) -> Runtime:
     import torch
 
     from minisgl.core.config import EngineConfig
@@ -92,7 +97,7 @@ def _load_runtime(args: ServerArgs, rank: int) -> Any:
 
 
 class SchedulerWorker:
-    def __init__(self, runtime: Any, args: ServerArgs, addresses: IpcAddresses) -> None:
+    def __init__(self, runtime: Runtime, args: ServerArgs, addresses: IpcAddresses) -> None:
         self.runtime = runtime
         self.args = args
         self.context = zmq.Context()
@@ -102,8 +107,7 @@ class SchedulerWorker:
         self.worker_of: dict[int, int] = {}  # uid -> tokenizer worker
         self.poller = zmq.Poller()
         self.poller.register(self.receiver, zmq.POLLIN)
-        self.requests: dict[int, Any] = {}  # uid -> core Request
-        self.uid_of_rid: dict[int, int] = {}
+        self.requests: dict[int, Request] = {}  # uid -> the runtime's request of that uid
         self.pending_finished: list[msg.FinishedRequest] = []
         self.eos_ids = frozenset(runtime.model_config.eos_token_ids)
         self.started = time.time()
@@ -209,7 +213,7 @@ class SchedulerWorker:
             self._add_group(message)
         elif isinstance(message, msg.AbortRequests):
             for uid in message.uids:
-                self._abort(uid)
+                self._abort(uid, message.reason)
         elif isinstance(message, msg.StatsQuery):
             self._send(msg.StatsReply(message.query_id, self.stats()))
         else:
@@ -232,39 +236,20 @@ class SchedulerWorker:
                 group.worker,
             )
             return
-        prepared = []
-        for request in group.requests:
-            try:
-                prompt_ids, params = self._prepare(request)
-                self.runtime.check_request(prompt_ids, params)
-            except ValueError as exc:
-                self._send(msg.RequestError(uids, 400, str(exc), _param_of(str(exc)), None), group.worker)
-                return
-            prepared.append((request.uid, prompt_ids, params))
-        for uid, prompt_ids, params in prepared:
-            req = self.runtime.add_request(prompt_ids, params)
-            self.requests[uid] = req
-            self.uid_of_rid[req.rid] = uid
+        try:
+            # The API refuses an explicit max_tokens beyond the context, as vLLM's does.
+            checked = [
+                self.runtime.check_request(r.prompt_ids.tolist(), r.params, refuse_overflow=True)
+                for r in group.requests
+            ]
+        except ValueError as exc:  # an InvalidRequestError names its field
+            param = exc.param if isinstance(exc, InvalidRequestError) else None
+            self._send(msg.RequestError(uids, 400, str(exc), param, None), group.worker)
+            return
+        for uid, request in zip(uids, checked, strict=True):
+            self.requests[uid] = self.runtime.add_checked(request, uid)
             self.worker_of[uid] = group.worker
             self.num_requests += 1
-
-    def _prepare(self, request: msg.TokenizedRequest) -> tuple[list[int], Any]:
-        prompt_ids = request.prompt_ids.tolist()
-        params = request.params
-        context = self.runtime.max_seq_len
-        if len(prompt_ids) >= context:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens, but this model's context length is {context} "
-                f"(prompt + at least one generated token must fit)"
-            )
-        if request.max_tokens_auto:
-            params = dataclasses.replace(params, max_tokens=context - len(prompt_ids))
-        elif len(prompt_ids) + params.max_tokens > context:
-            raise ValueError(
-                f"max_tokens is too large: the prompt has {len(prompt_ids)} tokens and max_tokens is "
-                f"{params.max_tokens}, but this model's context length is {context}"
-            )
-        return prompt_ids, params
 
     def _num_queued(self) -> int:
         """Requests that wait beyond the free running slots (those start at the next step)."""
@@ -272,13 +257,12 @@ class SchedulerWorker:
         free_slots = max(0, self.runtime.config.max_running_requests - int(stats["num_running"]))
         return max(0, int(stats["num_waiting"]) - free_slots)
 
-    def _abort(self, uid: int) -> None:
+    def _abort(self, uid: int, reason: str) -> None:
         req = self.requests.pop(uid, None)
         if req is None:
             return  # finished already (its FinishedRequest is on the way), or never added
-        self.uid_of_rid.pop(req.rid, None)
-        self.runtime.abort(req.rid)
-        self.pending_finished.append(self._finished(uid, req, "abort"))
+        self.runtime.abort(uid, "stop" if reason == "stop" else "abort")
+        self.pending_finished.append(self._finished(uid, req, reason))
 
     # ---- stepping ---------------------------------------------------------------------------------
 
@@ -289,8 +273,8 @@ class SchedulerWorker:
         logprobs: list[msg.TokenLogprobs] = []
         prompt_logprobs: list[msg.PromptLogprobs] = []
         for req, token in result.new_tokens:
-            uid = self.uid_of_rid.get(req.rid)
-            if uid is None:
+            uid = req.uid
+            if uid not in self.requests:
                 continue
             uids.append(uid)
             tokens.append(token)
@@ -306,17 +290,16 @@ class SchedulerWorker:
                 )
         finished = []
         for req in result.finished:
-            uid = self.uid_of_rid.pop(req.rid, None)
-            if uid is None:
+            uid = req.uid
+            if self.requests.pop(uid, None) is None:
                 continue
-            self.requests.pop(uid, None)
             finished.append(self._finished(uid, req, req.finish_reason or "stop"))
         if uids or finished or self.pending_finished:
             self._send_outputs(uids, tokens, logprobs, finished, prompt_logprobs)
         computed = result.batch.chunks if result.batch is not None else []
         self.activity.record(sum(c.end - c.start for c in computed if c.is_prefill), len(uids), len(finished))
 
-    def _finished(self, uid: int, req: Any, reason: str) -> msg.FinishedRequest:
+    def _finished(self, uid: int, req: Request, reason: str) -> msg.FinishedRequest:
         last = req.output_ids[-1] if req.output_ids else None
         stop_ids = set(req.params.stop_token_id_set)
         if not req.params.ignore_eos:
@@ -356,37 +339,11 @@ class _WorkerOutputs:
     prompt_logprobs: list[msg.PromptLogprobs] = field(default_factory=list)
 
 
-def _prompt_logprobs(uid: int, req: Any) -> msg.PromptLogprobs:
+def _prompt_logprobs(uid: int, req: Request) -> msg.PromptLogprobs:
     tops = [top or {} for top in req.prompt_top_logprobs[1:]]
     return msg.PromptLogprobs(
         uid,
-        [float(v) for v in req.prompt_logprobs[1:]],
+        [float(v) for v in req.prompt_logprobs[1:] if v is not None],  # only the first one is None
         [list(t) for t in tops],
         [list(t.values()) for t in tops],
     )
-
-
-def _param_of(message: str) -> str | None:
-    """The request field an engine error is about, when its message starts with one."""
-    first = message.split(" ", 1)[0].strip("'\"")
-    known = (
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "stop",
-        "stop_token_ids",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "logprobs",
-        "min_tokens",
-        "logit_bias",
-    )
-    if first in known:
-        return first
-    if "prompt" in message or "token id" in message:
-        return "prompt"
-    return None

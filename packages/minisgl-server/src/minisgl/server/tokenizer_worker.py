@@ -66,8 +66,8 @@ class RequestState:
     top_logprobs: int | None
     num_tokens: int = 0
     sent_first: bool = False
-    # Tokens when a stop string was found here, before the runtime saw it; the request is then aborted
-    # in the scheduler and reported as stopped when its FinishedRequest comes back.
+    # Tokens when a stop string was found here (stop strings are this process's to find); the scheduler
+    # is told to stop the request, and its usage counts these tokens when its FinishedRequest comes back.
     tokens_at_stop: int | None = None
     pending_logprobs: list[list[Any]] = field(default_factory=list)
     # echo: the prompt's text (and its ids, for its logprob entries), sent before any output.
@@ -139,9 +139,7 @@ class TokenizerWorker:
         try:
             for request in group.requests:
                 ids = self._prompt_ids(request, memo)
-                tokenized.append(
-                    msg.TokenizedRequest(request.uid, ids, request.params, request.max_tokens_auto)
-                )
+                tokenized.append(msg.TokenizedRequest(request.uid, ids, request.params))
         except ValueError as exc:
             self.to_frontend.send(
                 msg.encode(msg.RequestError(uids, 400, str(exc), _prompt_param(group), None))
@@ -149,7 +147,7 @@ class TokenizerWorker:
             return
         for request, sent in zip(group.requests, tokenized, strict=True):
             state = RequestState(
-                DecodeState(stop=list(request.stop), skip_special_tokens=request.skip_special_tokens),
+                DecodeState(stop=request.params.stop or [], skip_special_tokens=request.skip_special_tokens),
                 request.params.logprobs,
                 score_only=request.score_only,
             )
@@ -264,9 +262,9 @@ class TokenizerWorker:
             if uid in finished:
                 del self.states[uid]
             elif state.decode.stopped and state.tokens_at_stop is None:
-                # A stop string ended the text before the runtime saw it: stop generating too.
+                # A stop string ended the text: this process owns stop strings, the scheduler stops it.
                 state.tokens_at_stop = state.num_tokens
-                self.to_scheduler.send(msg.encode(msg.AbortRequests([uid])))
+                self.to_scheduler.send(msg.encode(msg.AbortRequests([uid], reason="stop")))
 
     def _output(
         self, uid: int, state: RequestState, num_new: int, end: msg.FinishedRequest | None

@@ -12,8 +12,8 @@ from typing import Any, Protocol
 
 import httpx
 
-from minisgl.server import messages as msg
 from minisgl.core.sampling_params import SamplingParams
+from minisgl.server import messages as msg
 from minisgl.server.engine_client import EngineClient, EngineError
 from minisgl.server.launch import EngineProcesses
 

@@ -8,7 +8,7 @@ stream. A client that goes away, while waiting or mid-stream, aborts its request
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import copy
 import json
 import logging
 import time
@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from minisgl.core.sampling_params import SamplingParams
 from minisgl.server import messages as msg
 from minisgl.server.api.body import read_json
 from minisgl.server.api.prompt_size import check_prompt_size
@@ -34,7 +35,6 @@ from minisgl.server.api.protocol import (
     parse_tokenize,
 )
 from minisgl.server.api.responses import ResponseBuilder
-from minisgl.server.api.sampling_defaults import apply_sampling_defaults
 from minisgl.server.args import DEFAULT_MAX_REQUEST_BYTES
 from minisgl.server.engine_client import EngineClient, EngineError, EngineGone, Generation
 from minisgl.server.metrics import Metrics
@@ -249,12 +249,17 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     return await _generate(
         request,
-        lambda body, model: parse_chat(body, model, state.tool_call_parser, state.reasoning_parser),
+        lambda body, model: parse_chat(
+            body, model, state.tool_call_parser, state.reasoning_parser, state.sampling_defaults
+        ),
     )
 
 
 async def completions(request: Request) -> Response:
-    return await _generate(request, parse_completion)
+    state = _state(request)
+    return await _generate(
+        request, lambda body, model: parse_completion(body, model, state.sampling_defaults)
+    )
 
 
 async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec]) -> Response:
@@ -264,7 +269,6 @@ async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec
         raise ApiError(503, SHUTTING_DOWN, code="shutting_down")
     body = await read_json(request, state.max_request_bytes)
     spec = parse(body, state.model_name)  # SamplingParams' own checks are 400s there already
-    apply_sampling_defaults(body, spec, state.sampling_defaults)
     check_prompt_size(spec, state.context_length, state.longest_token)
     requests = _engine_requests(state.client, spec)
     generation = state.client.submit(requests)  # an EngineError here is answered by _engine_error
@@ -296,18 +300,13 @@ def _engine_requests(client: EngineClient, spec: GenerationSpec) -> list[msg.Gen
     for prompt in spec.prompts:
         ids = msg.int32_array(prompt.token_ids) if prompt.token_ids is not None else None
         for sample in range(spec.n):
-            params = spec.params
-            if spec.n > 1 and params.seed is not None:
-                params = dataclasses.replace(params, seed=params.seed + sample)
             requests.append(
                 msg.GenerateRequest(
                     uid=client.new_uid(),
-                    params=params,
+                    params=_sample_params(spec.params, sample),
                     prompt=prompt.text,
                     messages=prompt.messages,
                     prompt_ids=ids,
-                    max_tokens_auto=spec.max_tokens_auto,
-                    stop=spec.stop,
                     skip_special_tokens=spec.skip_special_tokens,
                     tools=spec.extras.tools,
                     chat_template_kwargs=spec.extras.template_kwargs or None,
@@ -316,6 +315,16 @@ def _engine_requests(client: EngineClient, spec: GenerationSpec) -> list[msg.Gen
                 )
             )
     return requests
+
+
+def _sample_params(params: SamplingParams, sample: int) -> SamplingParams:
+    """Sample k of n is seeded seed + k: the n samples differ, each reproducibly. A copy of the checked
+    params, not a rebuilt (re-checked) one: the protocol bounds seed so that seed + k stays in range."""
+    if sample == 0 or params.seed is None:
+        return params
+    seeded = copy.copy(params)
+    seeded.seed = params.seed + sample
+    return seeded
 
 
 async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:

@@ -1,7 +1,10 @@
 """OpenAI request bodies in, checked GenerationSpecs out; anything wrong is an ApiError (400/404).
 
-Every field is checked for its type and range here, before anything reaches the engine: a bad request
-never costs the engine anything, and its error names the field (`param`), as OpenAI's errors do.
+Every field is checked here, before anything reaches the engine: a bad request never costs the engine
+anything, and its error names the field (`param`), as OpenAI's errors do. This module checks JSON types
+and the API's own limits; the sampling fields' ranges are SamplingParams' (declared once, in core), whose
+InvalidRequestError names the field. The SamplingParams of a request is built once, from the body and
+the model's generation_config.json values for the fields the body leaves out.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from minisgl.server.messages import DetokenizeQuery, TokenizeQuery, int32_array
-from minisgl.core.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from minisgl.core.request_error import InvalidRequestError
+from minisgl.core.sampling_params import FLOAT_RANGES, MAX_TOP_LOGPROBS, SamplingParams
 from minisgl.server.api.structured import (
     ChatExtras,
     FieldError,
@@ -20,6 +23,7 @@ from minisgl.server.api.structured import (
     grammar_fields,
     history_tool_calls,
 )
+from minisgl.server.messages import DetokenizeQuery, TokenizeQuery, int32_array
 
 MAX_N = 128
 MAX_SEQUENCES = 1024  # prompts x n in one request
@@ -115,8 +119,6 @@ class GenerationSpec:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
-    max_tokens_auto: bool = False
-    stop: list[str] = field(default_factory=list)
     # None: no logprobs; k: the chosen token's logprob plus the k most likely alternatives.
     top_logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -153,23 +155,13 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _number(
-    body: dict[str, Any],
-    name: str,
-    default: float,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-) -> float:
-    value = body.get(name, _MISSING)
-    if value is _MISSING or value is None:
-        return default
+def _number(body: dict[str, Any], name: str) -> float | None:
+    """A number field, or None when left out; its range is SamplingParams' to check."""
+    value = body.get(name)
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ApiError(400, f"'{name}' must be a number, got {_type_name(value)}", name)
-    too_low = low is not None and (value <= low if low_open else value < low)
-    if too_low or (high is not None and value > high):
-        bounds = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise ApiError(400, f"'{name}' must be in {bounds}, got {value}", name)
     return float(value)
 
 
@@ -209,12 +201,13 @@ def _token_ids(value: Any, name: str) -> list[int]:
     return value
 
 
-def _sampling_params(**fields: Any) -> SamplingParams:
-    """SamplingParams' own checks (those that span fields) as 400s naming the field they start with."""
+def _sampling_params(fields: dict[str, Any], defaults: dict[str, Any]) -> SamplingParams:
+    """The request's SamplingParams, built (and so checked) once: the body's fields over the model's
+    defaults; a value out of range is a 400 naming its field."""
     try:
-        return SamplingParams(**fields)
-    except ValueError as exc:
-        raise ApiError(400, str(exc), str(exc).split(" ", 1)[0]) from None
+        return SamplingParams(**{**defaults, **fields})
+    except InvalidRequestError as exc:
+        raise ApiError(400, exc.message, exc.param) from None
 
 
 def _string(body: dict[str, Any], name: str) -> str | None:
@@ -304,7 +297,11 @@ def _model(body: dict[str, Any], served: str) -> str:
 
 
 def parse_chat(
-    body: Any, served_model: str, tool_parser: str | None = None, reasoning_parser: str | None = None
+    body: Any,
+    served_model: str,
+    tool_parser: str | None = None,
+    reasoning_parser: str | None = None,
+    sampling_defaults: dict[str, Any] | None = None,
 ) -> GenerationSpec:
     body = _object(body)
     model = _model(body, served_model)
@@ -317,27 +314,37 @@ def parse_chat(
     top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
     if top is not None and not logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    spec = _common(body, model, chat=True, prompts=[Prompt(messages=messages)], max_tokens=max_tokens)
-    spec.top_logprobs = (top or 0) if logprobs else None
-    spec.params.logprobs = spec.top_logprobs
-    spec.extras = _as_api_error(chat_extras, body, spec.params, tool_parser, reasoning_parser)
+    # A chat without max_tokens may answer up to the end of the context.
+    fields = {
+        **_sampling_fields(body),
+        "max_tokens": max_tokens,
+        "logprobs": (top or 0) if logprobs else None,
+    }
+    extras = _as_api_error(chat_extras, body, fields, tool_parser, reasoning_parser)
+    spec = _spec(
+        body, model, True, [Prompt(messages=messages)], _sampling_params(fields, sampling_defaults or {})
+    )
+    spec.extras = extras
     return spec
 
 
-def parse_completion(body: Any, served_model: str) -> GenerationSpec:
+def parse_completion(
+    body: Any, served_model: str, sampling_defaults: dict[str, Any] | None = None
+) -> GenerationSpec:
     body = _object(body)
     model = _model(body, served_model)
     prompts = _prompts(body.get("prompt", _MISSING))
     _reject_unsupported(body, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)
-    max_tokens = _integer(body, "max_tokens", 16, 0)
+    max_tokens = _integer(body, "max_tokens", None, 0)
     top = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
     echo = _boolean(body, "echo", False)
-    # max_tokens 0 runs one step (the engine always computes a token after the prompt) whose token the
-    # tokenizer worker drops.
-    spec = _common(body, model, chat=False, prompts=prompts, max_tokens=max_tokens or 1)
-    spec.top_logprobs = top
-    spec.params.logprobs = top
-    spec.params.prompt_logprobs = echo and top is not None
+    fields = _sampling_fields(body)
+    if max_tokens is not None:
+        # max_tokens 0 runs one step (the engine always computes a token after the prompt) whose token
+        # the tokenizer worker drops. Left out: SamplingParams' default, as OpenAI's 16.
+        fields["max_tokens"] = max_tokens or 1
+    fields.update(logprobs=top, prompt_logprobs=echo and top is not None)
+    spec = _spec(body, model, False, prompts, _sampling_params(fields, sampling_defaults or {}))
     spec.echo = echo
     spec.score_only = max_tokens == 0
     if spec.score_only and spec.params.min_tokens:
@@ -351,8 +358,27 @@ def _object(body: Any) -> dict[str, Any]:
     return body
 
 
-def _common(
-    body: dict[str, Any], model: str, chat: bool, prompts: list[Prompt], max_tokens: int | None
+def _sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The SamplingParams fields both endpoints read, type-checked; those the body leaves out are left out
+    (the model's defaults, then SamplingParams', fill them in)."""
+    top_k = _integer(body, "top_k", None, -1)
+    stop_token_ids = body.get("stop_token_ids")
+    fields: dict[str, Any] = {name: _number(body, name) for name in FLOAT_RANGES}
+    fields.update(
+        top_k=-1 if top_k == 0 else top_k,
+        seed=_integer(body, "seed", None, -(2**63), 2**63 - MAX_N - 1),
+        stop_token_ids=_token_ids(stop_token_ids, "stop_token_ids") if stop_token_ids is not None else None,
+        stop=_stop(body) or None,
+        ignore_eos=_boolean(body, "ignore_eos", False),
+        min_tokens=_integer(body, "min_tokens", None, 0),
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        **_as_api_error(grammar_fields, body),
+    )
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _spec(
+    body: dict[str, Any], model: str, chat: bool, prompts: list[Prompt], params: SamplingParams
 ) -> GenerationSpec:
     n = _integer(body, "n", 1, 1, MAX_N)
     assert n is not None
@@ -367,37 +393,9 @@ def _common(
         if not stream:
             raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
         include_usage = _boolean(options, "include_usage", False)
-    top_k = _integer(body, "top_k", -1, -1)
-    stop_token_ids = body.get("stop_token_ids")
-    stop = _stop(body)
-    min_tokens = _integer(body, "min_tokens", 0, 0)
-    assert min_tokens is not None
-    if max_tokens is not None and min_tokens > max_tokens:
-        raise ApiError(
-            400, f"'min_tokens' ({min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens"
-        )
     _string(body, "user")
     if not isinstance(body.get("metadata", {}), (dict, type(None))):
         raise ApiError(400, "'metadata' must be an object", "metadata")
-    params = _sampling_params(
-        # With no max_tokens the scheduler fills in the rest of the context; until then, a placeholder
-        # that min_tokens fits under.
-        max_tokens=max_tokens or max(1, min_tokens),
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=-1 if top_k in (0, -1) else top_k,
-        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-        seed=_integer(body, "seed", None, -(2**63), 2**63 - MAX_N - 1),
-        stop_token_ids=_token_ids(stop_token_ids, "stop_token_ids") if stop_token_ids is not None else None,
-        stop=stop or None,
-        ignore_eos=_boolean(body, "ignore_eos", False),
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 2.0, low_open=True),
-        **_as_api_error(grammar_fields, body),
-        min_tokens=min_tokens,
-        logit_bias=_logit_bias(body.get("logit_bias")),
-    )
     return GenerationSpec(
         chat=chat,
         model=model,
@@ -406,8 +404,7 @@ def _common(
         n=n,
         stream=stream,
         include_usage=include_usage,
-        max_tokens_auto=max_tokens is None,
-        stop=stop,
+        top_logprobs=params.logprobs,
         skip_special_tokens=_boolean(body, "skip_special_tokens", True),
     )
 

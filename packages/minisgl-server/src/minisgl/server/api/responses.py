@@ -9,9 +9,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from minisgl.server.messages import RequestOutput
 from minisgl.server.api.parsers import ChatOutputParser, ParsedDelta, ToolCallDelta
 from minisgl.server.api.protocol import GenerationSpec
+from minisgl.server.messages import RequestOutput
 
 
 @dataclass

@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from minisgl.core.sampling_params import SamplingParams
-from minisgl.core.structured import check_grammar
+from minisgl.core.sampling_params import GRAMMAR_FIELDS
+from minisgl.core.structured import check_grammar_source
 from minisgl.server.api.parsers import REASONING_PARSERS, TOOL_PARSERS
 
 # Keys of chat_template_kwargs that the server itself sets.
@@ -57,7 +57,7 @@ def grammar_fields(body: dict[str, Any]) -> dict[str, str]:
         )
     for name, (source, value) in found.items():
         try:
-            check_grammar(SamplingParams(**{name: value}))  # type: ignore[arg-type]
+            check_grammar_source(name, value)
         except ValueError as exc:
             raise FieldError(source, f"'{source}': {exc}") from None
     return {name: value for name, (_, value) in found.items()}
@@ -83,10 +83,11 @@ def _response_format(value: Any) -> str | None:
 
 
 def chat_extras(
-    body: dict[str, Any], params: SamplingParams, tool_parser: str | None, reasoning_parser: str | None
+    body: dict[str, Any], fields: dict[str, Any], tool_parser: str | None, reasoning_parser: str | None
 ) -> ChatExtras:
     """Check the tool and template fields; a forced tool call (tool_choice "required" or a named
-    function) becomes the request's grammar, and any grammar waits for the end of a think block."""
+    function) becomes the request's grammar, and any grammar waits for the end of a think block (both
+    added to `fields`, the request's SamplingParams fields before they are built)."""
     extras = ChatExtras(tools=_tools(body.get("tools")), reasoning_parser=reasoning_parser)
     extras.template_kwargs = _template_kwargs(body.get("chat_template_kwargs"))
     choice = _tool_choice(body.get("tool_choice"), extras.tools)
@@ -98,7 +99,7 @@ def chat_extras(
             raise FieldError("tools", "tool calling is off on this server (start it with --tool-call-parser)")
         extras.tool_parser = tool_parser
     if extras.tools and choice not in ("none", "auto"):
-        if params.json_schema or params.regex or params.ebnf:
+        if any(fields.get(name) for name in GRAMMAR_FIELDS):
             raise FieldError(
                 "tool_choice", f"tool_choice {choice!r} cannot be combined with a response_format"
             )
@@ -107,9 +108,9 @@ def chat_extras(
         for i, tool in forced:  # the call grammar is built from these: a bad one is the client's error
             _check_parameters(tool, f"tools[{i}].function.parameters")
         schemas = [_call_schema(t) for _, t in forced]
-        params.ebnf = TOOL_PARSERS[tool_parser].call_grammar(schemas, parallel)
-    if reasoning_parser is not None and (params.json_schema or params.regex or params.ebnf):
-        params.grammar_after = REASONING_PARSERS[reasoning_parser].grammar_after(extras.template_kwargs)
+        fields["ebnf"] = TOOL_PARSERS[tool_parser].call_grammar(schemas, parallel)
+    if reasoning_parser is not None and any(fields.get(name) for name in GRAMMAR_FIELDS):
+        fields["grammar_after"] = REASONING_PARSERS[reasoning_parser].grammar_after(extras.template_kwargs)
     return extras
 
 
@@ -145,7 +146,7 @@ def _name(tool: dict[str, Any]) -> str:
 def _check_parameters(tool: dict[str, Any], where: str) -> None:
     parameters = tool["function"].get("parameters") or {"type": "object"}
     try:
-        check_grammar(SamplingParams(json_schema=parameters))
+        check_grammar_source("json_schema", json.dumps(parameters))
     except ValueError as exc:
         raise FieldError(where, f"'{where}' is not a usable JSON schema: {exc}") from None
 
