@@ -50,14 +50,16 @@ def output_budget(prompt_len: int, max_tokens: int | None, context_length: int, 
 
 def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
     """Every token id the request names (prompt, stop_token_ids, logit_bias) is in the vocabulary."""
-    for token in prompt_ids:
-        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
-            raise InvalidRequestError(
-                "prompt", f"token id {token!r} is outside the vocabulary [0, {vocab_size})"
-            )
+    bad = next((t for t in prompt_ids if not _in_vocabulary(t, vocab_size)), None)
+    if bad is not None:
+        raise InvalidRequestError("prompt", f"token id {bad!r} is outside the vocabulary [0, {vocab_size})")
     for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
         outside = [token for token in ids or () if token >= vocab_size]
         if outside:
             raise InvalidRequestError(
                 name, f"{name} holds token id {outside[0]}, outside the vocabulary [0, {vocab_size})"
             )
+
+
+def _in_vocabulary(token: object, vocab_size: int) -> bool:
+    return isinstance(token, int) and not isinstance(token, bool) and 0 <= token < vocab_size

@@ -308,9 +308,8 @@ class Runtime:
         self, prompt_ids: list[int], params: SamplingParams, refuse_overflow: bool = False
     ) -> CheckedRequest:
         """The request as add_checked takes it, or an InvalidRequestError (a ValueError) if it is invalid
-        or could never run; changes nothing. refuse_overflow:
-        an explicit max_tokens beyond the context is refused rather than cut at the context's end
-        (request_checks.output_budget)."""
+        or could never run; changes nothing. refuse_overflow: an explicit max_tokens beyond the context
+        is refused rather than cut at the context's end (request_checks.output_budget)."""
         params.ensure_valid()  # a no-op unless a field was set since the params were built
         check_token_ids(prompt_ids, params, self.model_config.vocab_size)
         if params.stop and self.tokenizer is None:

@@ -155,20 +155,26 @@ def _check_floats(p: SamplingParams) -> None:
             raise _fail(name, f"must be a number in {accepted}", value)
 
 
-def _check_counts(p: SamplingParams) -> None:
+def _check_lengths(p: SamplingParams) -> None:
     if p.max_tokens is not None and not (_is_int(p.max_tokens) and p.max_tokens >= 1):
         raise _fail("max_tokens", "must be an integer >= 1 or None (up to the context length)", p.max_tokens)
+    most = p.max_tokens if p.max_tokens is not None else math.inf
+    if not (_is_int(p.min_tokens) and 0 <= p.min_tokens <= most):
+        raise _fail("min_tokens", f"must be an integer in [0, max_tokens = {p.max_tokens}]", p.min_tokens)
+
+
+def _check_counts(p: SamplingParams) -> None:
     if not (_is_int(p.top_k) and (p.top_k >= 1 or p.top_k == -1)):
         raise _fail("top_k", "must be -1 (disabled) or an integer >= 1", p.top_k)
     if not (_is_int(p.n) and p.n >= 1):
         raise _fail("n", "must be an integer >= 1", p.n)
+
+
+def _check_optional_integers(p: SamplingParams) -> None:
     if p.seed is not None and not _is_int(p.seed):
         raise _fail("seed", "must be an integer or None", p.seed)
     if p.logprobs is not None and not (_is_int(p.logprobs) and 0 <= p.logprobs <= MAX_TOP_LOGPROBS):
         raise _fail("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] or None", p.logprobs)
-    most = p.max_tokens if p.max_tokens is not None else math.inf
-    if not (_is_int(p.min_tokens) and 0 <= p.min_tokens <= most):
-        raise _fail("min_tokens", f"must be an integer in [0, max_tokens = {p.max_tokens}]", p.min_tokens)
 
 
 def _check_stops(p: SamplingParams) -> None:
@@ -191,7 +197,9 @@ def _check_logit_bias(p: SamplingParams) -> None:
 
 
 _FIELD_CHECKS: tuple[Callable[[SamplingParams], None], ...] = (
+    _check_lengths,
     _check_counts,
+    _check_optional_integers,
     _check_floats,
     _check_stops,
     _check_logit_bias,

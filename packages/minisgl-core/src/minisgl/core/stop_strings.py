@@ -23,16 +23,15 @@ def first_stop(text: str, stops: list[str], start: int = 0) -> int | None:
 
 def reached_stop_strings(tokenizer: Any, requests: list[Request]) -> list[Request]:
     """The requests whose output (the tokens known on the host) now holds one of their stop strings."""
-    watched = [req for req in requests if req.params.stop]
+    watched = [(req, req.params.stop) for req in requests if req.params.stop]
     if not watched:
         return []
-    tails = []
-    for req in watched:
-        window = max(map(len, req.params.stop or ())) + _MARGIN_TOKENS
-        tails.append(req.resolved_output_ids()[-window:])
+    tails = [_tail(req, stops) for req, stops in watched]
     texts = tokenizer.batch_decode(tails, skip_special_tokens=True)
-    return [
-        req
-        for req, text in zip(watched, texts, strict=True)
-        if first_stop(text, req.params.stop or []) is not None
-    ]
+    found = [first_stop(text, stops) for (_, stops), text in zip(watched, texts, strict=True)]
+    return [req for (req, _), at in zip(watched, found, strict=True) if at is not None]
+
+
+def _tail(req: Request, stops: list[str]) -> list[int]:
+    """The last output tokens, enough to hold the longest stop string."""
+    return req.resolved_output_ids()[-(max(map(len, stops)) + _MARGIN_TOKENS) :]

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from minisgl.core.request_error import InvalidRequestError
 from minisgl.core.sampling_params import SamplingParams
 from minisgl.server import messages as msg
 from minisgl.server.engine_client import EngineClient, EngineError
@@ -39,8 +40,9 @@ class ChatSettings:
         """Raise ValueError naming the option that is out of range."""
         try:
             self.sampling_params()
-        except ValueError as exc:
-            raise ValueError(f"argument --{str(exc).split(' ', 1)[0].replace('_', '-')}: {exc}") from None
+        except InvalidRequestError as exc:
+            flag = (exc.param or "").replace("_", "-")
+            raise ValueError(f"argument --{flag}: {exc.message}") from None
 
 
 class ChatBackend(Protocol):
