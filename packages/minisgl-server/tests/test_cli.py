@@ -187,3 +187,17 @@ def test_python_dash_m_minisgl() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: minisgl")
+
+
+def test_version_of_a_source_checkout_that_was_never_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from src folders on PYTHONPATH (no package metadata), the server still starts and says so."""
+    import importlib.metadata
+
+    from minisgl.server import versions
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert versions.server_version() == versions.NOT_INSTALLED
+    assert versions.package_versions() == {}
