@@ -107,6 +107,7 @@ def test_flags_keep_their_names() -> None:
 
 
 def test_serve_help_imports_no_torch() -> None:
+    # The server's parser reads minisgl.core.engine_config and engine_flags: they must stay torch-free.
     code = (
         "import sys\n"
         "from minisgl.server.cli import build_parser\n"
