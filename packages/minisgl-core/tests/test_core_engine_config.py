@@ -84,3 +84,11 @@ def test_every_accepted_dtype_name_means_a_torch_dtype() -> None:
         "float16": torch.float16,
         "fp8_e4m3": torch.float8_e4m3fn,
     }
+
+
+def test_the_readme_names_every_option() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(EngineConfig) if f"`{f.name}`" not in readme]
+    assert not missing, missing
