@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from minisgl.core import LLM, SamplingParams
+from minisgl.core.engine_flags import add_engine_flags
 from minisgl.core.runtime import Runtime
 from minisgl.core.sampler import sample
 
@@ -116,14 +117,18 @@ def main() -> None:
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--batches", default="1,32,128,256")
     parser.add_argument("--context", type=int, default=800)
-    parser.add_argument("--page-size", type=int, default=1)
-    parser.add_argument("--attn", default="auto")
     parser.add_argument("--profile", type=int, default=0, help="profile graph replays at this batch size")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", type=int, default=0, help="trace whole steps at this batch size")
     parser.add_argument("--trace-file", default="decode_trace.json")
+    # The engine's flags, but for random weights and the context every batch here fits in.
+    engine_flags = add_engine_flags(
+        parser.add_argument_group("engine"), exclude=("load_format", "max_seq_len")
+    )
+    parser.set_defaults(page_size=1)
     args = parser.parse_args()
-    llm = LLM(args.model, load_format="dummy", max_seq_len=4096, page_size=args.page_size, attn=args.attn)
+    options = {name: getattr(args, name) for name in engine_flags}
+    llm = LLM(args.model, load_format="dummy", max_seq_len=4096, **options)
     runtime = llm.runtime
     for i, batch in enumerate(int(b) for b in args.batches.split(",")):
         bring_to_decode(runtime, batch, args.context, seed=i)

@@ -47,13 +47,17 @@ def add_engine_flags(
     parser: argparse._ActionsContainer,
     config_class: type[EngineConfig] = EngineConfig,
     names: Collection[str] | None = None,
-) -> None:
-    """One flag per field of config_class (EngineConfig, or a subclass that declares more); only the
-    fields in `names` when given."""
+    exclude: Collection[str] = (),
+) -> tuple[str, ...]:
+    """One flag per field of config_class (EngineConfig, or a subclass that declares more): only the
+    fields in `names` when given, none in `exclude` (a tool that sets them itself). Returns the fields
+    that got a flag: their values are the namespace's attributes of the same names."""
     hints = typing.get_type_hints(config_class)
+    added: list[str] = []
     for declared in dataclasses.fields(config_class):
-        if names is not None and declared.name not in names:
+        if (names is not None and declared.name not in names) or declared.name in exclude:
             continue
+        added.append(declared.name)
         help_text = option_spec(declared).help.replace("%", "%%")  # argparse %-formats help
         flags = flags_of(declared)
         kind = _value_kind(hints[declared.name])
@@ -71,6 +75,7 @@ def add_engine_flags(
             metavar=flags[0].lstrip("-").replace("-", "_").upper(),
             help=help_text,
         )
+    return tuple(added)
 
 
 def engine_config_from(

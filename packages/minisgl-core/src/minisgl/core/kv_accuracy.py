@@ -18,12 +18,12 @@ import argparse
 import gc
 import json
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from minisgl.core.engine_config import KV_CACHE_DTYPES, EngineConfig
+from minisgl.core.engine_config import KV_CACHE_DTYPES
 from minisgl.core.engine_flags import add_engine_flags
 from minisgl.core.llm import LLM
 from minisgl.core.model_source import DEFAULT_MODEL
@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--gen-len", type=int, default=32)
     # The engines' other options, the same for both (the context length follows from the lengths).
-    shared = [f.name for f in fields(EngineConfig) if f.name not in ("kv_cache_dtype", "max_seq_len")]
-    add_engine_flags(parser.add_argument_group("engine"), names=shared)
+    shared = add_engine_flags(parser.add_argument_group("engine"), exclude=("kv_cache_dtype", "max_seq_len"))
     args = parser.parse_args(argv)
     result = measure(
         args.model,
