@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from minisgl.core import LLM, SamplingParams
+from minisgl.core.engine_flags import add_engine_flags
 from minisgl.core.runtime import Runtime
 from minisgl.core.sampler import sample
 
@@ -140,27 +141,21 @@ def main() -> None:
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--batches", default="1,32,128,256")
     parser.add_argument("--context", type=int, default=800)
-    parser.add_argument("--page-size", type=int, default=1)
-    parser.add_argument("--attn", default="auto")
     parser.add_argument("--profile", type=int, default=0, help="profile graph replays at this batch size")
-    parser.add_argument("--kv-cache-dtype", default="auto")
-    parser.add_argument("--max-prefill-tokens", type=int, default=8192)
     parser.add_argument(
         "--prefill-profile", type=int, default=0, help="profile one prefill step of N prompts"
     )
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", type=int, default=0, help="trace whole steps at this batch size")
     parser.add_argument("--trace-file", default="decode_trace.json")
-    args = parser.parse_args()
-    llm = LLM(
-        args.model,
-        load_format="dummy",
-        max_seq_len=4096,
-        page_size=args.page_size,
-        attn=args.attn,
-        kv_cache_dtype=args.kv_cache_dtype,
-        max_prefill_tokens=args.max_prefill_tokens,
+    # The engine's flags, but for random weights and the context every batch here fits in.
+    engine_flags = add_engine_flags(
+        parser.add_argument_group("engine"), exclude=("load_format", "max_seq_len")
     )
+    parser.set_defaults(page_size=1)
+    args = parser.parse_args()
+    options = {name: getattr(args, name) for name in engine_flags}
+    llm = LLM(args.model, load_format="dummy", max_seq_len=4096, **options)
     runtime = llm.runtime
     if args.prefill_profile:
         profile_prefill(runtime, args.prefill_profile, args.context, args.rows)

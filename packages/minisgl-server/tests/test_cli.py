@@ -68,7 +68,12 @@ def test_serve_passes_checked_args(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(serve_module, "serve", lambda args: received.append(args) or 0)
     assert main(["serve", "--port", "8000", "--device", "cpu", "--max-queued-requests", "3"]) == 0
     (args,) = received
-    assert (args.port, args.device, args.max_queued_requests, args.host) == (8000, "cpu", 3, "127.0.0.1")
+    assert (args.port, args.engine.device, args.max_queued_requests, args.host) == (
+        8000,
+        "cpu",
+        3,
+        "127.0.0.1",
+    )
 
 
 def test_mini_sglang_spelling_serves(monkeypatch: pytest.MonkeyPatch) -> None:
