@@ -2,6 +2,7 @@
 torch reference. For choosing the decode backend (performance work, not a test).
 
     python tools/attn_bench.py [--batch 128] [--min-len 400] [--max-len 1600] [--variants fi_p1,xqa_p16]
+                               [--kv-dtype fp8_e4m3]
 
 KV caches are one layer of the engine's pool layout (pages, page_size, kv_heads, head_dim), with each
 request's pages scattered at random over the pool, as decode leaves them. Bandwidth counts the K and V
@@ -39,10 +40,12 @@ class Case:
 
     @property
     def kv_bytes(self) -> int:
-        return 2 * sum(self.kv_lens) * self.num_kv_heads * self.head_dim * self.q.element_size()
+        return 2 * sum(self.kv_lens) * self.num_kv_heads * self.head_dim * self.k_cache.element_size()
 
 
-def make_case(qo: int, kv: int, d: int, page_size: int, kv_lens: list[int], seed: int) -> Case:
+def make_case(
+    qo: int, kv: int, d: int, page_size: int, kv_lens: list[int], seed: int, kv_dtype: torch.dtype
+) -> Case:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     pages_per = [-(-n // page_size) for n in kv_lens]
     num_pages = sum(pages_per) + 8
@@ -56,7 +59,7 @@ def make_case(qo: int, kv: int, d: int, page_size: int, kv_lens: list[int], seed
     k = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
     q = torch.randn(len(kv_lens), qo, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    return Case(qo, kv, d, page_size, kv_lens, q, k, v, table)
+    return Case(qo, kv, d, page_size, kv_lens, q, k.to(kv_dtype), v.to(kv_dtype), table)
 
 
 def reference(case: Case) -> torch.Tensor:
@@ -98,7 +101,7 @@ def flashinfer_decode(case: Case, tensor_cores: bool, backend: str) -> Callable[
         case.head_dim,
         case.page_size,
         q_data_type=torch.bfloat16,
-        kv_data_type=torch.bfloat16,
+        kv_data_type=case.k_cache.dtype,
     )
     return lambda: wrapper.run(case.q, (case.k_cache, case.v_cache))
 
@@ -122,7 +125,7 @@ def flashinfer_prefill(case: Case, backend: str) -> Callable[[], torch.Tensor]:
         case.page_size,
         causal=True,
         q_data_type=torch.bfloat16,
-        kv_data_type=torch.bfloat16,
+        kv_data_type=case.k_cache.dtype,
     )
     gen = torch.Generator(device="cuda").manual_seed(2)
     q = torch.randn(sum(case.kv_lens), case.num_qo_heads, case.head_dim, device="cuda", generator=gen)
@@ -197,13 +200,17 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=1600)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--shapes", default="16/8,32/8", help="query heads/KV heads, comma separated")
+    parser.add_argument("--kv-dtype", choices=["bf16", "fp8_e4m3"], default="bf16")
     args = parser.parse_args()
+    kv_dtype = torch.float8_e4m3fn if args.kv_dtype == "fp8_e4m3" else torch.bfloat16
     rng = torch.Generator().manual_seed(0)
     kv_lens = torch.randint(args.min_len, args.max_len + 1, (args.batch,), generator=rng).tolist()
     names = args.variants.split(",")
     shapes = [(int(s.split("/")[0]), int(s.split("/")[1])) for s in args.shapes.split(",")]
     cases: dict[Key, Case] = {
-        (s, n): make_case(s[0], s[1], 128, VARIANTS[n][0], kv_lens, seed=1) for s in shapes for n in names
+        (s, n): make_case(s[0], s[1], 128, VARIANTS[n][0], kv_lens, seed=1, kv_dtype=kv_dtype)
+        for s in shapes
+        for n in names
     }
 
     # Build (JIT-compile) every variant first, in parallel: compiling is most of a first call's cost.
@@ -241,7 +248,9 @@ def main() -> None:
             f"{qo}/{kv} {name:16s} {1e6 * seconds:8.1f} us  {case.kv_bytes / seconds / 1e12:5.2f} TB/s  "
             f"rel.err {rel:.1e}  build {build_seconds:5.1f} s"
         )
-    print(f"batch {args.batch}, kv lens uniform in [{args.min_len}, {args.max_len}], head_dim 128, bf16")
+    print(
+        f"batch {args.batch}, kv lens uniform in [{args.min_len}, {args.max_len}], head_dim 128, KV {args.kv_dtype}"
+    )
     print("\n".join(rows))
 
 

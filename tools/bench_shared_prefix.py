@@ -18,6 +18,8 @@ import random
 import time
 from typing import Any
 
+from minisgl.core.engine_flags import add_engine_flags
+
 
 def make_prompts(num_requests: int, prefix_len: int, unique_len: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
@@ -28,15 +30,7 @@ def make_prompts(num_requests: int, prefix_len: int, unique_len: int, seed: int)
 def run(cache: str, args: argparse.Namespace, prompts: list[list[int]]) -> tuple[float, int, list[Any]]:
     from minisgl.core import LLM, SamplingParams
 
-    llm = LLM(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        cache=cache,
-        page_size=args.page_size,
-        max_prefill_tokens=args.max_prefill_tokens,
-        disable_overlap=args.disable_overlap,
-    )
+    llm = LLM(args.model, cache=cache, **{name: getattr(args, name) for name in args.engine_flags})
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up, shares nothing
     started = time.perf_counter()
@@ -53,18 +47,17 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--shared-prefix-len", type=int, default=512)
     parser.add_argument("--unique-len", type=int, default=16, help="tokens of each request's own suffix")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--page-size", type=int, default=1)
-    parser.add_argument("--max-prefill-tokens", type=int, default=8192)
-    parser.add_argument("--disable-overlap", action="store_true", help="no overlap scheduling")
     parser.add_argument("--cache", choices=["radix", "naive", "both"], default="both")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the workload's token ids")
+    # The engine's other flags (--seed above is the workload's; sampling is greedy).
+    engine_flags = add_engine_flags(parser.add_argument_group("engine"), exclude=("cache", "seed"))
+    parser.set_defaults(device="cpu", dtype="float32", page_size=1)
     args = parser.parse_args(argv)
+    args.engine_flags = engine_flags
 
     prompts = make_prompts(args.num_requests, args.shared_prefix_len, args.unique_len, args.seed)
     prompt_tokens = sum(map(len, prompts))

@@ -6,7 +6,8 @@ For each batch size: B requests of `context` random prompt tokens are brought to
 (CUDA events, medians) the whole step as the runtime runs it, the decode CUDA graph's replay alone (the
 model and the logits) and the sampler alone; the rest of the step is layout, planning and the token
 table. --trace B profiles whole steps (host and device) and writes a Chrome trace. --profile B prints torch.profiler's kernel table of graph replays at batch B (after the timings,
-so a profiler that hangs costs only that part).
+so a profiler that hangs costs only that part). --prefill-profile N prints the kernel table of one
+prefill step of N prompts of `context` tokens (at most --max-prefill-tokens of them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from minisgl.core import LLM, SamplingParams
+from minisgl.core.engine_flags import add_engine_flags
 from minisgl.core.runtime import Runtime
 from minisgl.core.sampler import sample
 
@@ -89,6 +91,29 @@ def profile_graph(runtime: Runtime, batch: int, rows: int) -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=80))
 
 
+def profile_prefill(runtime: Runtime, prompts: int, context: int, rows: int) -> None:
+    """One warm-up prefill step, then one profiled: where a compute-bound prefill step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def prefill_step(seed: int) -> float:
+        rng = random.Random(seed)
+        for _ in range(prompts):
+            prompt = [rng.randrange(10000) for _ in range(context)]
+            runtime.add_request(prompt, SamplingParams(temperature=0.6, max_tokens=4, ignore_eos=True))
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        runtime.step()
+        torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - started)
+
+    print(f"warm-up prefill step: {prefill_step(0):.1f} ms wall", flush=True)
+    clear(runtime)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        print(f"profiled prefill step: {prefill_step(1):.1f} ms wall", flush=True)
+    clear(runtime)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=80))
+
+
 def trace_steps(runtime: Runtime, batch: int, path: str, rows: int) -> None:
     """Profile a few whole steps (host and device) at this batch size: the host-side table shows any call
     that waits for the device, and the Chrome trace (gzipped) shows the device's idle gaps."""
@@ -116,16 +141,25 @@ def main() -> None:
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--batches", default="1,32,128,256")
     parser.add_argument("--context", type=int, default=800)
-    parser.add_argument("--page-size", type=int, default=1)
-    parser.add_argument("--attn", default="auto")
     parser.add_argument("--profile", type=int, default=0, help="profile graph replays at this batch size")
+    parser.add_argument(
+        "--prefill-profile", type=int, default=0, help="profile one prefill step of N prompts"
+    )
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", type=int, default=0, help="trace whole steps at this batch size")
     parser.add_argument("--trace-file", default="decode_trace.json")
+    # The engine's flags, but for random weights and the context every batch here fits in.
+    engine_flags = add_engine_flags(
+        parser.add_argument_group("engine"), exclude=("load_format", "max_seq_len")
+    )
+    parser.set_defaults(page_size=1)
     args = parser.parse_args()
-    llm = LLM(args.model, load_format="dummy", max_seq_len=4096, page_size=args.page_size, attn=args.attn)
+    options = {name: getattr(args, name) for name in engine_flags}
+    llm = LLM(args.model, load_format="dummy", max_seq_len=4096, **options)
     runtime = llm.runtime
-    for i, batch in enumerate(int(b) for b in args.batches.split(",")):
+    if args.prefill_profile:
+        profile_prefill(runtime, args.prefill_profile, args.context, args.rows)
+    for i, batch in enumerate(int(b) for b in args.batches.split(",") if b):
         bring_to_decode(runtime, batch, args.context, seed=i)
         print(measure(runtime, batch), flush=True)
         clear(runtime)

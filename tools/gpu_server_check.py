@@ -3,13 +3,18 @@
     python tools/build_gpu_server_model.py .gpu_model     # on the CPU machine: a config + tokenizer dir
     python tools/gpu_server_check.py .gpu_model           # on the GPU machine
     python tools/gpu_server_check.py --url http://127.0.0.1:1919   # a server that is already running
+    python tools/gpu_server_check.py DIR --structured   # also grammars and tools (DIR from --tokenizer smollm2)
 
-Prints one line per check and exits non-zero if any fails.
+Prints one line per check and exits non-zero if any fails. With random weights only what the engine
+guarantees is checked: counts and streams, and with --structured that every constrained reply (concurrent,
+mixed with free ones, under overlap scheduling and decode CUDA graphs) parses and validates.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import subprocess
 import sys
 import time
@@ -73,6 +78,71 @@ def check(url: str) -> int:
     return failures
 
 
+# Bounded strings and arrays, so that even a random model's constrained reply ends within max_tokens.
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 2},
+    },
+    "required": ["name", "age", "role", "tags"],
+}
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 16}},
+    "required": ["city"],
+}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS}}
+CODE = r"[a-z]{3,8}-[0-9]{2}"
+
+
+def check_structured(url: str, concurrency: int = 48) -> int:
+    """Concurrent json_schema, regex, forced-tool and free chat requests; returns how many failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jsonschema
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none")
+    name = client.models.list().data[0].id
+    ask = [{"role": "user", "content": "Describe a person."}]
+
+    def one(i: int) -> str | None:
+        """None when the reply is what the request forces, else what went wrong."""
+        kind = ("schema", "regex", "tool", "free")[i % 4]
+        options: dict[str, object] = {"model": name, "messages": ask, "temperature": 0.8, "max_tokens": 200}
+        if kind == "schema":
+            schema = {"name": "person", "schema": PERSON_SCHEMA, "strict": True}
+            options["response_format"] = {"type": "json_schema", "json_schema": schema}
+        elif kind == "regex":
+            options["extra_body"] = {"regex": CODE}
+        elif kind == "tool":
+            options.update(tools=[WEATHER_TOOL], tool_choice="required")
+        choice = client.chat.completions.create(**options).choices[0]  # type: ignore[call-overload]
+        text = choice.message.content or ""
+        try:
+            if kind == "schema":
+                jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+            elif kind == "regex" and not re.fullmatch(CODE, text):
+                return f"regex reply {text!r}"
+            elif kind == "tool":
+                call = choice.message.tool_calls[0]
+                assert choice.finish_reason == "tool_calls" and call.function.name == "get_weather"
+                jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMETERS)
+        except Exception as exc:  # any parse or validation failure is a failed check
+            return f"{kind}: {type(exc).__name__}: {exc} ({choice.finish_reason}, {text[:200]!r})"
+        return None
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        problems = [p for p in pool.map(one, range(2 * concurrency)) if p is not None]
+    print(f"structured: {2 * concurrency} concurrent requests, {len(problems)} failed")
+    for problem in problems[:5]:
+        print("  ", problem)
+    return len(problems)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -80,15 +150,20 @@ def main() -> None:
     parser.add_argument("model", nargs="?", help="model directory to serve (omit with --url)")
     parser.add_argument("device", nargs="?", default="cuda")
     parser.add_argument("--url", help="check this running server instead of starting one")
+    parser.add_argument("--structured", action="store_true", help="also check grammars and forced tools")
     args = parser.parse_args()
+
+    def run_checks(url: str) -> int:
+        return check(url) + (check_structured(url) if args.structured else 0)
+
     if args.url:
-        failures = check(args.url.rstrip("/"))
+        failures = run_checks(args.url.rstrip("/"))
     elif args.model:
         port = 19191
         server = start_server(args.model, args.device, port)
         try:
             wait_healthy(f"http://127.0.0.1:{port}", server, 600)
-            failures = check(f"http://127.0.0.1:{port}")
+            failures = run_checks(f"http://127.0.0.1:{port}")
         finally:
             server.terminate()
             server.wait(timeout=60)

@@ -15,7 +15,7 @@ import torch
 import xgrammar as xgr
 
 from minisgl.core import LLM, SamplingParams
-from minisgl.core.structured import GrammarCompiler, check_grammar, mask_logits
+from minisgl.core.structured import GrammarCompiler, check_grammar, json_schema_source, mask_logits
 
 QUESTION = [{"role": "user", "content": "Describe a person as JSON."}]
 
@@ -119,6 +119,34 @@ def test_regex_and_ebnf(smollm: Any) -> None:
     first, second = smollm.chat([QUESTION, QUESTION], [regex, ebnf])
     assert re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", first.text) and first.finish_reason == "stop"
     assert re.fullmatch(r"(cat|dog) [0-9]", second.text) and second.finish_reason == "stop"
+
+
+def test_length_bounded_strings_never_hold_raw_control_characters(smollm: Any) -> None:
+    """A model that wants tabs (logit_bias) inside a maxLength string still writes valid JSON: JSON forbids
+    raw control characters in strings, and xgrammar's own length-bounded string rule admits them."""
+    tokenizer = smollm.runtime.tokenizer
+    tab = tokenizer.encode("\t", add_special_tokens=False)
+    assert len(tab) == 1
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}},
+        "required": ["name"],
+    }
+    params = SamplingParams(
+        temperature=0.0, max_tokens=40, json_schema=json.dumps(schema), logit_bias={tab[0]: 30}
+    )
+    result = smollm.chat([QUESTION], params)[0]
+    assert result.finish_reason == "stop", result.text
+    jsonschema.validate(json.loads(result.text), schema)  # json.loads refuses raw control characters
+
+
+def test_bounded_strings_become_patterns_for_xgrammar() -> None:
+    schema = {"type": "array", "items": {"type": "string", "minLength": 2, "maxLength": 5}}
+    keep = {"type": "string", "maxLength": 3, "pattern": "^a+$"}
+    converted = json.loads(json_schema_source(json.dumps({"anyOf": [schema, keep]})))
+    assert converted["anyOf"][0]["items"] == {"type": "string", "pattern": "^[\\s\\S]{2,5}$"}
+    assert converted["anyOf"][1] == keep
+    assert json_schema_source("not json") == "not json"
 
 
 def test_length_finish_is_honest(smollm: Any) -> None:

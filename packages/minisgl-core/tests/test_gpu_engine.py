@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,21 +72,28 @@ def _configs() -> dict[str, object]:
     }
 
 
-def save_random_bf16(config: object, directory: Path) -> Path:
-    """A seeded random bf16 model of `config` saved as safetensors in `directory`."""
+def save_random_bf16(
+    config: object, directory: Path, adjust: Callable[[torch.nn.Module], None] | None = None
+) -> Path:
+    """A seeded random bf16 model of `config` saved as safetensors in `directory`; `adjust` may change
+    its weights in place before saving."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if adjust is not None:
+        with torch.no_grad():
+            adjust(model)
     model.save_pretrained(directory, safe_serialization=True)
     return directory
 
 
-def cuda_reference(model_dir: Path) -> Iterator[object]:
-    """transformers' model read back from model_dir onto the GPU (a fixture body: frees it after)."""
+def cuda_reference(model_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Iterator[object]:
+    """transformers' model read back from model_dir onto the GPU in `dtype` (a fixture body: frees it
+    after)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval()
     yield model
     del model
     gc.collect()
@@ -154,9 +161,10 @@ def _check_generated_logprobs(
         agree += int((ref[positions].argmax(-1) == tokens).sum())
         total += len(tokens)
     diff = torch.cat(diffs)
-    print(f"{label}: max |dlogprob| {diff.max():.4f} mean {diff.mean():.4f} agreement {agree / total:.3f}")
-    assert diff.max() <= bounds[0] and diff.mean() <= bounds[1]
-    assert agree / total >= bounds[2]
+    measured = f"max |dlogprob| {diff.max():.4f} mean {diff.mean():.4f} agreement {agree / total:.3f}"
+    print(f"{label}: {measured}")
+    within = diff.max() <= bounds[0] and diff.mean() <= bounds[1] and agree / total >= bounds[2]
+    assert within, f"{label}: {measured}; bounds: max {bounds[0]}, mean {bounds[1]}, agreement {bounds[2]}"
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

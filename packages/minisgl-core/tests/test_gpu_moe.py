@@ -142,14 +142,33 @@ def _moe_config() -> object:
     )
 
 
+# Routing is discontinuous: where two experts' router logits are nearly tied at the top-k boundary, bf16
+# rounding can pick either, and swapping an expert of weight ~1/top_k changes the block's output by a large
+# fraction, which no logprob tolerance absorbs. A trained router is decisive; the random one (logits of std
+# ~1.6 over 32 experts) is not. The first H200 run (2026-12-03), against transformers in bf16, failed on a
+# few positions (max |dlogprob| 0.98) while most stayed within 0.06. So the random router's weights are
+# scaled by ROUTER_SCALE (the experts at the boundary then carry ~1% of the weight, and a flip there moves
+# the output by about that much), and the reference is transformers in float32 on the same bf16 weights:
+# exact arithmetic, not a second bf16 implementation whose own rounding flips other ties (with the scaled
+# router against bf16 transformers: max 0.41, mean 0.034-0.038, agreement 0.926-0.938).
+ROUTER_SCALE = 4.0
+
+
+def _decisive_router(model: torch.nn.Module) -> None:
+    routers = [p for name, p in model.named_parameters() if name.endswith("mlp.gate.weight")]
+    assert routers, "no router weights found (transformers renamed them?)"
+    for router in routers:
+        router.mul_(ROUTER_SCALE)
+
+
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_random_bf16(_moe_config(), tmp_path_factory.mktemp("qwen3-moe"))
+    return save_random_bf16(_moe_config(), tmp_path_factory.mktemp("qwen3-moe"), _decisive_router)
 
 
 @pytest.fixture(scope="module")
 def moe_reference(moe_dir: Path) -> Iterator[object]:
-    yield from cuda_reference(moe_dir)
+    yield from cuda_reference(moe_dir, torch.float32)
 
 
 VARIANTS: dict[str, dict[str, object]] = {

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from minisgl.core.engine_config import EngineConfig
 from minisgl.server.args import ServerArgs, build_serve_parser, parse_serve_args
 from minisgl.server.cli import main
 
@@ -56,10 +57,16 @@ def test_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
 def test_defaults() -> None:
     args = parse_serve_args([])
     assert args == ServerArgs()
-    assert (args.model, args.host, args.port, args.device) == ("smollm2-135m", "127.0.0.1", 1919, "auto")
+    assert (args.model, args.host, args.port, args.engine.device) == (
+        "smollm2-135m",
+        "127.0.0.1",
+        1919,
+        "auto",
+    )
     assert args.model_name == "smollm2-135m"
     # The engine picks the page size for the device (16 on CUDA, 1 on the CPU) unless one is given.
-    assert args.page_size is None and args.engine_options()["page_size"] is None
+    assert args.engine.page_size is None
+    assert args.engine == EngineConfig()  # the flags' defaults are the engine's
 
 
 def test_values_are_parsed() -> None:
@@ -83,29 +90,27 @@ def test_values_are_parsed() -> None:
             "512",
         ]
     )
-    assert (args.device, args.attn, args.page_size, args.max_queued_requests) == ("cuda:1", "fa3,fi", 16, 8)
-    assert (args.memory_ratio, args.model_name, args.cache, args.context_length) == (0.5, "m", "naive", 512)
-    options = args.engine_options()
-    assert options["max_seq_len"] == 512 and options["cache"] == "naive" and options["page_size"] == 16
-    assert options["attn"] == "fa3,fi" and options["mix_decode_into_prefill"] is True
+    engine = args.engine
+    assert (engine.device, engine.attn, engine.page_size, args.max_queued_requests) == (
+        "cuda:1",
+        "fa3,fi",
+        16,
+        8,
+    )
+    assert (engine.memory_ratio, args.model_name, engine.cache, engine.max_seq_len) == (
+        0.5,
+        "m",
+        "naive",
+        512,
+    )
+    assert engine.mix_decode_into_prefill is True
+    assert parse_serve_args(["--no-mixed-batches"]).engine.mix_decode_into_prefill is False
 
 
 def test_kv_cache_dtype_reaches_the_engine() -> None:
-    from minisgl.core.config import KV_CACHE_DTYPES
-    from minisgl.server.args import KV_CACHE_DTYPES as FLAG_CHOICES
-
-    assert FLAG_CHOICES == KV_CACHE_DTYPES  # the flag offers exactly what the engine accepts
     args = parse_serve_args(["--kv-cache-dtype", "fp8_e4m3", "--attn", "fi"])
-    assert args.engine_options()["kv_cache_dtype"] == "fp8_e4m3"
-    assert ServerArgs().engine_options()["kv_cache_dtype"] == "auto"
-
-
-def test_engine_options_are_engine_config_fields() -> None:
-    from minisgl.core.config import EngineConfig
-
-    fields = set(EngineConfig.__dataclass_fields__)
-    assert set(ServerArgs().engine_options()) <= fields
-    EngineConfig(**ServerArgs(device="cpu").engine_options()).validate()
+    assert args.engine.kv_cache_dtype == "fp8_e4m3"
+    assert ServerArgs().engine.kv_cache_dtype == "auto"
 
 
 @pytest.mark.parametrize(
@@ -154,17 +159,11 @@ def test_bad_value_names_the_flag(argv: list[str], flag: str, capsys: pytest.Cap
     assert f"argument {flag}" in capsys.readouterr().err
 
 
-def test_moe_backend_choices_are_the_engines() -> None:
-    from minisgl.core.config import MOE_BACKENDS
-    from minisgl.server import args
-
-    assert args.MOE_BACKENDS == MOE_BACKENDS  # kept twice only so that --help needs no torch
-
-
 def test_every_field_has_a_flag() -> None:
-    # A ServerArgs field that no flag sets could never be chosen by a user.
+    # A ServerArgs field that no flag sets could never be chosen by a user; `engine` is EngineConfig,
+    # whose fields are flags (test_engine_flags).
     dests = {action.dest for action in build_serve_parser()._actions}
-    assert {f.name for f in dataclasses.fields(ServerArgs)} <= dests
+    assert {f.name for f in dataclasses.fields(ServerArgs)} - {"engine"} <= dests
 
 
 def test_ranks_are_spread_over_nodes() -> None:
@@ -172,4 +171,4 @@ def test_ranks_are_spread_over_nodes() -> None:
         ["--tp", "4", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "10.0.0.1:5000"]
     )
     assert (args.ranks_per_node, list(args.local_ranks), args.dist_init_addr) == (2, [2, 3], "10.0.0.1:5000")
-    assert args.engine_options()["tp_size"] == 4
+    assert args.engine.tp_size == 4

@@ -68,7 +68,12 @@ def test_serve_passes_checked_args(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(serve_module, "serve", lambda args: received.append(args) or 0)
     assert main(["serve", "--port", "8000", "--device", "cpu", "--max-queued-requests", "3"]) == 0
     (args,) = received
-    assert (args.port, args.device, args.max_queued_requests, args.host) == (8000, "cpu", 3, "127.0.0.1")
+    assert (args.port, args.engine.device, args.max_queued_requests, args.host) == (
+        8000,
+        "cpu",
+        3,
+        "127.0.0.1",
+    )
 
 
 def test_mini_sglang_spelling_serves(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,3 +192,17 @@ def test_python_dash_m_minisgl() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: minisgl")
+
+
+def test_version_of_a_source_checkout_that_was_never_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from src folders on PYTHONPATH (no package metadata), the server still starts and says so."""
+    import importlib.metadata
+
+    from minisgl.server import versions
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert versions.server_version() == versions.NOT_INSTALLED
+    assert versions.package_versions() == {}

@@ -221,3 +221,18 @@ def test_the_url_shell_survives_a_server_restart_with_its_conversation() -> None
         {"role": "assistant", "content": "reply 1"},
         {"role": "user", "content": "second again"},
     ]
+
+
+def test_every_engine_option_is_a_shell_flag() -> None:
+    import dataclasses
+
+    from minisgl.core.engine_config import EngineConfig
+
+    dests = {action.dest for action in build_parser()._actions}
+    assert {declared.name for declared in dataclasses.fields(EngineConfig)} <= dests
+    options = build_parser().parse_args(["--tp", "2", "--no-mixed-batches", "--kv-cache-dtype", "fp8_e4m3"])
+    assert (options.tp_size, options.mix_decode_into_prefill, options.kv_cache_dtype) == (
+        2,
+        False,
+        "fp8_e4m3",
+    )

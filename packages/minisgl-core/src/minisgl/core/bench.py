@@ -9,6 +9,7 @@ uniform in [100, 1024], 133,966 output tokens); scale it down on a CPU with the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from minisgl.core.config import KV_CACHE_DTYPES, LOAD_FORMATS, MOE_BACKENDS
+from minisgl.core.engine_flags import add_engine_flags, engine_config_from
 from minisgl.core.model_source import BUNDLED_CONFIGS, DEFAULT_MODEL
 from minisgl.core.runtime import StepTiming
 
@@ -59,7 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, HF directory or .gguf file")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model name, HF directory or .gguf file; with --load-format dummy also a bundled config "
+        f"({', '.join(BUNDLED_CONFIGS)})",
+    )
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--max-input-len", type=int, default=1024)
     parser.add_argument("--max-output-len", type=int, default=1024)
@@ -68,40 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--min-output-len", type=int, default=None, help="default: as --min-input-len")
     parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=KV_CACHE_DTYPES,
-        help="KV cache element type (default auto: the model's dtype; fp8_e4m3 halves the KV bytes)",
-    )
-    parser.add_argument(
-        "--page-size", type=int, default=None, help="tokens per KV page (default: 16 on CUDA, 1 on the CPU)"
-    )
-    parser.add_argument("--max-running-requests", type=int, default=256)
-    parser.add_argument("--max-prefill-tokens", type=int, default=8192)
-    parser.add_argument(
-        "--load-format",
-        default="auto",
-        choices=LOAD_FORMATS,
-        help=f"dummy: random weights (bundled configs: {', '.join(BUNDLED_CONFIGS)})",
-    )
-    parser.add_argument(
-        "--attn", default="auto", help="attention backend: auto, torch, fi, or PREFILL,DECODE"
-    )
-    parser.add_argument("--cache", default="radix", choices=["radix", "naive"])
-    parser.add_argument(
-        "--moe-backend",
-        default="auto",
-        choices=MOE_BACKENDS,
-        help="expert compute of MoE models: torch (grouped GEMMs), flashinfer (CUTLASS fused MoE), auto",
-    )
-    parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="0 disables decode CUDA graphs")
-    parser.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
-    parser.add_argument("--num-kv-pages", type=int, default=None, help="KV pool size (default: from memory)")
-    parser.add_argument("--disable-overlap", action="store_true", help="no overlap scheduling (ablation)")
-    parser.add_argument("--no-mixed-batches", action="store_true", help="decode waits for prefill batches")
     parser.add_argument(
         "--engine",
         default="minisgl",
@@ -114,7 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="time every step on the device too (CUDA events; adds a little host work per step)",
     )
     parser.add_argument("--timeline", default=None, help="write every step's timing to this JSON file")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one process each)")
     parser.add_argument(
         "--json-schema-fraction",
         type=float,
@@ -123,9 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "model needs a tokenizer); throughput then counts the tokens actually generated",
     )
     parser.add_argument("--hf-batch-size", type=int, default=32, help="batch size of the hf engine")
+    add_engine_flags(parser.add_argument_group("engine (minisgl)"))
     args = parser.parse_args(argv)
+    args.engine_config = engine_config_from(parser, args)
     flags = ("num_prompts", "max_input_len", "max_output_len", "min_input_len", "min_output_len")
-    for flag in (*flags, "page_size", "hf_batch_size"):
+    for flag in (*flags, "hf_batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0.0 <= args.json_schema_fraction <= 1.0:
@@ -148,25 +121,7 @@ BENCH_SCHEMA = {
 def run_minisgl(args: argparse.Namespace, workload: Workload) -> tuple[float, int]:
     from minisgl.core import LLM, SamplingParams
 
-    llm = LLM(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        kv_cache_dtype=args.kv_cache_dtype,
-        page_size=args.page_size,
-        max_running_requests=args.max_running_requests,
-        max_prefill_tokens=args.max_prefill_tokens,
-        load_format=args.load_format,
-        attn=args.attn,
-        cache=args.cache,
-        cuda_graph_max_bs=args.cuda_graph_max_bs,
-        max_seq_len=args.max_seq_len,
-        num_kv_pages=args.num_kv_pages,
-        disable_overlap=args.disable_overlap,
-        mix_decode_into_prefill=not args.no_mixed_batches,
-        tp_size=args.tp,
-        moe_backend=args.moe_backend,
-    )
+    llm = LLM(args.model, **dataclasses.asdict(args.engine_config))
     constrained = constrained_requests(len(workload.output_lens), args.json_schema_fraction)
     params = [
         SamplingParams(

@@ -1,5 +1,5 @@
 """Configuration: what the model is (ModelConfig, read from a Hugging Face config) and how the engine runs
-it (EngineConfig, chosen by the user)."""
+it (EngineConfig, chosen by the user and declared in engine_config; here: what its names mean in torch)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
+from minisgl.core.engine_config import DTYPES
+from minisgl.core.engine_config import EngineConfig as EngineConfig  # its torch-free home
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-MOE_BACKENDS = ("auto", "torch", "flashinfer")
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
 def _rope_settings(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
@@ -183,15 +184,7 @@ _ARCH_BY_MODEL_TYPE = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
+_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, dtype) for name, dtype in DTYPES.items()}
 
 
 def parse_dtype(
@@ -209,14 +202,12 @@ def parse_dtype(
     return _DTYPES[name]
 
 
-# KV cache element types: "auto" is the model's dtype; fp8_e4m3 stores K and V in one byte each, scaled
-# per layer (FlashInfer attention on CUDA; the torch backend dequantizes them).
-KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8_e4m3")
+# The KV_CACHE_DTYPES of engine_config other than "auto".
 _KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def parse_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The KV pool's dtype for a kv_cache_dtype that EngineConfig.validate accepted."""
+    """The KV pool's dtype for a kv_cache_dtype that EngineConfig accepted."""
     return model_dtype if name == "auto" else _KV_DTYPES[name]
 
 
@@ -228,85 +219,6 @@ def resolve_device(name: str) -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise ValueError(f"device {name!r} is not one of: auto, cpu, cuda, cuda:N")
     return torch.device(name)
-
-
-@dataclass
-class EngineConfig:
-    """How the engine runs a model. Every field has a keyword of the same name on `LLM(...)`."""
-
-    device: str = "auto"
-    dtype: str = "auto"
-    # Tokens per KV page; None: 16 on CUDA (FlashInfer's tensor-core decode reads pages of 16 fastest), 1
-    # on the CPU.
-    page_size: int | None = None
-    max_running_requests: int = 256
-    # Token budget of one prefill batch; longer prompts are prefilled in chunks of at most this size.
-    max_prefill_tokens: int = 8192
-    # KV pool size in pages; None sizes it from memory (memory_ratio of free GPU memory after the weights,
-    # or cpu_kv_cache_gib on the CPU).
-    num_kv_pages: int | None = None
-    memory_ratio: float = 0.9
-    cpu_kv_cache_gib: float = 2.0
-    # Context length; None takes the model's max_position_embeddings.
-    max_seq_len: int | None = None
-    load_format: str = "auto"
-    # "radix" reuses the KV of shared prefixes; "naive" computes every prompt in full.
-    cache: str = "radix"
-    # Attention backend: "auto" (fa3,fi on Hopper, fi on other GPUs, torch on the CPU), "torch", "fi",
-    # "fa3", or "prefill,decode".
-    attn: str = "auto"
-    # Decode steps of running requests ride along in prefill batches instead of waiting for them.
-    mix_decode_into_prefill: bool = True
-    # Overlap scheduling (prepare step N+1 while step N runs); also off with MINISGL_DISABLE_OVERLAP_SCHEDULING=1.
-    disable_overlap: bool = False
-    # KV cache element type: auto (the model's dtype), bfloat16, float16, or fp8_e4m3 (one byte per
-    # element, so twice the pages in the same memory; K and V scaled per layer, 1.0 unless the checkpoint
-    # carries k_scale / v_scale).
-    kv_cache_dtype: str = "auto"
-    # Decode CUDA graphs up to this batch size; None: min(256, max_running_requests); 0 disables them.
-    cuda_graph_max_bs: int | None = None
-    seed: int = 0
-    tp_size: int = 1
-    # Expert compute of mixture-of-experts models: "torch" (grouped GEMMs), "flashinfer" (its CUTLASS
-    # fused MoE, CUDA only) or "auto" (torch).
-    moe_backend: str = "auto"
-
-    def validate(self) -> None:
-        if self.page_size is not None and (self.page_size < 1 or self.page_size & (self.page_size - 1)):
-            raise ValueError(f"page_size must be a power of two >= 1, got {self.page_size}")
-        if self.max_running_requests < 1:
-            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
-        if self.max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
-        if self.num_kv_pages is not None and self.num_kv_pages < 1:
-            raise ValueError(f"num_kv_pages must be >= 1, got {self.num_kv_pages}")
-        if not 0.0 < self.memory_ratio <= 1.0:
-            raise ValueError(f"memory_ratio must be in (0, 1], got {self.memory_ratio}")
-        if self.max_seq_len is not None and self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(
-                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
-            )
-        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
-            raise ValueError(f"cuda_graph_max_bs must be >= 0, got {self.cuda_graph_max_bs}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(
-                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
-            )
-        if self.cache not in ("radix", "naive"):
-            raise ValueError(f"cache must be radix or naive, got {self.cache!r}")
-        if self.moe_backend not in MOE_BACKENDS:
-            raise ValueError(
-                f"moe_backend must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}"
-            )
-        if self.tp_size < 1:
-            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
-        if self.tp_size > 1 and self.device.startswith("cuda:"):
-            raise ValueError(
-                f"device {self.device!r} names one GPU, but tp_size={self.tp_size} ranks need one each: "
-                "use device='cuda' (rank r takes GPU r)"
-            )
 
 
 def default_page_size(device: torch.device) -> int:

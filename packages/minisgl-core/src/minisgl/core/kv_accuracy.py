@@ -23,8 +23,10 @@ from typing import Any
 
 import torch
 
-from minisgl.core.config import KV_CACHE_DTYPES, LOAD_FORMATS
+from minisgl.core.engine_config import KV_CACHE_DTYPES
+from minisgl.core.engine_flags import add_engine_flags
 from minisgl.core.llm import LLM
+from minisgl.core.model_source import DEFAULT_MODEL
 from minisgl.core.sampling_params import SamplingParams
 
 
@@ -137,17 +139,15 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--kv-cache-dtype", default="fp8_e4m3", choices=KV_CACHE_DTYPES)
-    parser.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--attn", default="auto")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument(
+        "--kv-cache-dtype", default="fp8_e4m3", choices=KV_CACHE_DTYPES, help="the cache dtype under test"
+    )
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--gen-len", type=int, default=32)
-    parser.add_argument("--num-kv-pages", type=int, default=None)
-    parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="0 disables decode CUDA graphs")
+    # The engines' other options, the same for both (the context length follows from the lengths).
+    shared = add_engine_flags(parser.add_argument_group("engine"), exclude=("kv_cache_dtype", "max_seq_len"))
     args = parser.parse_args(argv)
     result = measure(
         args.model,
@@ -155,13 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         args.num_prompts,
         args.prompt_len,
         args.gen_len,
-        device=args.device,
-        dtype=args.dtype,
-        attn=args.attn,
-        load_format=args.load_format,
-        num_kv_pages=args.num_kv_pages,
-        cuda_graph_max_bs=args.cuda_graph_max_bs,
         max_seq_len=args.prompt_len + args.gen_len + 8,
+        **{name: getattr(args, name) for name in shared},
     )
     print(json.dumps({"model": args.model, **asdict(result)}))
 

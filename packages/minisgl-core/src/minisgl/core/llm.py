@@ -35,8 +35,7 @@ class LLM:
         unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
-        config = EngineConfig(**engine_options)
-        config.validate()
+        config = EngineConfig(**engine_options)  # checks the values
         address = f"127.0.0.1:{_free_port()}" if config.tp_size > 1 else None
         started = [_start_follower(model, config, r, address) for r in range(1, config.tp_size) if address]
         self._followers = [process for process, _ in started]

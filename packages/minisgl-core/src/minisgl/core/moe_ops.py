@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from minisgl.core import fused_ops
-from minisgl.core.config import MOE_BACKENDS
+from minisgl.core.engine_config import MOE_BACKENDS
 
 # Row order of the stacked first expert projection (gate and up, each `intermediate` rows) per backend.
 # The torch path applies silu to the first half; FlashInfer's CUTLASS kernel (from TensorRT-LLM) applies
@@ -34,7 +34,7 @@ W13_ORDER = {"torch": GATE_FIRST, "flashinfer": UP_FIRST}
 def resolve_moe_backend(name: str, device: torch.device) -> str:
     """The backend `name` (one of MOE_BACKENDS) runs as on `device`. auto is torch (grouped GEMMs)
     everywhere; flashinfer needs CUDA and FlashInfer's fused MoE module."""
-    assert name in MOE_BACKENDS, f"EngineConfig.validate lets only {MOE_BACKENDS} through, got {name!r}"
+    assert name in MOE_BACKENDS, f"EngineConfig lets only {MOE_BACKENDS} through, got {name!r}"
     if name == "flashinfer":
         if device.type != "cuda":
             raise ValueError("moe_backend 'flashinfer' needs a CUDA device; use moe_backend='torch'")

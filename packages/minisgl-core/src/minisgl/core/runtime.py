@@ -142,7 +142,6 @@ class Runtime:
         dist_init_address: str | None = None,
         check_peers: Callable[[], None] | None = None,  # rank 0: raises when a rank it started died
     ) -> None:
-        config.validate()
         env.check_all()
         logging.getLogger("minisgl").setLevel(env.LOG_LEVEL.get().upper())
         if config.tp_size > 1 and dist_init_address is None:
@@ -519,7 +518,7 @@ def _check_same_settings(config: EngineConfig, model_config: ModelConfig) -> Non
     """Ranks (perhaps on other machines, with other environments) must schedule alike: the same engine
     options apart from the device, the same model, and the same MINISGL_* scheduling variables."""
     settings = (
-        replace(config, device=""),
+        {name: value for name, value in asdict(config).items() if name != "device"},
         model_config,
         {
             var.name: var.get()

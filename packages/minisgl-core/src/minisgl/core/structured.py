@@ -16,6 +16,7 @@ EOS is allowed only where the grammar can end: the model's EOS ids are the match
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,9 +52,38 @@ def check_grammar_source(name: str, source: str) -> None:
         raise InvalidRequestError(name, f"{name} is invalid: {_first_line(exc)}") from None
 
 
+def json_schema_source(source: str) -> str:
+    """The schema to give xgrammar for `source`: every length-bounded string (minLength/maxLength, no
+    pattern or format) also gets the equivalent pattern. xgrammar 0.2.9 compiles a length-bounded string
+    to a character class that admits raw control characters (tab, U+0001...), which JSON forbids, so a
+    constrained reply could fail json.loads; its pattern path encodes strings as JSON requires (upstream
+    issue mlc-ai/xgrammar#800). Text that is not JSON is returned as it is, for xgrammar to refuse."""
+    try:
+        schema = json.loads(source)
+    except ValueError:
+        return source
+    return json.dumps(_with_string_patterns(schema))
+
+
+def _with_string_patterns(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_with_string_patterns(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _with_string_patterns(value) for key, value in node.items()}
+    bounded = "minLength" in node or "maxLength" in node
+    if node.get("type") == "string" and bounded and "pattern" not in node and "format" not in node:
+        low, high = node.get("minLength", 0), node.get("maxLength", "")
+        if isinstance(low, int) and isinstance(high, (int, str)):
+            # The pattern says the same; xgrammar warns when it is given both.
+            node = {k: v for k, v in node.items() if k not in ("minLength", "maxLength")}
+            node["pattern"] = f"^[\\s\\S]{{{low},{high}}}$"
+    return node
+
+
 def _parse(name: str, source: str) -> xgr.Grammar:
     if name == "json_schema":
-        return xgr.Grammar.from_json_schema(source, any_whitespace=False)
+        return xgr.Grammar.from_json_schema(json_schema_source(source), any_whitespace=False)
     if name == "regex":
         return xgr.Grammar.from_regex(source)
     return xgr.Grammar.from_ebnf(source)
@@ -115,7 +145,7 @@ class GrammarCompiler:
         compiler = self._get()
         try:
             if name == "json_schema":
-                compiled = compiler.compile_json_schema(source, any_whitespace=False)
+                compiled = compiler.compile_json_schema(json_schema_source(source), any_whitespace=False)
             elif name == "regex":
                 compiled = compiler.compile_regex(source)
             else:

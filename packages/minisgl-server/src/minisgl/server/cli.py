@@ -19,12 +19,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from minisgl.core.engine_flags import add_engine_flags
 from minisgl.server.args import (
     DEFAULT_MODEL,
     add_engine_arguments,
     add_server_arguments,
-    args_from_namespace,
-    checked,
+    server_args_from,
 )
 from minisgl.server.versions import package_versions, server_version
 
@@ -56,14 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--max-tokens", type=int, default=128, help="tokens to generate per prompt")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    generate.add_argument(
-        "--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
-    )
-    generate.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (float32 on CPU, the checkpoint's half type on GPU), float32, bfloat16 or float16",
-    )
+    add_engine_flags(generate, names=("device", "dtype"))
 
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks (commands, not tests).")
     bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
@@ -113,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from minisgl.server.serve import serve
 
-        return serve(checked(parser, args_from_namespace(args)))
+        return serve(server_args_from(parser, args))
     if args.command == "generate":
         return _generate(args)
     parser.error(f"unknown command {args.command!r}")

@@ -86,7 +86,7 @@ def launch_engine(args: ServerArgs) -> EngineProcesses:
     problem = args.combination_problem()
     if problem is not None:
         raise LaunchError(f"{problem[0]} {problem[1]}")
-    if args.tp > 1 and args.dist_init_addr is None:
+    if args.engine.tp_size > 1 and args.dist_init_addr is None:
         args = args.replace(dist_init_addr=f"127.0.0.1:{_free_port()}")
     context = mp.get_context("spawn")
     directory = Path(tempfile.mkdtemp(prefix="minisgl-"))
@@ -122,7 +122,7 @@ def launch_engine(args: ServerArgs) -> EngineProcesses:
             args.model,
             args.local_ranks[0],
             args.local_ranks[-1],
-            args.tp,
+            args.engine.tp_size,
             f", and {args.tokenizer_workers} tokenizer process(es)" if args.node_rank == 0 else "",
         )
         for process in engine.processes:

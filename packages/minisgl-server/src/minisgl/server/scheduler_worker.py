@@ -53,7 +53,7 @@ def run_scheduler(args: ServerArgs, addresses: IpcAddresses, rank: int, ready: C
         _follow(runtime, rank)
         return
     worker = SchedulerWorker(runtime, args, addresses)
-    if args.tp > 1:
+    if args.engine.tp_size > 1:
         # Stop between steps rather than at once, so that the other ranks are told to stop too.
         signal.signal(signal.SIGTERM, worker.request_stop)
     ready.send(("ready", worker.describe()))
@@ -77,21 +77,11 @@ def _follow(runtime: Runtime, rank: int) -> None:
 def _load_runtime(args: ServerArgs, rank: int) -> Runtime:
     import torch
 
-    from minisgl.core.config import EngineConfig
     from minisgl.core.runtime import Runtime
 
-    options = args.engine_options()
-    known = {f.name for f in dataclasses.fields(EngineConfig)}
-    unknown = sorted(
-        name for name in set(options) - known if options[name] != ServerArgs().engine_options()[name]
-    )
-    if unknown:  # a server newer than its engine: refuse rather than silently ignore a choice
-        raise ValueError(
-            f"this minisgl-core has no engine option(s) {', '.join(unknown)}; upgrade minisgl-core"
-        )
     torch.set_grad_enabled(False)
-    config = EngineConfig(**{k: v for k, v in options.items() if k in known})
-    if args.tp > 1 and args.device in ("auto", "cuda") and torch.cuda.is_available():
+    config = args.engine
+    if config.tp_size > 1 and config.device in ("auto", "cuda") and torch.cuda.is_available():
         config = dataclasses.replace(config, device=f"cuda:{rank % args.ranks_per_node}")
     return Runtime(args.model, config, tp_rank=rank, dist_init_address=args.dist_init_addr)
 
@@ -130,9 +120,9 @@ class SchedulerWorker:
             "context_length": runtime.max_seq_len,
             "vocab_size": runtime.model_config.vocab_size,
             "kv_pages": stats.get("pages_total"),
-            "page_size": stats.get("page_size", self.args.page_size),
+            "page_size": stats.get("page_size", self.args.engine.page_size),
             "has_tokenizer": runtime.tokenizer is not None,
-            "tp_size": self.args.tp,
+            "tp_size": self.args.engine.tp_size,
         }
 
     # ---- the loop ---------------------------------------------------------------------------------

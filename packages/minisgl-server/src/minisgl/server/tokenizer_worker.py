@@ -39,7 +39,7 @@ def run_tokenizer(args: ServerArgs, addresses: IpcAddresses, worker: int, ready:
 
         source = resolve_model(args.model)
         sampling_defaults = load_sampling_defaults(source)
-        if args.load_format != "gguf":
+        if args.engine.load_format != "gguf":
             source = converted(source)  # what the scheduler loads too, converted once
         tokenizer = load_tokenizer(source)
     except Exception as exc:

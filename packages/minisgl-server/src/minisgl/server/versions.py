@@ -5,10 +5,15 @@ from __future__ import annotations
 import importlib.metadata
 
 PACKAGES = ("minisgl-kernels", "minisgl-core", "minisgl-server", "minisgl-shell")
+# What a source checkout that was never installed (its src folders on PYTHONPATH) reports.
+NOT_INSTALLED = "0+source"
 
 
 def server_version() -> str:
-    return importlib.metadata.version("minisgl-server")
+    try:
+        return importlib.metadata.version("minisgl-server")
+    except importlib.metadata.PackageNotFoundError:
+        return NOT_INSTALLED
 
 
 def package_versions() -> dict[str, str]:

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from minisgl.server.args import args_from_namespace, checked, setup_logging
+    from minisgl.server.args import server_args_from, setup_logging
 
     parser = build_parser()
     options = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from minisgl.server.launch import LaunchError, launch_engine
 
-        server_args = checked(parser, args_from_namespace(options))
+        server_args = server_args_from(parser, options)
         if server_args.node_rank > 0:
             parser.error(
                 "argument --node-rank: the shell runs on node 0; start the other nodes with `minisgl serve`"

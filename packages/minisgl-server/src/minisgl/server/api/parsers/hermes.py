@@ -36,7 +36,10 @@ class HermesToolParser:
         call objects follow `schemas` (one JSON schema per allowed tool)."""
         import xgrammar as xgr
 
-        call = xgr.Grammar.from_json_schema(json.dumps({"anyOf": schemas}), any_whitespace=False)
+        from minisgl.core.structured import json_schema_source
+
+        source = json_schema_source(json.dumps({"anyOf": schemas}))
+        call = xgr.Grammar.from_json_schema(source, any_whitespace=False)
         block = f'"{START}\\n" call "\\n{END}"'
         more = f'("\\n" {block})*' if parallel else ""
         return f"root ::= {block} {more}\n" + re.sub(r"\broot\b", "call", str(call))
