@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pexpect
-from conftest import Server, child_pids, leftover_children
+import pytest
+from conftest import (
+    Server,
+    child_pids,
+    leftover_children,
+    save_smollm2_tokenizer,
+    tiny_config_fields,
+    wait_until,
+)
 
 PROMPT = "you>"  # prompt_toolkit moves the cursor over the trailing space
 
@@ -65,6 +75,48 @@ def test_shell_local_engine_in_a_terminal() -> None:
         shell.close(force=True)
     assert shell.exitstatus == 0, (shell.exitstatus, shell.signalstatus)
     assert not leftover_children(children)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random model that chats with the SmolLM2 tokenizer (loaded with --load-format dummy)."""
+    from transformers import LlamaConfig
+
+    directory = tmp_path_factory.mktemp("tiny-chat")
+    tokenizer = save_smollm2_tokenizer(directory)
+    LlamaConfig(**tiny_config_fields(tokenizer), tie_word_embeddings=True).save_pretrained(directory)
+    return directory
+
+
+def test_engine_logs_go_to_a_file_not_into_replies(tiny_chat_model: Path, tmp_path: Path) -> None:
+    """At --log-level info the engine logs as it loads and, once a reply is done, its activity line: every
+    line lands in the log file the shell names at start, none on the terminal (at the prompt or inside the
+    next reply)."""
+    log_file = tmp_path / "engine.log"
+    shell = spawn_shell(
+        "--model", str(tiny_chat_model), "--device", "cpu", "--load-format", "dummy", "--cpu-kv-cache-gib", "0.01",
+        "--log-level", "info", "--temperature", "0", "--max-tokens", "32", "--log-file", str(log_file),
+    )  # fmt: skip
+    terminal = io.StringIO()
+    shell.logfile_read = terminal
+    try:
+        shell.expect_exact(f"the engine's log is {log_file}")
+        shell.expect("minisgl-scheduler-0 ready")  # the loading progress still shows
+        shell.expect_exact(PROMPT)
+        shell.sendline("Tell me a story.")
+        shell.expect_exact(PROMPT)
+        # The scheduler logs its activity line within its 10 s interval after the reply.
+        assert wait_until(lambda: "steps in" in log_file.read_text(), 60), log_file.read_text()[-2000:]
+        shell.sendline("And another one.")
+        shell.expect_exact(PROMPT)
+        shell.sendline("/exit")
+        shell.expect(pexpect.EOF, timeout=60)
+    finally:
+        shell.close(force=True)
+    assert shell.exitstatus == 0, (shell.exitstatus, shell.signalstatus)
+    assert f"loaded {tiny_chat_model}" in log_file.read_text()
+    for marker in (" INFO ", " WARNING ", "minisgl.core", "minisgl.server", "steps in"):
+        assert marker not in terminal.getvalue(), terminal.getvalue()
 
 
 def test_shell_against_a_server(server: Server) -> None:

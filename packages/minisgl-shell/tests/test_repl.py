@@ -163,7 +163,7 @@ def test_parser_has_chat_and_engine_flags() -> None:
     ):
         assert flag in text
     options = build_parser().parse_args(["--url", "http://x:1", "--temperature", "0"])
-    assert (options.url, options.temperature, options.log_level) == ("http://x:1", 0.0, "warning")
+    assert (options.url, options.temperature, options.log_file) == ("http://x:1", 0.0, None)
 
 
 @pytest.mark.parametrize(
@@ -221,3 +221,29 @@ def test_the_url_shell_survives_a_server_restart_with_its_conversation() -> None
         {"role": "assistant", "content": "reply 1"},
         {"role": "user", "content": "second again"},
     ]
+
+
+def test_redirected_stderr_takes_child_processes_output(tmp_path: Any) -> None:
+    """After redirect_stderr, what this process and the processes it starts write to stderr (logging,
+    warnings, native code) goes to the file; the returned stream still reaches the terminal's stderr."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "engine.log"
+    script = f"""
+import logging, subprocess, sys, warnings
+from pathlib import Path
+from minisgl.shell.log_file import redirect_stderr
+terminal = redirect_stderr(Path({str(log)!r}))
+logging.basicConfig()
+logging.getLogger("minisgl.core").warning("a log line")
+warnings.warn("a warning")
+subprocess.run([sys.executable, "-c", "import os; os.write(2, b'a child wrote this')"], check=True)
+print("for the user", file=terminal)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stderr == "for the user\n"
+    text = log.read_text()
+    assert "a log line" in text and "a warning" in text and "a child wrote this" in text
