@@ -126,8 +126,8 @@ def test_token_ids_outside_the_vocabulary_are_refused(llm: Any) -> None:
 def test_biased_rows_keep_the_batch_on_the_fused_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch where some rows carry logit_bias or min_tokens takes the one-kernel path (here a torch
     stand-in for the CUDA kernel): one draw for the whole batch, none of the general path's per-row
-    sampling, and each row's tokens follow its own adjusted distribution (a chi-square-sized tolerance on
-    20,000 draws of a 40-token vocabulary)."""
+    sampling, and each row's tokens follow its own adjusted distribution (total variation < 0.04 on
+    20,000 draws of 40 tokens per kind: sampling noise stays under 0.02, a lost bias shows as 0.07)."""
     from minisgl.core import fused_ops, sampler
     from minisgl.core.request import Request
 
@@ -144,7 +144,7 @@ def test_biased_rows_keep_the_batch_on_the_fused_sampler(monkeypatch: pytest.Mon
     monkeypatch.setattr(fused_ops, "available", lambda logits: True)
     monkeypatch.setattr(fused_ops, "sample_from_logits", gumbel_max)
     monkeypatch.setattr(sampler, "_sample_rows", general_path)
-    eos, rows_each = 2, 5000
+    eos, rows_each = 2, 20000
     torch.manual_seed(0)
     base = (torch.randn(40) * 1.5).to(torch.bfloat16)
     bias = {5: 1.0, 6: -0.3}  # small biases: rounding them (or the logits) to bf16 would show

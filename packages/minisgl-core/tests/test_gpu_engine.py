@@ -316,3 +316,50 @@ def test_fused_sampling_follows_the_distribution() -> None:
     assert (observed - expected).abs().sum() / 2 < 0.04  # total variation; T=1 instead of 0.7 gives > 0.1
     again = sample(base.repeat(rows, 1), requests, torch.Generator(device="cuda").manual_seed(1)).tokens
     assert torch.equal(tokens, again)  # the same generator state gives the same draws (TP ranks rely on it)
+
+
+def test_logit_bias_and_min_tokens_keep_the_fused_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows with logit_bias or min_tokens do not push their batch off the one-kernel sampler: one fused
+    draw for the whole batch, no per-row general sampling, and each row follows its own adjusted
+    distribution (total variation < 0.04 on 20,000 draws of 40 tokens per kind)."""
+    from minisgl.core import fused_ops, sampler
+    from minisgl.core.request import Request
+
+    fused_batches: list[int] = []
+    fused_draw = fused_ops.sample_from_logits
+
+    def counted(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        fused_batches.append(logits.shape[0])
+        return fused_draw(logits, generator)
+
+    def general_path(*args: object) -> torch.Tensor:
+        raise AssertionError("a biased row sent the batch to the general sampler")
+
+    monkeypatch.setattr(fused_ops, "sample_from_logits", counted)
+    monkeypatch.setattr(sampler, "_sample_rows", general_path)
+    eos, rows_each = 2, 20000
+    torch.manual_seed(0)
+    base = (torch.randn(40, device="cuda") * 1.5).to(torch.bfloat16)
+    bias = {5: 1.0, 6: -0.3}
+    kinds = [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=0.7, logit_bias=bias),
+        SamplingParams(temperature=0.7, min_tokens=4),
+        SamplingParams(temperature=0.0, logit_bias={9: 100.0}),
+    ]
+    requests = [Request(i, [1], kinds[i % 4]) for i in range(4 * rows_each)]
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    logits = base.repeat(len(requests), 1)
+    tokens = sampler.sample(logits, requests, generator, frozenset({eos}), [0] * len(requests)).tokens
+    assert fused_batches == [len(requests)]
+    tokens = tokens.view(rows_each, 4).cpu()
+    assert tokens[:, 3].eq(9).all() and not tokens[:, 2].eq(eos).any()
+    plain = base.float().cpu() / 0.7
+    biased = (
+        base.float().cpu().index_add(0, torch.tensor(list(bias)), torch.tensor(list(bias.values()))) / 0.7
+    )
+    masked = plain.clone()
+    masked[eos] = float("-inf")
+    for column, want in enumerate((plain, biased, masked)):
+        observed = torch.bincount(tokens[:, column], minlength=40).float() / rows_each
+        assert (observed - want.softmax(-1)).abs().sum() / 2 < 0.04, column
