@@ -10,13 +10,10 @@ import sys
 from pathlib import Path
 
 import pexpect
-import pytest
 from conftest import (
     Server,
     child_pids,
     leftover_children,
-    save_smollm2_tokenizer,
-    tiny_config_fields,
     wait_until,
 )
 
@@ -28,6 +25,14 @@ def spawn_shell(*args: str) -> pexpect.spawn:
     argv = list(args) if command != sys.executable else ["-m", "minisgl.shell.repl", *args]
     env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm", "PYTHONUNBUFFERED": "1"}
     return pexpect.spawn(command, argv, env=env, encoding="utf-8", timeout=300, dimensions=(40, 200))
+
+
+def exit_shell(shell: pexpect.spawn) -> None:
+    """/exit, and the shell must leave with status 0."""
+    shell.sendline("/exit")
+    shell.expect(pexpect.EOF, timeout=60)
+    shell.close()
+    assert shell.exitstatus == 0, (shell.exitstatus, shell.signalstatus)
 
 
 def test_shell_local_engine_in_a_terminal() -> None:
@@ -69,23 +74,10 @@ def test_shell_local_engine_in_a_terminal() -> None:
         shell.expect("Paris")
         shell.expect_exact(PROMPT)
 
-        shell.sendline("/exit")
-        shell.expect(pexpect.EOF, timeout=60)
+        exit_shell(shell)
     finally:
         shell.close(force=True)
-    assert shell.exitstatus == 0, (shell.exitstatus, shell.signalstatus)
     assert not leftover_children(children)
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random model that chats with the SmolLM2 tokenizer (loaded with --load-format dummy)."""
-    from transformers import LlamaConfig
-
-    directory = tmp_path_factory.mktemp("tiny-chat")
-    tokenizer = save_smollm2_tokenizer(directory)
-    LlamaConfig(**tiny_config_fields(tokenizer), tie_word_embeddings=True).save_pretrained(directory)
-    return directory
 
 
 def test_engine_logs_go_to_a_file_not_into_replies(tiny_chat_model: Path, tmp_path: Path) -> None:
@@ -109,11 +101,9 @@ def test_engine_logs_go_to_a_file_not_into_replies(tiny_chat_model: Path, tmp_pa
         assert wait_until(lambda: "steps in" in log_file.read_text(), 60), log_file.read_text()[-2000:]
         shell.sendline("And another one.")
         shell.expect_exact(PROMPT)
-        shell.sendline("/exit")
-        shell.expect(pexpect.EOF, timeout=60)
+        exit_shell(shell)
     finally:
         shell.close(force=True)
-    assert shell.exitstatus == 0, (shell.exitstatus, shell.signalstatus)
     assert f"loaded {tiny_chat_model}" in log_file.read_text()
     for marker in (" INFO ", " WARNING ", "minisgl.core", "minisgl.server", "steps in"):
         assert marker not in terminal.getvalue(), terminal.getvalue()
