@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pexpect
-from conftest import (
-    Server,
-    child_pids,
-    leftover_children,
-    wait_until,
-)
+from conftest import Server, child_pids, leftover_children, start_server, stop_cleanly, wait_until
 
 PROMPT = "you>"  # prompt_toolkit moves the cursor over the trailing space
 
@@ -117,3 +114,39 @@ def test_shell_against_a_server(server: Server) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout and "unknown command /bogus" in result.stdout
+
+
+def test_the_url_shell_keeps_its_conversation_across_a_server_restart(
+    tmp_path: Path, tiny_chat_model: Path
+) -> None:
+    """The server goes away between two messages: the shell says so and stays; once a new server is up on
+    the same port, the next message carries the whole conversation (its prompt holds the first turn)."""
+    options = ("--model", str(tiny_chat_model), "--load-format", "dummy", "--cpu-kv-cache-gib", "0.01", "--log-requests")  # fmt: skip
+    server = start_server(tmp_path, *options)
+    server.wait_ready()
+    shell = spawn_shell("--url", server.url, "--temperature", "0", "--max-tokens", "8")
+    try:
+        shell.expect_exact(PROMPT)
+        shell.sendline("first")
+        shell.expect_exact(PROMPT)
+        stop_cleanly(server, signal.SIGTERM)
+        first_prompt = prompt_tokens(server.log.read_text())
+        shell.sendline("second")
+        shell.expect_exact("lost the connection")
+        shell.expect_exact(PROMPT)
+        server = start_server(tmp_path, *options, port=server.port)
+        server.wait_ready()
+        shell.sendline("third")
+        shell.expect_exact(PROMPT)
+        exit_shell(shell)
+    finally:
+        shell.close(force=True)
+        stop_cleanly(server, signal.SIGTERM)
+    assert first_prompt == [first_prompt[0]]
+    (third_prompt,) = prompt_tokens(server.log.read_text())
+    assert third_prompt > first_prompt[0] + 4  # "third" alone would be as long as "first"
+
+
+def prompt_tokens(server_log: str) -> list[int]:
+    """The prompt length of each finished request in a --log-requests server log."""
+    return [int(found) for found in re.findall(r"finished \(\w+\): prompt (\d+)", server_log)]
