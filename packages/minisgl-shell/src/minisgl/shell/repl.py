@@ -226,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = _chat(LocalBackend(engine, server_args.model_name), settings, options.system, terminal)
     finally:
         engine.shutdown()
+        sys.stderr = terminal  # the REPL is over: the traceback of an unexpected error reaches the user
     if status == 1:
         print(f"minisgl-shell: the engine's log is {log_path}", file=terminal)
     return status
