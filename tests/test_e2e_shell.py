@@ -24,6 +24,14 @@ def spawn_shell(*args: str) -> pexpect.spawn:
     return pexpect.spawn(command, argv, env=env, encoding="utf-8", timeout=300, dimensions=(40, 200))
 
 
+def chat(shell: pexpect.spawn, text: str) -> str:
+    """Send one message and return what the shell printed until its next prompt (the reply)."""
+    shell.sendline(text)
+    shell.expect_exact("\x1b[?2004l")  # prompt_toolkit is done with the line (bracketed paste off)
+    shell.expect_exact(PROMPT)
+    return str(shell.before)
+
+
 def exit_shell(shell: pexpect.spawn) -> None:
     """/exit, and the shell must leave with status 0."""
     shell.sendline("/exit")
@@ -92,12 +100,10 @@ def test_engine_logs_go_to_a_file_not_into_replies(tiny_chat_model: Path, tmp_pa
         shell.expect_exact(f"the engine's log is {log_file}")
         shell.expect("minisgl-scheduler-0 ready")  # the loading progress still shows
         shell.expect_exact(PROMPT)
-        shell.sendline("Tell me a story.")
-        shell.expect_exact(PROMPT)
+        chat(shell, "Tell me a story.")
         # The scheduler logs its activity line within its 10 s interval after the reply.
         assert wait_until(lambda: "steps in" in log_file.read_text(), 60), log_file.read_text()[-2000:]
-        shell.sendline("And another one.")
-        shell.expect_exact(PROMPT)
+        chat(shell, "And another one.")
         exit_shell(shell)
     finally:
         shell.close(force=True)
@@ -127,17 +133,13 @@ def test_the_url_shell_keeps_its_conversation_across_a_server_restart(
     shell = spawn_shell("--url", server.url, "--temperature", "0", "--max-tokens", "8")
     try:
         shell.expect_exact(PROMPT)
-        shell.sendline("first")
-        shell.expect_exact(PROMPT)
+        chat(shell, "first")
         stop_cleanly(server, signal.SIGTERM)
         first_prompt = prompt_tokens(server.log.read_text())
-        shell.sendline("second")
-        shell.expect_exact("lost the connection")
-        shell.expect_exact(PROMPT)
+        assert "lost the connection" in chat(shell, "second")
         server = start_server(tmp_path, *options, port=server.port)
         server.wait_ready()
-        shell.sendline("third")
-        shell.expect_exact(PROMPT)
+        chat(shell, "third")
         exit_shell(shell)
     finally:
         shell.close(force=True)
