@@ -53,6 +53,17 @@ def tiny_config_fields(tokenizer: Any) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama over the SmolLM2 tokenizer (config only: serve it with --load-format dummy)."""
+    from transformers import LlamaConfig
+
+    directory = tmp_path_factory.mktemp("tiny-chat")
+    tokenizer = save_smollm2_tokenizer(directory)
+    LlamaConfig(**tiny_config_fields(tokenizer), tie_word_embeddings=True).save_pretrained(directory)
+    return directory
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -13,11 +13,15 @@ import pytest
 from conftest import start_server, stop_cleanly
 
 
-def test_a_small_soak_leaks_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_small_soak_leaks_nothing(
+    tmp_path: Path, tiny_chat_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MINISGL_DEBUG_CHECKS", "1")  # the server's processes inherit it
+    # The tiny model and a small cache keep it quick: the integrity check walks every page after each step.
     server = start_server(
-        tmp_path, "--load-format", "dummy", "--cpu-kv-cache-gib", "0.2", "--max-running-requests", "8"
-    )
+        tmp_path, "--model", str(tiny_chat_model), "--load-format", "dummy", "--num-kv-pages", "4096",
+        "--max-running-requests", "8",
+    )  # fmt: skip
     try:
         server.wait_ready()
         report_path = tmp_path / "soak.json"

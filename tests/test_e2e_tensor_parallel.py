@@ -22,25 +22,13 @@ from conftest import (
     free_port,
     leftover_children,
     process_name,
-    save_smollm2_tokenizer,
     start_server,
-    tiny_config_fields,
     wait_until,
 )
 
 PROMPT = "The capital of France is"
 MAX_TOKENS = 12
 OPTIONS = ("--load-format", "dummy", "--cpu-kv-cache-gib", "0.1", "--log-level", "info")
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig
-
-    directory = tmp_path_factory.mktemp("tiny-chat")
-    tokenizer = save_smollm2_tokenizer(directory)
-    LlamaConfig(**tiny_config_fields(tokenizer), tie_word_embeddings=True).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -121,3 +121,74 @@ def test_token_ids_outside_the_vocabulary_are_refused(llm: Any) -> None:
     ):
         with pytest.raises(ValueError, match=f"{name} holds token id {vocab}"):
             llm.runtime.check_request([1, 2], _params(**fields))
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+def test_biased_rows_keep_the_batch_on_the_fused_sampler(
+    device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch where some rows carry logit_bias or min_tokens takes the one-kernel path (FlashInfer's on
+    CUDA; on the CPU a torch stand-in for it): one draw for the whole batch, none of the general path's
+    per-row sampling, and each row's tokens follow its own adjusted distribution (total variation < 0.04
+    on 20,000 draws of 40 tokens per kind: sampling noise stays under 0.02, a lost bias shows as 0.07)."""
+    from minisgl.core import fused_ops, sampler
+    from minisgl.core.request import Request
+
+    fused_batches: list[int] = []
+    fused_draw = fused_ops.sample_from_logits
+
+    def counted_draw(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        fused_batches.append(logits.shape[0])
+        assert logits.dtype == torch.float32
+        if device == "cuda":
+            return fused_draw(logits, generator)
+        return (logits - torch.empty_like(logits).exponential_(generator=generator).log()).argmax(dim=-1)
+
+    def general_path(*args: Any) -> torch.Tensor:
+        raise AssertionError("a biased row sent the batch to the general sampler")
+
+    if device == "cpu":
+        monkeypatch.setattr(fused_ops, "available", lambda logits: True)
+    monkeypatch.setattr(fused_ops, "sample_from_logits", counted_draw)
+    monkeypatch.setattr(sampler, "_sample_rows", general_path)
+    eos, rows_each = 2, 20000
+    torch.manual_seed(0)
+    base = (torch.randn(40) * 1.5).to(torch.bfloat16)
+    bias = {5: 1.0, 6: -0.3}  # small biases: rounding them (or the logits) to bf16 would show
+    kinds = [
+        _params(temperature=0.7),
+        _params(temperature=0.7, logit_bias=bias),
+        _params(temperature=0.7, min_tokens=4),
+        _params(temperature=0.0, logit_bias={9: 100.0}),
+    ]
+    requests = [Request(i, [1], kinds[i % 4]) for i in range(4 * rows_each)]
+    output = sampler.sample(
+        base.to(device).repeat(len(requests), 1),
+        requests,
+        torch.Generator(device=device).manual_seed(1),
+        frozenset({eos}),
+        [0] * len(requests),
+    )
+    assert fused_batches == [len(requests)]
+    tokens = output.tokens.view(rows_each, 4).cpu()
+    assert tokens[:, 3].eq(9).all()  # greedy under a forcing bias
+    assert not tokens[:, 2].eq(eos).any()  # EOS masked until min_tokens
+    plain = base.float() / 0.7
+    biased = base.float().index_add(0, torch.tensor(list(bias)), torch.tensor(list(bias.values()))) / 0.7
+    masked = plain.clone()
+    masked[eos] = float("-inf")
+    for column, logits in enumerate((plain, biased, masked)):
+        observed = torch.bincount(tokens[:, column], minlength=40).float() / rows_each
+        assert (observed - logits.softmax(-1)).abs().sum() / 2 < 0.04, column

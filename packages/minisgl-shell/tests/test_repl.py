@@ -163,7 +163,7 @@ def test_parser_has_chat_and_engine_flags() -> None:
     ):
         assert flag in text
     options = build_parser().parse_args(["--url", "http://x:1", "--temperature", "0"])
-    assert (options.url, options.temperature, options.log_level) == ("http://x:1", 0.0, "warning")
+    assert (options.url, options.temperature, options.log_file) == ("http://x:1", 0.0, None)
 
 
 @pytest.mark.parametrize(
@@ -236,3 +236,29 @@ def test_every_engine_option_is_a_shell_flag() -> None:
         False,
         "fp8_e4m3",
     )
+
+
+def test_redirected_stderr_takes_child_processes_output(tmp_path: Any) -> None:
+    """After redirect_stderr, what this process and the processes it starts write to stderr (logging,
+    warnings, native code) goes to the file; the returned stream still reaches the terminal's stderr."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "engine.log"
+    script = f"""
+import logging, subprocess, sys, warnings
+from pathlib import Path
+from minisgl.shell.log_file import redirect_stderr
+terminal = redirect_stderr(Path({str(log)!r}))
+logging.basicConfig()
+logging.getLogger("minisgl.core").warning("a log line")
+warnings.warn("a warning")
+subprocess.run([sys.executable, "-c", "import os; os.write(2, b'a child wrote this')"], check=True)
+print("for the user", file=terminal)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stderr == "for the user\n"
+    text = log.read_text()
+    assert "a log line" in text and "a warning" in text and "a child wrote this" in text

@@ -17,12 +17,13 @@ def needs_adjusting(req: Request, eos_token_ids: frozenset[int], num_generated: 
 def adjust_logits(
     logits: torch.Tensor, requests: list[Request], eos_token_ids: frozenset[int], num_generated: list[int]
 ) -> torch.Tensor:
-    """logits with every request's bias and min_tokens mask applied (a copy when anything changes).
+    """logits with every request's bias and min_tokens mask applied: logits itself when no request has
+    any, else a float32 copy (a small bias added in bf16 would be rounded away) changed in those rows only.
     num_generated: per row, the request's tokens generated before the one being chosen."""
     rows = [i for i, req in enumerate(requests) if needs_adjusting(req, eos_token_ids, num_generated[i])]
     if not rows:
         return logits
-    logits = logits.clone()
+    logits = logits.to(torch.float32, copy=True)
     for i in rows:
         req = requests[i]
         if req.params.logit_bias:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from minisgl.core import fused_ops
-from minisgl.core.logit_adjust import adjust_logits, needs_adjusting
+from minisgl.core.logit_adjust import adjust_logits
 from minisgl.core.request import Request
 from minisgl.core.transfer import to_device
 
@@ -39,33 +39,35 @@ def sample(
     output_ids, which is right when sampling at launch (a late sample passes what it was then)."""
     if num_generated is None:
         num_generated = [len(r.output_ids) for r in requests]
-    tokens = _sample_plain_batch(logits, requests, generator, eos_token_ids, num_generated)
-    if tokens is not None:
-        return _with_logprobs(logits, tokens, requests)
-    raw = logits.float()
-    logits = _apply_penalties(adjust_logits(raw, requests, eos_token_ids, num_generated), requests)
+    # logit_bias and min_tokens change their own rows' logits before either sampler runs, so a batch with
+    # such a request stays on the fused path.
+    adjusted = adjust_logits(logits, requests, eos_token_ids, num_generated)
+    tokens = _sample_plain_batch(adjusted, requests, generator)
+    if tokens is None:
+        tokens = _sample_general(adjusted, requests, generator)
+    return _with_logprobs(logits, tokens, requests)
+
+
+def _sample_general(
+    logits: torch.Tensor, requests: list[Request], generator: torch.Generator
+) -> torch.Tensor:
+    """Any batch: penalties, top-k / top-p / min-p and per-request seeds, row by row where they differ."""
+    logits = _apply_penalties(logits.float(), requests)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, req in enumerate(requests) if not req.params.is_greedy]
     if random_rows:
         index = to_device(random_rows, torch.int64, logits.device)
         tokens[index] = _sample_rows(logits[index], [requests[i] for i in random_rows], generator)
-    return _with_logprobs(raw, tokens, requests)
+    return tokens
 
 
 def _sample_plain_batch(
-    logits: torch.Tensor,
-    requests: list[Request],
-    generator: torch.Generator,
-    eos_token_ids: frozenset[int],
-    num_generated: list[int],
+    logits: torch.Tensor, requests: list[Request], generator: torch.Generator
 ) -> torch.Tensor | None:
     """The common batch (no penalties, no top-k/top-p/min-p, no per-request seed) in two or three kernels:
     argmax for greedy rows, one fused Gumbel-max draw at each row's temperature for the others. None when
-    the batch is not that simple or there is no fused kernel (the general path below handles it)."""
-    if any(
-        _needs_general_path(r) or needs_adjusting(r, eos_token_ids, n)
-        for r, n in zip(requests, num_generated, strict=True)
-    ):
+    the batch is not that simple or there is no fused kernel (the general path handles it)."""
+    if any(_needs_general_path(r) for r in requests):
         return None
     greedy = [r.params.is_greedy for r in requests]
     if all(greedy):

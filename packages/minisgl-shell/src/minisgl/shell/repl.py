@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from minisgl.shell.client import (
@@ -28,6 +28,7 @@ from minisgl.shell.client import (
     RemoteBackend,
     ShellError,
 )
+from minisgl.shell.log_file import default_log_path, progress_on, redirect_stderr
 
 COMMANDS: dict[str, str] = {
     "help": "show this help",
@@ -177,8 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
     chat.add_argument("--system", default=None, help="a system message starting every conversation")
+    chat.add_argument(
+        "--log-file",
+        default=None,
+        help="where the local engine's log goes while the shell owns the terminal "
+        "(default: minisgl-shell-PID.log in the temporary directory; named at start)",
+    )
     add_engine_arguments(parser)
-    parser.set_defaults(log_level="warning")
     return parser
 
 
@@ -193,45 +199,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.check()
     except ValueError as exc:
         parser.error(str(exc))
-    engine = None
     if options.url is not None:
-        backend: ChatBackend = RemoteBackend(options.url, options.api_key)
-    else:
-        from minisgl.server.launch import LaunchError, launch_engine
+        return _chat(RemoteBackend(options.url, options.api_key), settings, options.system, sys.stderr)
+    from minisgl.server.launch import LaunchError, launch_engine
 
-        server_args = server_args_from(parser, options)
-        if server_args.node_rank > 0:
-            parser.error(
-                "argument --node-rank: the shell runs on node 0; start the other nodes with `minisgl serve`"
-            )
-        # The launcher's progress (each process ready, "still loading" every few seconds) is shown while
-        # the model loads; after that only warnings, so that no log line lands inside a reply.
-        launcher_log = logging.getLogger("minisgl.server.launch")
-        launcher_log.setLevel(logging.INFO)
-        try:
-            engine = launch_engine(server_args)
-        except LaunchError as exc:
-            print(f"minisgl-shell: error: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            return 130
-        finally:
-            launcher_log.setLevel(logging.WARNING)
-        backend = LocalBackend(engine, server_args.model_name)
+    server_args = server_args_from(parser, options)
+    if server_args.node_rank > 0:
+        parser.error(
+            "argument --node-rank: the shell runs on node 0; start the other nodes with `minisgl serve`"
+        )
+    log_path = Path(options.log_file) if options.log_file else default_log_path()
     try:
-        return asyncio.run(_run(backend, settings, options.system))
+        terminal = redirect_stderr(log_path)
+    except OSError as exc:
+        parser.error(f"argument --log-file: cannot write {log_path}: {exc.strerror}")
+    print(f"minisgl-shell: the engine's log is {log_path}", file=terminal)
+    try:
+        with progress_on(terminal):
+            engine = launch_engine(server_args)
+    except LaunchError as exc:
+        print(f"minisgl-shell: error: {exc} (details in {log_path})", file=terminal)
+        return 1
     except KeyboardInterrupt:
         return 130
+    try:
+        status = _chat(LocalBackend(engine, server_args.model_name), settings, options.system, terminal)
     finally:
-        if engine is not None:
-            engine.shutdown()
+        engine.shutdown()
+        sys.stderr = terminal  # the REPL is over: the traceback of an unexpected error reaches the user
+    if status == 1:
+        print(f"minisgl-shell: the engine's log is {log_path}", file=terminal)
+    return status
 
 
-async def _run(backend: ChatBackend, settings: ChatSettings, system: str | None) -> int:
+def _chat(backend: ChatBackend, settings: ChatSettings, system: str | None, errors: TextIO) -> int:
+    try:
+        return asyncio.run(_run(backend, settings, system, errors))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run(backend: ChatBackend, settings: ChatSettings, system: str | None, errors: TextIO) -> int:
     try:
         await backend.start()
     except EngineLost as exc:
-        print(f"minisgl-shell: error: {exc}", file=sys.stderr)
+        print(f"minisgl-shell: error: {exc}", file=errors)
         return 1
     try:
         repl = Repl(backend, settings, system, sys.stdout)
