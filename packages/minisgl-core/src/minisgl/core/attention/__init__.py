@@ -17,7 +17,7 @@ import torch
 
 from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
 from minisgl.core.attention.torch_backend import TorchAttentionBackend
-from minisgl.core.kv_pool import KVPool
+from minisgl.core.kv.kv_pool import KVPool
 from minisgl.kernels.reference import FP8_KV_DTYPE
 
 BACKEND_NAMES = ("torch", "fi", "fa3")

@@ -11,9 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from minisgl.core import fused_ops
 from minisgl.core.config import ModelConfig
-from minisgl.core.distributed import get_tp
+from minisgl.core.layers import fused_ops
 from minisgl.core.layers.activation import silu_and_mul
 from minisgl.core.layers.attention import PagedAttention
 from minisgl.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -21,6 +20,7 @@ from minisgl.core.layers.linear import ColumnParallelLinear, QKVParallelLinear, 
 from minisgl.core.layers.moe import EXPERT_TENSOR, STACKED_NAMES, SparseMoeBlock, StackedExperts
 from minisgl.core.layers.norm import RMSNorm
 from minisgl.core.layers.rotary import RotaryEmbedding
+from minisgl.core.parallel.distributed import get_tp
 from minisgl.kernels import ROPE_STORE_HEAD_DIMS
 
 

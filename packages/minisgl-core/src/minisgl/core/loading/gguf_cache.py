@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from minisgl.core import env
-from minisgl.core.model_source import ModelSource
+from minisgl.core.loading.model_source import ModelSource
 
 logger = logging.getLogger("minisgl")
 
@@ -83,7 +83,7 @@ def _key(gguf: Path) -> str:
 def _convert(source: ModelSource, entry: Path) -> None:
     from safetensors.torch import save_file
 
-    from minisgl.core.loader import load_hf_config, load_tokenizer, read_gguf_tensors
+    from minisgl.core.loading.loader import load_hf_config, load_tokenizer, read_gguf_tensors
 
     logger.info("converting %s to a Hugging Face directory in %s (once)", source.gguf_file, entry)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))

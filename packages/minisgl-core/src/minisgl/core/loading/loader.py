@@ -15,10 +15,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from minisgl.core.config import ModelConfig, _as_id_tuple
-from minisgl.core.model_source import ModelSource
+from minisgl.core.layers.moe_ops import resolve_moe_backend
+from minisgl.core.loading.model_source import ModelSource
 from minisgl.core.models import create_model
 from minisgl.core.models.decoder import DecoderForCausalLM
-from minisgl.core.moe_ops import resolve_moe_backend
 from minisgl.core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

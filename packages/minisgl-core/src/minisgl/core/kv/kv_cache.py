@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from minisgl.core.page_allocator import PageAllocator
-from minisgl.core.radix_cache import NaiveCache, PrefixCache, RadixCache, RadixNode
+from minisgl.core.kv.page_allocator import PageAllocator
+from minisgl.core.kv.radix_cache import NaiveCache, PrefixCache, RadixCache, RadixNode
+from minisgl.core.kv.tables import RequestTables
 from minisgl.core.request import Request
-from minisgl.core.tables import RequestTables
 
 CACHE_KINDS = ("radix", "naive")
 
