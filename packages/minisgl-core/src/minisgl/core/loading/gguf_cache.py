@@ -58,18 +58,24 @@ def converted(source: ModelSource) -> ModelSource:
         logger.info("%s is too large to keep a float32 conversion of; reading it directly", gguf.name)
         return source
     entry = root / f"{gguf.stem}-{_key(gguf)}"
-    if not (entry / COMPLETE_MARKER).is_file():
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            with _file_lock(root / f"{entry.name}.lock"):
-                if not (entry / COMPLETE_MARKER).is_file():
-                    _convert(source, entry)
-        except OSError as exc:  # a read-only or full disk: slower, but the model still loads
-            logger.warning(
-                "cannot keep a converted copy of %s in %s (%s); reading it directly", gguf.name, root, exc
-            )
-            return source
+    try:
+        _convert_once(source, root, entry)
+    except OSError as exc:  # a read-only or full disk: slower, but the model still loads
+        logger.warning(
+            "cannot keep a converted copy of %s in %s (%s); reading it directly", gguf.name, root, exc
+        )
+        return source
     return ModelSource(source.name, entry)
+
+
+def _convert_once(source: ModelSource, root: Path, entry: Path) -> None:
+    """Convert into entry unless it is complete; a file lock keeps two processes from both converting."""
+    if (entry / COMPLETE_MARKER).is_file():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / f"{entry.name}.lock"):
+        if not (entry / COMPLETE_MARKER).is_file():
+            _convert(source, entry)
 
 
 def _key(gguf: Path) -> str:

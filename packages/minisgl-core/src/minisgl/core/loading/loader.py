@@ -113,16 +113,26 @@ def build_model(
         )
     with _default_dtype(dtype), torch.device(device):
         model = create_model(config, resolve_moe_backend(moe_backend, device))
-    if load_format == "dummy":
-        tensors = dummy_checkpoint(config, dtype, device)
-    elif load_format == "gguf":
-        tensors = read_gguf_tensors(source, hf_config)
-    else:
-        tensors = _safetensors(source)
-    unused = model.load_weights(tensors)
+    unused = model.load_weights(_checkpoint_tensors(source, hf_config, config, dtype, device, load_format))
     if unused:
         logger.warning("ignored %d checkpoint tensors, e.g. %s", len(unused), unused[:3])
     return model.eval()
+
+
+def _checkpoint_tensors(
+    source: ModelSource,
+    hf_config: Any,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's (name, tensor) pairs in load_format (dummy, gguf or safetensors)."""
+    if load_format == "dummy":
+        return dummy_checkpoint(config, dtype, device)
+    if load_format == "gguf":
+        return read_gguf_tensors(source, hf_config)
+    return _safetensors(source)
 
 
 class _LazyTensor:
@@ -184,8 +194,7 @@ def dummy_checkpoint(
 def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a checkpoint of this config, by its Hugging Face name (sparse blocks in the
     per-expert layout)."""
-    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
-    q_size, kv_size = config.num_heads * head_dim, config.num_kv_heads * head_dim
+    hidden = config.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, hidden)
@@ -194,25 +203,42 @@ def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         layer = f"model.layers.{i}"
         shapes[f"{layer}.input_layernorm.weight"] = (hidden,)
         shapes[f"{layer}.post_attention_layernorm.weight"] = (hidden,)
-        for proj, rows in (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)):
-            shapes[f"{layer}.self_attn.{proj}.weight"] = (rows, hidden)
-            if config.qkv_bias:
-                shapes[f"{layer}.self_attn.{proj}.bias"] = (rows,)
-        shapes[f"{layer}.self_attn.o_proj.weight"] = (hidden, q_size)
-        if config.o_bias:
-            shapes[f"{layer}.self_attn.o_proj.bias"] = (hidden,)
-        if config.qk_norm:
-            shapes[f"{layer}.self_attn.q_norm.weight"] = (head_dim,)
-            shapes[f"{layer}.self_attn.k_norm.weight"] = (head_dim,)
+        shapes.update(_attention_shapes(config, f"{layer}.self_attn"))
         if config.is_moe_layer(i):
             shapes.update(_expert_shapes(config, f"{layer}.mlp"))
-            continue
-        shapes[f"{layer}.mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[f"{layer}.mlp.up_proj.weight"] = (inter, hidden)
-        shapes[f"{layer}.mlp.down_proj.weight"] = (hidden, inter)
-        if config.mlp_bias:
-            for proj, rows in (("gate_proj", inter), ("up_proj", inter), ("down_proj", hidden)):
-                shapes[f"{layer}.mlp.{proj}.bias"] = (rows,)
+        else:
+            shapes.update(_mlp_shapes(config, f"{layer}.mlp"))
+    return shapes
+
+
+def _attention_shapes(config: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    hidden, head_dim = config.hidden_size, config.head_dim
+    q_size, kv_size = config.num_heads * head_dim, config.num_kv_heads * head_dim
+    shapes: dict[str, tuple[int, ...]] = {}
+    for proj, rows in (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)):
+        shapes[f"{prefix}.{proj}.weight"] = (rows, hidden)
+        if config.qkv_bias:
+            shapes[f"{prefix}.{proj}.bias"] = (rows,)
+    shapes[f"{prefix}.o_proj.weight"] = (hidden, q_size)
+    if config.o_bias:
+        shapes[f"{prefix}.o_proj.bias"] = (hidden,)
+    if config.qk_norm:
+        shapes[f"{prefix}.q_norm.weight"] = (head_dim,)
+        shapes[f"{prefix}.k_norm.weight"] = (head_dim,)
+    return shapes
+
+
+def _mlp_shapes(config: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """A dense MLP's tensors."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{prefix}.gate_proj.weight": (inter, hidden),
+        f"{prefix}.up_proj.weight": (inter, hidden),
+        f"{prefix}.down_proj.weight": (hidden, inter),
+    }
+    if config.mlp_bias:
+        for proj, rows in (("gate_proj", inter), ("up_proj", inter), ("down_proj", hidden)):
+            shapes[f"{prefix}.{proj}.bias"] = (rows,)
     return shapes
 
 

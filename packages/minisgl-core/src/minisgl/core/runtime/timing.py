@@ -58,7 +58,10 @@ def _summary_of(name: str, steps: list[StepRecord], decode: bool) -> str:
             f", mean batch {tokens / max(1, len(steps)):.1f} ({1000 * wall / max(1, len(steps)):.2f} ms/step)"
         )
     line += f", host waited {sum(s.host_wait_seconds for s in steps):.2f} s"
+    return line + _device_busy(steps)
+
+
+def _device_busy(steps: list[StepRecord]) -> str:
+    """ "; device busy N s" over the steps timed on the device, or "" when none was."""
     timed = [s.device_seconds for s in steps if s.device_seconds is not None]
-    if timed:
-        line += f"; device busy {sum(timed):.2f} s"
-    return line
+    return f"; device busy {sum(timed):.2f} s" if timed else ""
