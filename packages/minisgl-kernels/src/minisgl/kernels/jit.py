@@ -143,7 +143,8 @@ def _cudart_flags(nvcc: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on path (created with its directory) across processes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -191,7 +192,7 @@ def build(
 
     ldflags = check_toolchain(sources)
     directory = (build_root if build_root is not None else cache_dir(target)) / name
-    with _build_lock, _file_lock(directory.parent / f"{name}.lock"), _build_environment(arch_list):
+    with _build_lock, file_lock(directory.parent / f"{name}.lock"), _build_environment(arch_list):
         try:
             library = tvm_ffi.cpp.build(
                 name,

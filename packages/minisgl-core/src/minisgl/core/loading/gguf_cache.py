@@ -15,18 +15,16 @@ an entry only appears, by an atomic rename, once complete.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from minisgl.core import env
 from minisgl.core.loading.model_source import ModelSource
+from minisgl.kernels.jit import file_lock
 
 logger = logging.getLogger("minisgl")
 
@@ -73,7 +71,7 @@ def _convert_once(source: ModelSource, root: Path, entry: Path) -> None:
     if (entry / COMPLETE_MARKER).is_file():
         return
     root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / f"{entry.name}.lock"):
+    with file_lock(root / f"{entry.name}.lock"):
         if not (entry / COMPLETE_MARKER).is_file():
             _convert(source, entry)
 
@@ -107,13 +105,3 @@ def _convert(source: ModelSource, entry: Path) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

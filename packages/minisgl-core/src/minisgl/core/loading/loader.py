@@ -105,34 +105,30 @@ def build_model(
     load_format: str,
     moe_backend: str = "auto",
 ) -> DecoderForCausalLM:
+    load_format = _resolve_load_format(source, load_format)
+    with _default_dtype(dtype), torch.device(device):
+        model = create_model(config, resolve_moe_backend(moe_backend, device))
+    if load_format == "dummy":
+        tensors = dummy_checkpoint(config, dtype, device)
+    elif load_format == "gguf":
+        tensors = read_gguf_tensors(source, hf_config)
+    else:
+        tensors = _safetensors(source)
+    unused = model.load_weights(tensors)
+    if unused:
+        logger.warning("ignored %d checkpoint tensors, e.g. %s", len(unused), unused[:3])
+    return model.eval()
+
+
+def _resolve_load_format(source: ModelSource, load_format: str) -> str:
+    """ "auto" as the source's own format; a bundled config (no weights) loads only as "dummy"."""
     if load_format == "auto":
         load_format = "gguf" if source.is_gguf else "safetensors"
     if source.config_only and load_format != "dummy":
         raise ValueError(
             f"model {source.name!r} is a bundled config without weights: use load_format='dummy'"
         )
-    with _default_dtype(dtype), torch.device(device):
-        model = create_model(config, resolve_moe_backend(moe_backend, device))
-    unused = model.load_weights(_checkpoint_tensors(source, hf_config, config, dtype, device, load_format))
-    if unused:
-        logger.warning("ignored %d checkpoint tensors, e.g. %s", len(unused), unused[:3])
-    return model.eval()
-
-
-def _checkpoint_tensors(
-    source: ModelSource,
-    hf_config: Any,
-    config: ModelConfig,
-    dtype: torch.dtype,
-    device: torch.device,
-    load_format: str,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's (name, tensor) pairs in load_format (dummy, gguf or safetensors)."""
-    if load_format == "dummy":
-        return dummy_checkpoint(config, dtype, device)
-    if load_format == "gguf":
-        return read_gguf_tensors(source, hf_config)
-    return _safetensors(source)
+    return load_format
 
 
 class _LazyTensor:
