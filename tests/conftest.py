@@ -29,7 +29,7 @@ def save_smollm2_tokenizer(directory: Path) -> Any:
     returns it."""
     from transformers import AutoTokenizer
 
-    from minisgl.core.model_source import resolve_model
+    from minisgl.core.loading.model_source import resolve_model
 
     source = resolve_model(MODEL)
     tokenizer = AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)

@@ -35,8 +35,8 @@ def hf_model() -> Any:
     """transformers' model from the directory the server itself loads (the GGUF converted once)."""
     from transformers import AutoModelForCausalLM
 
-    from minisgl.core.gguf_cache import converted
-    from minisgl.core.model_source import resolve_model
+    from minisgl.core.loading.gguf_cache import converted
+    from minisgl.core.loading.model_source import resolve_model
 
     directory = converted(resolve_model(MODEL)).directory
     return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
@@ -166,8 +166,8 @@ def test_tokenize_detokenize_version_models(server: Server) -> None:
     assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 8192
     from transformers import AutoTokenizer
 
-    from minisgl.core.gguf_cache import converted
-    from minisgl.core.model_source import resolve_model
+    from minisgl.core.loading.gguf_cache import converted
+    from minisgl.core.loading.model_source import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(converted(resolve_model(MODEL)).directory))
     assert body["tokens"] == tokenizer.encode("Hello world")

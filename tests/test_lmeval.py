@@ -120,8 +120,8 @@ def _reference_loglikelihoods(directory: Path) -> list[list[float]]:
 def test_lm_eval_local_completions(server: Server, tmp_path: Path) -> None:
     from lm_eval.tasks import TaskManager
 
-    from minisgl.core.gguf_cache import converted
-    from minisgl.core.model_source import resolve_model
+    from minisgl.core.loading.gguf_cache import converted
+    from minisgl.core.loading.model_source import resolve_model
 
     model_dir = converted(resolve_model(MODEL)).directory
     _write_tasks(tmp_path)

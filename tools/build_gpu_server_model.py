@@ -23,9 +23,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from minisgl.core.gguf_cache import converted
-from minisgl.core.loader import load_tokenizer
-from minisgl.core.model_source import BUNDLED_CONFIG_DIR, resolve_model
+from minisgl.core.loading.gguf_cache import converted
+from minisgl.core.loading.loader import load_tokenizer
+from minisgl.core.loading.model_source import BUNDLED_CONFIG_DIR, resolve_model
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

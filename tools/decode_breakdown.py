@@ -23,7 +23,7 @@ import torch
 from minisgl.core import LLM, SamplingParams
 from minisgl.core.engine_flags import add_engine_flags
 from minisgl.core.runtime import Runtime
-from minisgl.core.sampler import sample
+from minisgl.core.sampling.sampler import sample
 
 
 def device_ms(fn: Callable[[], object], repeats: int = 20) -> float:
@@ -64,7 +64,7 @@ def measure(runtime: Runtime, batch: int) -> str:
         runtime.step()
     torch.cuda.synchronize()
     step_ms = 1000 * (time.perf_counter() - started) / steps
-    engine = runtime.engine
+    engine = runtime.model_runner
     graphs = engine.graphs
     assert graphs is not None
     size = min(s for s in graphs.batch_sizes if s >= batch)
@@ -81,7 +81,7 @@ def measure(runtime: Runtime, batch: int) -> str:
 def profile_graph(runtime: Runtime, batch: int, rows: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    graphs = runtime.engine.graphs
+    graphs = runtime.model_runner.graphs
     assert graphs is not None
     size = min(s for s in graphs.batch_sizes if s >= batch)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from minisgl.kernels.bench import copy_bandwidths, gpu_time_us
 
-CONFIGS = Path(__file__).resolve().parents[1] / "packages/minisgl-core/src/minisgl/core/model_configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "packages/minisgl-core/src/minisgl/core/loading/model_configs"
 L2_DEFEAT_BYTES = 256 << 20  # several times the H100's 50 MB L2
 
 

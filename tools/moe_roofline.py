@@ -26,9 +26,9 @@ import torch
 
 from minisgl.core.bench import make_workload
 from minisgl.core.config import ModelConfig
-from minisgl.core.kv_pool import KVPool
-from minisgl.core.loader import checkpoint_shapes, load_hf_config
-from minisgl.core.model_source import resolve_model
+from minisgl.core.kv.kv_pool import KVPool
+from minisgl.core.loading.loader import checkpoint_shapes, load_hf_config
+from minisgl.core.loading.model_source import resolve_model
 
 BF16 = 2
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minisgl.core import gguf_cache
-from minisgl.core.gguf_cache import COMPLETE_MARKER, converted
-from minisgl.core.loader import load_hf_config, load_tokenizer, read_gguf_tensors
-from minisgl.core.model_source import resolve_model
+from minisgl.core.loading import gguf_cache
+from minisgl.core.loading.gguf_cache import COMPLETE_MARKER, converted
+from minisgl.core.loading.loader import load_hf_config, load_tokenizer, read_gguf_tensors
+from minisgl.core.loading.model_source import resolve_model
 
 TEXTS = ["Hello world", " leading space", "naïve café 東京 🙂", "<|im_start|>user\nhi<|im_end|>", "a\n\n\tb"]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]

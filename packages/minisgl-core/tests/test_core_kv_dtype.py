@@ -28,7 +28,7 @@ from minisgl.core import LLM, SamplingParams
 from minisgl.core.attention.base import BatchLayout
 from minisgl.core.attention.torch_backend import TorchAttentionBackend
 from minisgl.core.config import EngineConfig
-from minisgl.core.kv_pool import KVPool
+from minisgl.core.kv.kv_pool import KVPool
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX_ABS, FP8_MAX_MEAN, FP8_MIN_AGREEMENT = 2.0, 0.25, 0.75

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from minisgl.core import LLM, SamplingParams, moe_ops
+from minisgl.core import LLM, SamplingParams
 from minisgl.core.config import EngineConfig, ModelConfig
-from minisgl.core.loader import load_hf_config
-from minisgl.core.model_source import resolve_model
+from minisgl.core.layers import moe_ops
+from minisgl.core.loading.loader import load_hf_config
+from minisgl.core.loading.model_source import resolve_model
 
 MODEL = "qwen3-moe"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=tiny_models.GEN_LEN, ignore_eos=True)

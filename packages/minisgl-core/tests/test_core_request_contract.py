@@ -98,7 +98,7 @@ def test_max_tokens_none_generates_to_the_end_of_the_context(llm: Any) -> None:
 def test_a_request_is_checked_once(llm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Built params are trusted: generate (2 prompts x n=3) neither validates them again nor checks a
     request's fit more than once per prompt."""
-    from minisgl.core.scheduler import Scheduler
+    from minisgl.core.scheduler.scheduler import Scheduler
 
     params = SamplingParams(temperature=0.0, max_tokens=2, n=3, ignore_eos=True)
     calls = {"validate": 0, "check_fits": 0}

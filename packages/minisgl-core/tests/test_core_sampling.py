@@ -202,8 +202,8 @@ def test_tiny_models_reference_is_not_degenerate(reference: Callable[[str], Any]
 
 
 def test_sampling_defaults_come_from_generation_config(tmp_path: Path) -> None:
-    from minisgl.core.loader import load_sampling_defaults
-    from minisgl.core.model_source import ModelSource
+    from minisgl.core.loading.loader import load_sampling_defaults
+    from minisgl.core.loading.model_source import ModelSource
 
     source = ModelSource("m", tmp_path)
     assert load_sampling_defaults(source) == {}

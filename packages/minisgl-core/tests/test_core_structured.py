@@ -15,7 +15,7 @@ import torch
 import xgrammar as xgr
 
 from minisgl.core import LLM, SamplingParams
-from minisgl.core.structured import GrammarCompiler, check_grammar, json_schema_source, mask_logits
+from minisgl.core.sampling.structured import GrammarCompiler, check_grammar, json_schema_source, mask_logits
 
 QUESTION = [{"role": "user", "content": "Describe a person as JSON."}]
 
@@ -89,7 +89,7 @@ def test_json_schema_batch_mixed_with_free_requests(smollm: Any) -> None:
     schema = json.dumps(PERSON)
     constrained = SamplingParams(temperature=0.8, seed=1, max_tokens=200, json_schema=schema, n=3)
     free = SamplingParams(temperature=0.8, seed=2, max_tokens=24)
-    engine = smollm.runtime.engine
+    engine = smollm.runtime.model_runner
     assert smollm.runtime.max_in_flight == 2  # overlap scheduling stays on
     late_steps = []
 

@@ -18,7 +18,7 @@ from tiny_models import GEN_LEN
 
 from minisgl.core import LLM, SamplingParams
 from minisgl.core.config import ModelConfig
-from minisgl.core.runtime import _check_ranks_agree
+from minisgl.core.runtime.results import check_ranks_agree
 
 LOGPROB_TOLERANCE = 1e-4
 GREEDY = SamplingParams(max_tokens=GEN_LEN, temperature=0.0, logprobs=0, ignore_eos=True)
@@ -240,15 +240,15 @@ def test_ranks_started_with_other_settings_are_refused(tiny_model_dir: Callable[
 
 def test_ranks_that_drift_apart_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """The debug check itself: a rank reporting other tokens fails the step."""
-    import minisgl.core.distributed as distributed_module
-    from minisgl.core.batch import Batch
+    import minisgl.core.parallel.distributed as distributed_module
+    from minisgl.core.scheduler.batch import Batch
 
     batch = Batch([], is_decode=True)
     monkeypatch.setattr(distributed_module, "gather_objects", lambda mine: [mine, ([], [5])])
     with pytest.raises(RuntimeError, match="TP ranks disagree"):
-        _check_ranks_agree(batch, [4])
+        check_ranks_agree(batch, [4])
     monkeypatch.setattr(distributed_module, "gather_objects", lambda mine: [mine, mine])
-    _check_ranks_agree(batch, [4])
+    check_ranks_agree(batch, [4])
 
 
 def test_a_script_without_a_main_guard_fails_fast_with_a_hint(

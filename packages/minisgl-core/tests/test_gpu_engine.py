@@ -307,7 +307,7 @@ def test_fused_sampling_follows_the_distribution() -> None:
     """The one-kernel sampler of plain batches draws from softmax(logits / T) and leaves greedy rows at
     the argmax (a chi-square-sized tolerance on 20,000 draws over 40 tokens)."""
     from minisgl.core.request import Request
-    from minisgl.core.sampler import sample
+    from minisgl.core.sampling.sampler import sample
 
     torch.manual_seed(0)
     base = (torch.randn(40, device="cuda") * 1.5).to(torch.bfloat16)

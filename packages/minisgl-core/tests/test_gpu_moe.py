@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from test_gpu_engine import _check_generated_logprobs, _engine, cuda_reference, save_random_bf16
 
-from minisgl.core import moe_ops
+from minisgl.core.layers import moe_ops
 
 pytestmark = [
     pytest.mark.gpu,

@@ -34,7 +34,7 @@ def llm() -> Iterator[Any]:
             "set MINISGL_STRUCTURED_MODEL to a tools/build_gpu_server_model.py --tokenizer smollm2 dir"
         )
     engine = LLM(path, load_format="dummy", max_seq_len=2048, max_running_requests=64)
-    assert engine.runtime.engine.graphs is not None and engine.runtime.max_in_flight == 2
+    assert engine.runtime.model_runner.graphs is not None and engine.runtime.max_in_flight == 2
     yield engine
     engine.shutdown()
 

@@ -14,11 +14,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minisgl.core.kv_cache import KVCacheManager
-from minisgl.core.radix_cache import RadixCache
+from minisgl.core.kv.kv_cache import KVCacheManager
+from minisgl.core.kv.radix_cache import RadixCache
+from minisgl.core.kv.tables import RequestTables
 from minisgl.core.request import Request
 from minisgl.core.sampling_params import SamplingParams
-from minisgl.core.tables import RequestTables
 
 Prefix = tuple[int, ...]
 

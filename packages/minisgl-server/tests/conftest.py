@@ -9,8 +9,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tokenizer() -> Any:
-    from minisgl.core.loader import load_tokenizer
-    from minisgl.core.model_source import resolve_model
+    from minisgl.core.loading.loader import load_tokenizer
+    from minisgl.core.loading.model_source import resolve_model
 
     loaded = load_tokenizer(resolve_model("smollm2-135m"))
     assert loaded is not None

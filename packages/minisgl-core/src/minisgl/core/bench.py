@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from minisgl.core.engine_flags import add_engine_flags, engine_config_from
-from minisgl.core.model_source import BUNDLED_CONFIGS, DEFAULT_MODEL
+from minisgl.core.loading.model_source import BUNDLED_CONFIGS, DEFAULT_MODEL
 from minisgl.core.runtime import StepTiming
 
 
@@ -136,7 +136,7 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> tuple[float, in
     warm_up = SamplingParams(max_tokens=4, json_schema=BENCH_SCHEMA if any(constrained) else None)
     llm.generate([[1, 2, 3]], warm_up, use_tqdm=False)
     timing = llm.runtime.timing = StepTiming()
-    llm.runtime.engine.time_device = args.time_device
+    llm.runtime.model_runner.time_device = args.time_device
     started = time.perf_counter()
     results = llm.generate(workload.prompts, params)
     elapsed = time.perf_counter() - started
@@ -156,8 +156,8 @@ def run_hf(args: argparse.Namespace, workload: Workload) -> tuple[float, int]:
     from transformers import AutoModelForCausalLM
 
     from minisgl.core.config import parse_dtype, resolve_device
-    from minisgl.core.loader import load_hf_config, read_gguf_tensors
-    from minisgl.core.model_source import resolve_model
+    from minisgl.core.loading.loader import load_hf_config, read_gguf_tensors
+    from minisgl.core.loading.model_source import resolve_model
 
     source = resolve_model(args.model)
     device = resolve_device(args.device)

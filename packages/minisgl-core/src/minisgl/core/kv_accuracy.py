@@ -26,7 +26,8 @@ import torch
 from minisgl.core.engine_config import KV_CACHE_DTYPES
 from minisgl.core.engine_flags import add_engine_flags
 from minisgl.core.llm import LLM
-from minisgl.core.model_source import DEFAULT_MODEL
+from minisgl.core.loading.model_source import DEFAULT_MODEL
+from minisgl.core.request import GenerationResult
 from minisgl.core.sampling_params import SamplingParams
 
 
@@ -56,18 +57,33 @@ def _score(llm: LLM, prompts: list[list[int]], reference: list[list[int]] | None
     greedy = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True)
     free = [r.token_ids for r in llm.generate(prompts, greedy, use_tqdm=False)]
     continuation = reference if reference is not None else free
+    scored = _continuation_logprobs(llm, prompts, continuation)
+    return _Scores(free, scored, _greedy_next_tokens(llm, prompts, continuation, gen_len))
+
+
+def _continuation_logprobs(
+    llm: LLM, prompts: list[list[int]], continuation: list[list[int]]
+) -> list[list[float]]:
+    """Teacher-forced: each continuation token's logprob after its prompt and the continuation before it."""
     full = [p + c for p, c in zip(prompts, continuation, strict=True)]
     forced = llm.generate(full, SamplingParams(max_tokens=1, prompt_logprobs=True), use_tqdm=False)
-    scored = []
-    for prompt, result in zip(prompts, forced, strict=True):
-        assert result.prompt_logprobs is not None
-        scored.append([float(x) for x in result.prompt_logprobs[len(prompt) :] if x is not None])
+    return [_logprobs_after(prompt, result) for prompt, result in zip(prompts, forced, strict=True)]
+
+
+def _logprobs_after(prompt: list[int], result: GenerationResult) -> list[float]:
+    assert result.prompt_logprobs is not None
+    return [float(x) for x in result.prompt_logprobs[len(prompt) :] if x is not None]
+
+
+def _greedy_next_tokens(
+    llm: LLM, prompts: list[list[int]], continuation: list[list[int]], gen_len: int
+) -> list[list[int]]:
+    """Teacher-forced: the greedy token after every prefix of each prompt's continuation."""
     # One request per prefix; the prefix cache computes each shared prefix once.
     prefixes = [p + c[:t] for p, c in zip(prompts, continuation, strict=True) for t in range(len(c))]
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     nexts = [r.token_ids[0] for r in llm.generate(prefixes, one, use_tqdm=False)]
-    next_tokens = [nexts[i * gen_len : (i + 1) * gen_len] for i in range(len(prompts))]
-    return _Scores(free, scored, next_tokens)
+    return [nexts[i * gen_len : (i + 1) * gen_len] for i in range(len(prompts))]
 
 
 def _run(
@@ -113,15 +129,10 @@ def measure(
             for a, b in zip(ref, got, strict=True)
         ]
     )
-    agree = sum(
-        a == b
-        for ref, got in zip(reference.greedy, tested.next_tokens, strict=True)
-        for a, b in zip(ref, got, strict=True)
+    agree = _same_tokens(reference.greedy, tested.next_tokens)
+    before_difference = sum(
+        _common_prefix(ref, got) for ref, got in zip(reference.greedy, tested.greedy, strict=True)
     )
-    before_difference = 0
-    for ref, got in zip(reference.greedy, tested.greedy, strict=True):
-        differs = [i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a != b]
-        before_difference += differs[0] if differs else len(ref)
     total = num_prompts * gen_len
     return KVAccuracy(
         kv_cache_dtype=kv_cache_dtype,
@@ -131,6 +142,19 @@ def measure(
         greedy_agreement=agree / total,
         free_running_prefix=before_difference / total,
     )
+
+
+def _same_tokens(reference: list[list[int]], tested: list[list[int]]) -> int:
+    """How many positions hold the same token in both."""
+    return sum(
+        a == b for ref, got in zip(reference, tested, strict=True) for a, b in zip(ref, got, strict=True)
+    )
+
+
+def _common_prefix(ref: list[int], got: list[int]) -> int:
+    """How many tokens two greedy outputs share before they first differ."""
+    differs = [i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a != b]
+    return differs[0] if differs else len(ref)
 
 
 def main(argv: list[str] | None = None) -> None:

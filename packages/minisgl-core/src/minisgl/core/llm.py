@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from minisgl.core.config import EngineConfig
-from minisgl.core.model_source import DEFAULT_MODEL
+from minisgl.core.loading.model_source import DEFAULT_MODEL
 from minisgl.core.request import FinishReason, GenerationResult, Request
 from minisgl.core.runtime import Runtime
 from minisgl.core.sampling_params import SamplingParams

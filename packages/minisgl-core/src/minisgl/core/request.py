@@ -10,8 +10,8 @@ import torch
 from minisgl.core.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from minisgl.core.radix_cache import RadixNode
-    from minisgl.core.structured import GrammarState
+    from minisgl.core.kv.radix_cache import RadixNode
+    from minisgl.core.sampling.structured import GrammarState
 
 FinishReason = Literal["stop", "length", "abort"]
 

@@ -78,7 +78,7 @@ class SamplingParams:
     # prompt position is computed, so cached tokens get their logprobs too.
     prompt_logprobs: bool = False
     # Structured output (at most one): the output must match a JSON schema (a JSON string or a dict), a
-    # regular expression, or an EBNF grammar (see minisgl.core.structured).
+    # regular expression, or an EBNF grammar (see minisgl.core.sampling.structured).
     json_schema: str | dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None

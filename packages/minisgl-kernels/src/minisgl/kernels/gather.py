@@ -25,10 +25,7 @@ def gather_rows(
     CUDA tensors run one kernel on the current stream; other devices run `reference.gather_rows`.
     """
     if not use_cuda_kernels(table):
-        result = reference.gather_rows(table, ids, vocab_start, vocab_end)
-        if out is None:
-            return result
-        return out.copy_(result)
+        return _reference_gather(table, ids, vocab_start, vocab_end, out)
     end = vocab_start + table.shape[0] if vocab_end is None else vocab_end
     if ids.dtype not in (torch.int32, torch.int64):
         ids = ids.long()
@@ -36,3 +33,10 @@ def gather_rows(
         out = torch.empty((*ids.shape, table.shape[-1]), dtype=table.dtype, device=table.device)
     cuda_ops(device_index(table)).gather_rows(table, ids.contiguous(), out, vocab_start, end, AUTO_LANES)
     return out
+
+
+def _reference_gather(
+    table: torch.Tensor, ids: torch.Tensor, vocab_start: int, vocab_end: int | None, out: torch.Tensor | None
+) -> torch.Tensor:
+    result = reference.gather_rows(table, ids, vocab_start, vocab_end)
+    return result if out is None else out.copy_(result)

@@ -78,11 +78,10 @@ def cuda_target(capability: tuple[int, int]) -> tuple[str, str]:
 
 def _find_nvcc() -> str | None:
     # Where tvm-ffi will look: $CUDA_HOME/bin (or $CUDA_PATH), else nvcc on PATH, else /usr/local/cuda.
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home:
-            candidate = Path(home) / "bin" / "nvcc"
-            return str(candidate) if candidate.exists() else None
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        candidate = Path(home) / "bin" / "nvcc"
+        return str(candidate) if candidate.exists() else None
     found = shutil.which("nvcc")
     if found is None and Path("/usr/local/cuda/bin/nvcc").exists():
         found = "/usr/local/cuda/bin/nvcc"  # tvm-ffi's last guess too
@@ -102,14 +101,7 @@ def _ninja_dir() -> str | None:
 
 def check_toolchain(sources: Sequence[Path]) -> list[str]:
     """Raise KernelBuildError when a tool the sources need is missing; return extra linker flags."""
-    if shutil.which("ninja") is None and _ninja_dir() is None:
-        raise KernelBuildError(f"ninja was not found: pip install ninja; {TROUBLESHOOTING}")
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise KernelBuildError(
-            f"no C++ compiler: '{compiler}' is not on PATH. Install one (apt install g++) or set CXX; "
-            + TROUBLESHOOTING
-        )
+    _check_host_toolchain()
     if not any(source.suffix == ".cu" for source in sources):
         return []
     nvcc = _find_nvcc()
@@ -120,6 +112,18 @@ def check_toolchain(sources: Sequence[Path]) -> list[str]:
             f"alone has no compiler. To run without the kernels set MINISGL_DISABLE_KERNELS=1; {TROUBLESHOOTING}"
         )
     return _cudart_flags(Path(nvcc))
+
+
+def _check_host_toolchain() -> None:
+    """ninja and a C++ compiler, which every build needs."""
+    if shutil.which("ninja") is None and _ninja_dir() is None:
+        raise KernelBuildError(f"ninja was not found: pip install ninja; {TROUBLESHOOTING}")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise KernelBuildError(
+            f"no C++ compiler: '{compiler}' is not on PATH. Install one (apt install g++) or set CXX; "
+            + TROUBLESHOOTING
+        )
 
 
 def _cudart_flags(nvcc: Path) -> list[str]:
@@ -139,7 +143,8 @@ def _cudart_flags(nvcc: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on path (created with its directory) across processes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -161,11 +166,15 @@ def _build_environment(arch_list: str | None) -> Iterator[None]:
             os.environ["PATH"] = ninja_dir + os.pathsep + os.environ.get("PATH", "")
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _restore_environment(saved)
+
+
+def _restore_environment(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def build(
@@ -183,7 +192,7 @@ def build(
 
     ldflags = check_toolchain(sources)
     directory = (build_root if build_root is not None else cache_dir(target)) / name
-    with _build_lock, _file_lock(directory.parent / f"{name}.lock"), _build_environment(arch_list):
+    with _build_lock, file_lock(directory.parent / f"{name}.lock"), _build_environment(arch_list):
         try:
             library = tvm_ffi.cpp.build(
                 name,

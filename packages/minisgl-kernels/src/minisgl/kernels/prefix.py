@@ -21,7 +21,7 @@ def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int:
     (GPU tensors, other dtypes) runs `reference.first_mismatch`. Where the C++ module cannot be built (no
     compiler), it warns once and uses the reference.
     """
-    if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype not in (torch.int32, torch.int64):
+    if not _cpu_integers(a, b):
         return reference.first_mismatch(a, b)
     if b.dtype != a.dtype:
         b = b.to(a.dtype)
@@ -31,6 +31,11 @@ def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int:
         return reference.first_mismatch(a, b)
     result: int = ops.first_mismatch(a, b)
     return result
+
+
+def _cpu_integers(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the C++ loop takes these: both on the CPU, the first of int32/int64."""
+    return a.device.type == "cpu" and b.device.type == "cpu" and a.dtype in (torch.int32, torch.int64)
 
 
 @functools.cache

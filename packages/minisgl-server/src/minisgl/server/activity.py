@@ -49,13 +49,17 @@ class ActivityLog:
             self.busy += self.clock() - self.spell_start
             self.spell_start = None
 
+    def _busy_seconds(self, now: float) -> float:
+        """Busy time of this period, the current spell included."""
+        return self.busy + (now - self.spell_start if self.spell_start is not None else 0.0)
+
     def take_line(self, stats: Callable[[], Mapping[str, Any]]) -> str | None:
         """The line for the steps recorded so far (None if there were none or lines are off); starts a new
         period. `stats` gives the runtime's counters (called only when there is a line)."""
         if self.interval <= 0 or self.steps == 0:
             return None
         now = self.clock()
-        seconds = max(self.busy + (now - self.spell_start if self.spell_start is not None else 0.0), 1e-9)
+        seconds = max(self._busy_seconds(now), 1e-9)
         counters = stats()
         total, used = int(counters["pages_total"]), int(counters["pages_used"])
         steps = f"{self.steps:,} step{'s' if self.steps != 1 else ''} in {seconds:.1f} s"

@@ -18,7 +18,7 @@ from typing import Any
 
 from minisgl.core.engine_config import EngineConfig, at_least, one_of, positive
 from minisgl.core.engine_flags import add_engine_flags, engine_config_from, value_parser
-from minisgl.core.model_source import DEFAULT_MODEL
+from minisgl.core.loading.model_source import DEFAULT_MODEL
 from minisgl.server.api.parsers import REASONING_PARSERS, TOOL_PARSERS
 
 DEFAULT_PORT = 1919

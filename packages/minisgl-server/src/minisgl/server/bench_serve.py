@@ -24,9 +24,11 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
+from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -142,37 +144,57 @@ async def run_one(
     }
     result = RequestResult(ok=False, input_len=len(item.prompt_ids))
     sent = result.started = time.perf_counter()
-    first = last = None
     try:
         async with session.post(f"{url}/v1/completions", json=body) as response:
             if response.status != 200:
                 result.error = f"HTTP {response.status}: {(await response.read())[:200]!r}"
                 return result
-            async for data in sse_data(response.content):
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = str(chunk["error"].get("message"))
-                    return result
-                if chunk.get("usage"):
-                    result.output_tokens = int(chunk["usage"]["completion_tokens"])
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    last = time.perf_counter()
-                    first = first or last
+            first, last = await _read_stream(response, result)
     except aiohttp.ClientError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result
+    if result.error is None:  # the stream did not end with an error
+        _finish(result, sent, first, last)
+    return result
+
+
+async def _read_stream(
+    response: aiohttp.ClientResponse, result: RequestResult
+) -> tuple[float | None, float | None]:
+    """Read a completion stream into result (output tokens, or the error it ends with); returns when the
+    first and the last text arrived (None, None after an error)."""
+    first = last = None
+    async for data in sse_data(response.content):
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            result.error = str(chunk["error"].get("message"))
+            return None, None
+        if _take_chunk(chunk, result):
+            last = time.perf_counter()
+            first = first or last
+    return first, last
+
+
+def _take_chunk(chunk: dict[str, Any], result: RequestResult) -> bool:
+    """Count the usage a chunk reports; True when it carries text."""
+    if chunk.get("usage"):
+        result.output_tokens = int(chunk["usage"]["completion_tokens"])
+    return bool(chunk.get("choices") and chunk["choices"][0].get("text"))
+
+
+def _finish(result: RequestResult, sent: float, first: float | None, last: float | None) -> None:
+    """A stream that ended: ok with its latencies, or "no output" when no text arrived."""
     result.finished = time.perf_counter()
     if first is None or last is None:
         result.error = "no output"
-        return result
+        return
     result.ok = True
     result.ttft = first - sent
     result.e2e = last - sent
     if result.output_tokens > 1:
         result.tpot = (last - first) / (result.output_tokens - 1)
-    return result
 
 
 async def served_model(session: aiohttp.ClientSession, url: str) -> str:
@@ -235,8 +257,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def summarize(results: list[RequestResult], start: float, end: float) -> Report:
     ok = [r for r in results if r.ok]
     duration = max((r.finished for r in ok), default=end) - start
-    output_tokens = sum(r.output_tokens for r in ok)
-    input_tokens = sum(r.input_len for r in ok)
+    input_tokens, output_tokens = _token_totals(ok)
     return Report(
         num_requests=len(results),
         num_ok=len(ok),
@@ -244,14 +265,32 @@ def summarize(results: list[RequestResult], start: float, end: float) -> Report:
         duration_s=duration,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        request_throughput=len(ok) / duration if duration > 0 else 0.0,
-        output_throughput=output_tokens / duration if duration > 0 else 0.0,
-        total_throughput=(input_tokens + output_tokens) / duration if duration > 0 else 0.0,
-        ttft_ms=percentiles([r.ttft for r in ok if r.ttft is not None]),
-        tpot_ms=percentiles([r.tpot for r in ok if r.tpot is not None]),
-        e2e_ms=percentiles([r.e2e for r in ok if r.e2e is not None]),
-        errors=sorted({r.error for r in results if r.error})[:5],
+        request_throughput=_rate(len(ok), duration),
+        output_throughput=_rate(output_tokens, duration),
+        total_throughput=_rate(input_tokens + output_tokens, duration),
+        ttft_ms=_latencies(ok, attrgetter("ttft")),
+        tpot_ms=_latencies(ok, attrgetter("tpot")),
+        e2e_ms=_latencies(ok, attrgetter("e2e")),
+        errors=_first_errors(results),
     )
+
+
+def _token_totals(ok: list[RequestResult]) -> tuple[int, int]:
+    """Input and output tokens of the successful requests."""
+    return sum(r.input_len for r in ok), sum(r.output_tokens for r in ok)
+
+
+def _latencies(ok: list[RequestResult], latency: Callable[[RequestResult], float | None]) -> dict[str, float]:
+    return percentiles([value for value in map(latency, ok) if value is not None])
+
+
+def _first_errors(results: list[RequestResult]) -> list[str]:
+    """Up to five distinct error messages, sorted."""
+    return sorted({r.error for r in results if r.error})[:5]
+
+
+def _rate(count: float, duration: float) -> float:
+    return count / duration if duration > 0 else 0.0
 
 
 def format_report(report: Report) -> str:

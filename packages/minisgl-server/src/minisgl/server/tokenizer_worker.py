@@ -33,9 +33,9 @@ def run_tokenizer(args: ServerArgs, addresses: IpcAddresses, worker: int, ready:
     prepare_child(args.log_level, "minisgl-tok" if args.tokenizer_workers == 1 else f"minisgl-tok{worker}")
     parent_pid = os.getppid()
     try:
-        from minisgl.core.gguf_cache import converted
-        from minisgl.core.loader import load_sampling_defaults, load_tokenizer
-        from minisgl.core.model_source import resolve_model
+        from minisgl.core.loading.gguf_cache import converted
+        from minisgl.core.loading.loader import load_sampling_defaults, load_tokenizer
+        from minisgl.core.loading.model_source import resolve_model
 
         source = resolve_model(args.model)
         sampling_defaults = load_sampling_defaults(source)

@@ -18,7 +18,7 @@ import torch
 from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
 from minisgl.core.attention.torch_backend import TorchAttentionBackend
 from minisgl.core.engine_config import ATTENTION_BACKENDS
-from minisgl.core.kv_pool import KVPool
+from minisgl.core.kv.kv_pool import KVPool
 from minisgl.kernels.reference import FP8_KV_DTYPE
 
 BACKEND_NAMES = ATTENTION_BACKENDS
@@ -55,21 +55,30 @@ class SplitBackend(AttentionBackend):
 def resolve_attention(spec: str, device: torch.device, fp8_kv: bool = False) -> tuple[str, str]:
     """Parse "auto", "name" or "prefill,decode" into (prefill, decode) backend names, and check that this
     device runs them (over an FP8 KV cache when fp8_kv)."""
+    auto = _auto(device, fp8_kv)
+    resolved = [auto[i] if name == "auto" else name for i, name in enumerate(_split_spec(spec))]
+    for name in resolved:
+        _check_runs_here(name, device)
+        _check_reads_kv_cache(name, fp8_kv)
+    return resolved[0], resolved[1]
+
+
+def _split_spec(spec: str) -> list[str]:
+    """ "name" or "prefill,decode" as [prefill, decode]."""
     names = [part.strip() for part in spec.split(",")]
     if len(names) == 1:
         names *= 2
     if len(names) != 2:
         raise ValueError(f"attn must be NAME or PREFILL,DECODE, got {spec!r}")
-    auto = _auto(device, fp8_kv)
-    resolved = [auto[i] if name == "auto" else name for i, name in enumerate(names)]
-    for name in resolved:
-        _check_runs_here(name, device)
-        if name == "fa3" and fp8_kv:
-            raise ValueError(
-                "attention backend 'fa3' cannot read an FP8 KV cache (FlashInfer's FA3 kernels need FP8 "
-                "queries for it): use attn='fi' with kv_cache_dtype='fp8_e4m3', or another kv_cache_dtype"
-            )
-    return resolved[0], resolved[1]
+    return names
+
+
+def _check_reads_kv_cache(name: str, fp8_kv: bool) -> None:
+    if name == "fa3" and fp8_kv:
+        raise ValueError(
+            "attention backend 'fa3' cannot read an FP8 KV cache (FlashInfer's FA3 kernels need FP8 "
+            "queries for it): use attn='fi' with kv_cache_dtype='fp8_e4m3', or another kv_cache_dtype"
+        )
 
 
 def _auto(device: torch.device, fp8_kv: bool) -> tuple[str, str]:
@@ -87,7 +96,10 @@ def _check_runs_here(name: str, device: torch.device) -> None:
         return
     if device.type != "cuda":
         raise ValueError(f"attention backend {name!r} needs a CUDA device; use attn='torch' on the CPU")
-    major, minor = torch.cuda.get_device_capability(device)
+    _check_gpu_generation(name, *torch.cuda.get_device_capability(device))
+
+
+def _check_gpu_generation(name: str, major: int, minor: int) -> None:
     if name == "fa3" and major != 9:
         raise ValueError(
             f"attention backend 'fa3' (FlashAttention-3) runs on Hopper GPUs (sm_90) only; this GPU is "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minisgl.core.kv_pool import KVPool
+from minisgl.core.kv.kv_pool import KVPool
 
 
 @dataclass

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
-from minisgl.core.kv_pool import KVPool
-from minisgl.core.transfer import pinned, to_device
+from minisgl.core.kv.kv_pool import KVPool
+from minisgl.core.model_runner.transfer import pinned, to_device
 from minisgl.kernels.reference import FP8_KV_DTYPE
 
 WORKSPACE_BYTES = 256 << 20

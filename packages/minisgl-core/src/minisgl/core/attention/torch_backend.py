@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
-from minisgl.core.kv_pool import KVPool
-from minisgl.core.transfer import to_device
+from minisgl.core.kv.kv_pool import KVPool
+from minisgl.core.model_runner.transfer import to_device
 from minisgl.kernels.reference import dequantize_kv
 
 

@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from minisgl.core.fused_ops import silu_and_mul
+from minisgl.core.layers.fused_ops import silu_and_mul
 
 __all__ = ["silu_and_mul"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minisgl.core.forward_context import current_forward_context
+from minisgl.core.model_runner.forward_context import current_forward_context
 from minisgl.kernels import rope_store
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minisgl.core.distributed import all_gather_last_dim, all_reduce, get_tp
+from minisgl.core.parallel.distributed import all_gather_last_dim, all_reduce, get_tp
 from minisgl.kernels import gather_rows
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minisgl.core.config import check_kv_split
-from minisgl.core.distributed import all_reduce, get_tp
+from minisgl.core.parallel.distributed import all_reduce, get_tp
 
 
 def _check_shape(name: str, expected: torch.Size, got: torch.Size) -> None:

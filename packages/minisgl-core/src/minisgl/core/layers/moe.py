@@ -13,10 +13,10 @@ import re
 import torch
 from torch import nn
 
-from minisgl.core import moe_ops
 from minisgl.core.config import ModelConfig
-from minisgl.core.distributed import all_reduce, get_tp
+from minisgl.core.layers import moe_ops
 from minisgl.core.layers.linear import ReplicatedLinear, _check_shape
+from minisgl.core.parallel.distributed import all_reduce, get_tp
 
 # A per-expert checkpoint tensor, as Hugging Face checkpoints store them.
 EXPERT_TENSOR = re.compile(r"^(?P<module>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")

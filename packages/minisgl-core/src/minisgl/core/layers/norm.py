@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minisgl.core.fused_ops import add_rms_norm, rms_norm
+from minisgl.core.layers.fused_ops import add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minisgl.core.fused_ops import rotate_half_rope
+from minisgl.core.layers.fused_ops import rotate_half_rope
 
 
 def _inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

@@ -6,14 +6,13 @@ place of the MLP in some layers (Qwen3-MoE)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from minisgl.core import fused_ops
 from minisgl.core.config import ModelConfig
-from minisgl.core.distributed import get_tp
+from minisgl.core.layers import fused_ops
 from minisgl.core.layers.activation import silu_and_mul
 from minisgl.core.layers.attention import PagedAttention
 from minisgl.core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -21,6 +20,7 @@ from minisgl.core.layers.linear import ColumnParallelLinear, QKVParallelLinear, 
 from minisgl.core.layers.moe import EXPERT_TENSOR, STACKED_NAMES, SparseMoeBlock, StackedExperts
 from minisgl.core.layers.norm import RMSNorm
 from minisgl.core.layers.rotary import RotaryEmbedding
+from minisgl.core.parallel.distributed import get_tp
 from minisgl.kernels import ROPE_STORE_HEAD_DIMS
 
 
@@ -159,11 +159,7 @@ class DecoderForCausalLM(nn.Module):
         loaded: set[str] = set()
         unused: list[str] = []
         for name, tensor in tensors:
-            if name.endswith(_IGNORED_SUFFIXES):
-                continue
-            scale = _KV_SCALE.fullmatch(name)
-            if scale is not None:
-                self.kv_scales[scale["kind"]][int(scale["layer"])] = float(tensor[...].float().max())
+            if name.endswith(_IGNORED_SUFFIXES) or self._took_kv_scale(name, tensor):
                 continue
             target = self._route(name)
             if target is None or target[0] not in modules:
@@ -172,11 +168,39 @@ class DecoderForCausalLM(nn.Module):
             module_name, shard, param = target
             modules[module_name].load_weight(name, tensor, shard)
             loaded.add(f"{module_name}.{param}#{shard}")
+        self._tie_embeddings(loaded)
+        self._check_complete(loaded)
+        return unused
+
+    def _took_kv_scale(self, name: str, tensor: torch.Tensor) -> bool:
+        """A checkpoint's FP8 KV cache scale is kept in kv_scales (the runtime hands it to the KV pool)."""
+        scale = _KV_SCALE.fullmatch(name)
+        if scale is not None:
+            self.kv_scales[scale["kind"]][int(scale["layer"])] = float(tensor[...].float().max())
+        return scale is not None
+
+    def _tie_embeddings(self, loaded: set[str]) -> None:
+        """A tied LM head shares the loaded embedding."""
         if self.config.tie_word_embeddings and "model.embed_tokens.weight#0" in loaded:
             self.lm_head.weight = self.model.embed_tokens.weight
             loaded.add("lm_head.weight#0")
-        self._check_complete(loaded)
-        return unused
+
+    def _missing_params(self, loaded: set[str]) -> list[str]:
+        """Parameters (of modules that load weights) that no checkpoint tensor filled, in name order."""
+        expected: set[str] = set()
+        for module_name, module in self.named_modules():
+            # StackedExperts reads two checkpoint layouts, so it keeps its own account: _missing_experts.
+            if hasattr(module, "load_weight") and not isinstance(module, StackedExperts):
+                expected.update(_param_shards(module_name, module))
+        return [m.split("#")[0] for m in sorted(expected - loaded)]
+
+    def _missing_experts(self) -> list[str]:
+        return [
+            f"{module_name}.{name}"
+            for module_name, module in self.named_modules()
+            if isinstance(module, StackedExperts)
+            for name in module.unloaded()
+        ]
 
     def _route(self, name: str) -> tuple[str, int, str] | None:
         """Map an HF tensor name to (module, shard, parameter)."""
@@ -193,18 +217,14 @@ class DecoderForCausalLM(nn.Module):
         return module_name, 0, param
 
     def _check_complete(self, loaded: set[str]) -> None:
-        expected: set[str] = set()
-        missing_experts: list[str] = []
-        for module_name, module in self.named_modules():
-            if isinstance(module, StackedExperts):  # two checkpoint layouts: it keeps its own account
-                missing_experts.extend(f"{module_name}.{name}" for name in module.unloaded())
-                continue
-            if not hasattr(module, "load_weight"):
-                continue
-            shards = len(module.full_out_sizes) if isinstance(module, ColumnParallelLinear) else 1
-            for param, value in module.named_parameters(recurse=False):
-                if value is not None:
-                    expected.update(f"{module_name}.{param}#{s}" for s in range(shards))
-        missing = [m.split("#")[0] for m in sorted(expected - loaded)] + missing_experts
+        missing = self._missing_params(loaded) + self._missing_experts()
         if missing:
             raise ValueError(f"checkpoint is missing tensor(s) for: {', '.join(missing[:5])}")
+
+
+def _param_shards(module_name: str, module: nn.Module) -> Iterator[str]:
+    """ "module.param#shard" for each shard a checkpoint fills of each of the module's parameters."""
+    shards = len(module.full_out_sizes) if isinstance(module, ColumnParallelLinear) else 1
+    for param, value in module.named_parameters(recurse=False):
+        if value is not None:
+            yield from (f"{module_name}.{param}#{s}" for s in range(shards))

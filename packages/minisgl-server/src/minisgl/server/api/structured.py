@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from minisgl.core.sampling.structured import check_grammar_source
 from minisgl.core.sampling_params import GRAMMAR_FIELDS
-from minisgl.core.structured import check_grammar_source
 from minisgl.server.api.parsers import REASONING_PARSERS, TOOL_PARSERS
 
 # Keys of chat_template_kwargs that the server itself sets.

@@ -36,7 +36,7 @@ class HermesToolParser:
         call objects follow `schemas` (one JSON schema per allowed tool)."""
         import xgrammar as xgr
 
-        from minisgl.core.structured import json_schema_source
+        from minisgl.core.sampling.structured import json_schema_source
 
         source = json_schema_source(json.dumps({"anyOf": schemas}))
         call = xgr.Grammar.from_json_schema(source, any_whitespace=False)

@@ -38,29 +38,42 @@ class ThinkParser:
     def feed(self, text: str) -> ParsedDelta:
         self.buffer += text
         delta = ParsedDelta()
-        if self.at_start:
-            stripped = self.buffer.lstrip()
-            if THINK_START.startswith(stripped) and len(stripped) < len(THINK_START):
-                return delta  # may still become <think>
-            self.at_start = False
-            if stripped.startswith(THINK_START):
-                self.buffer = stripped[len(THINK_START) :]
-                self.state = "thinking"
-            elif self.state == "start":
-                self.state = "content"
-        if self.state == "thinking":
-            before, after, held = split_at_tag(self.buffer, THINK_END)
-            delta.reasoning += before
-            if after is None:
-                self.buffer = held
-                return delta
-            self.buffer, self.state, self.after_block = after, "content", True
-        if self.after_block:
+        if self.at_start and self._may_still_open():
+            return delta
+        if self.state == "thinking" and not self._take_reasoning(delta):
+            return delta
+        self._take_content(delta)
+        return delta
+
+    def _may_still_open(self) -> bool:
+        """At the start: True while the buffer may still become <think>; else decides the state."""
+        stripped = self.buffer.lstrip()
+        if THINK_START.startswith(stripped) and len(stripped) < len(THINK_START):
+            return True
+        self.at_start = False
+        if stripped.startswith(THINK_START):
+            self.buffer = stripped[len(THINK_START) :]
+            self.state = "thinking"
+        elif self.state == "start":
+            self.state = "content"
+        return False
+
+    def _take_reasoning(self, delta: ParsedDelta) -> bool:
+        """Move the buffer's reasoning into delta; True when the think block ended."""
+        before, after, held = split_at_tag(self.buffer, THINK_END)
+        delta.reasoning += before
+        if after is None:
+            self.buffer = held
+            return False
+        self.buffer, self.state, self.after_block = after, "content", True
+        return True
+
+    def _take_content(self, delta: ParsedDelta) -> None:
+        if self.after_block:  # the newlines that follow </think> are not content
             self.buffer = self.buffer.lstrip("\n")
             self.after_block = not self.buffer
         delta.content += self.buffer
         self.buffer = ""
-        return delta
 
     def finish(self) -> ParsedDelta:
         rest, self.buffer = self.buffer, ""

@@ -51,7 +51,7 @@ class KVPool:
         if not self.quantized:
             raise ValueError(f"k/v scales apply to an FP8 KV cache only, not to a {self.dtype} one")
         for name, scales in (("k_scale", k_scales), ("v_scale", v_scales)):
-            if len(scales) != len(self.k_scales) or not all(s > 0.0 and math.isfinite(s) for s in scales):
+            if len(scales) != len(self.k_scales) or not all(map(_is_valid_scale, scales)):
                 raise ValueError(f"{name}: need one finite positive scale per layer, got {scales}")
         self.k_scales, self.v_scales = list(k_scales), list(v_scales)
 
@@ -74,3 +74,7 @@ class KVPool:
         store_kv(
             self.k_slots(layer), self.v_slots(layer), k, v, slots, self.k_scales[layer], self.v_scales[layer]
         )
+
+
+def _is_valid_scale(scale: float) -> bool:
+    return scale > 0.0 and math.isfinite(scale)

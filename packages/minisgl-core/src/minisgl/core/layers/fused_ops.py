@@ -93,7 +93,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def sample_from_logits(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One draw per row from softmax(logits) (float32 logits) in one fused kernel (FlashInfer's Gumbel-max
     sampling, its noise drawn from `generator`), as int64 ids. Only where `available(logits)`: the torch
-    sampler (sampler.py) is the other path."""
+    sampler (sampling/sampler.py) is the other path."""
     fi = _fused(logits)
     if fi is None:
         raise RuntimeError("sample_from_logits needs the fused kernels; check fused_ops.available first")

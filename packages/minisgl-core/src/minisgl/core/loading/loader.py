@@ -15,10 +15,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from minisgl.core.config import ModelConfig, _as_id_tuple
-from minisgl.core.model_source import ModelSource
+from minisgl.core.layers.moe_ops import resolve_moe_backend
+from minisgl.core.loading.model_source import ModelSource
 from minisgl.core.models import create_model
 from minisgl.core.models.decoder import DecoderForCausalLM
-from minisgl.core.moe_ops import resolve_moe_backend
 from minisgl.core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -105,12 +105,7 @@ def build_model(
     load_format: str,
     moe_backend: str = "auto",
 ) -> DecoderForCausalLM:
-    if load_format == "auto":
-        load_format = "gguf" if source.is_gguf else "safetensors"
-    if source.config_only and load_format != "dummy":
-        raise ValueError(
-            f"model {source.name!r} is a bundled config without weights: use load_format='dummy'"
-        )
+    load_format = _resolve_load_format(source, load_format)
     with _default_dtype(dtype), torch.device(device):
         model = create_model(config, resolve_moe_backend(moe_backend, device))
     if load_format == "dummy":
@@ -123,6 +118,17 @@ def build_model(
     if unused:
         logger.warning("ignored %d checkpoint tensors, e.g. %s", len(unused), unused[:3])
     return model.eval()
+
+
+def _resolve_load_format(source: ModelSource, load_format: str) -> str:
+    """ "auto" as the source's own format; a bundled config (no weights) loads only as "dummy"."""
+    if load_format == "auto":
+        load_format = "gguf" if source.is_gguf else "safetensors"
+    if source.config_only and load_format != "dummy":
+        raise ValueError(
+            f"model {source.name!r} is a bundled config without weights: use load_format='dummy'"
+        )
+    return load_format
 
 
 class _LazyTensor:
@@ -184,8 +190,7 @@ def dummy_checkpoint(
 def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a checkpoint of this config, by its Hugging Face name (sparse blocks in the
     per-expert layout)."""
-    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
-    q_size, kv_size = config.num_heads * head_dim, config.num_kv_heads * head_dim
+    hidden = config.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, hidden)
@@ -194,25 +199,42 @@ def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         layer = f"model.layers.{i}"
         shapes[f"{layer}.input_layernorm.weight"] = (hidden,)
         shapes[f"{layer}.post_attention_layernorm.weight"] = (hidden,)
-        for proj, rows in (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)):
-            shapes[f"{layer}.self_attn.{proj}.weight"] = (rows, hidden)
-            if config.qkv_bias:
-                shapes[f"{layer}.self_attn.{proj}.bias"] = (rows,)
-        shapes[f"{layer}.self_attn.o_proj.weight"] = (hidden, q_size)
-        if config.o_bias:
-            shapes[f"{layer}.self_attn.o_proj.bias"] = (hidden,)
-        if config.qk_norm:
-            shapes[f"{layer}.self_attn.q_norm.weight"] = (head_dim,)
-            shapes[f"{layer}.self_attn.k_norm.weight"] = (head_dim,)
+        shapes.update(_attention_shapes(config, f"{layer}.self_attn"))
         if config.is_moe_layer(i):
             shapes.update(_expert_shapes(config, f"{layer}.mlp"))
-            continue
-        shapes[f"{layer}.mlp.gate_proj.weight"] = (inter, hidden)
-        shapes[f"{layer}.mlp.up_proj.weight"] = (inter, hidden)
-        shapes[f"{layer}.mlp.down_proj.weight"] = (hidden, inter)
-        if config.mlp_bias:
-            for proj, rows in (("gate_proj", inter), ("up_proj", inter), ("down_proj", hidden)):
-                shapes[f"{layer}.mlp.{proj}.bias"] = (rows,)
+        else:
+            shapes.update(_mlp_shapes(config, f"{layer}.mlp"))
+    return shapes
+
+
+def _attention_shapes(config: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    hidden, head_dim = config.hidden_size, config.head_dim
+    q_size, kv_size = config.num_heads * head_dim, config.num_kv_heads * head_dim
+    shapes: dict[str, tuple[int, ...]] = {}
+    for proj, rows in (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)):
+        shapes[f"{prefix}.{proj}.weight"] = (rows, hidden)
+        if config.qkv_bias:
+            shapes[f"{prefix}.{proj}.bias"] = (rows,)
+    shapes[f"{prefix}.o_proj.weight"] = (hidden, q_size)
+    if config.o_bias:
+        shapes[f"{prefix}.o_proj.bias"] = (hidden,)
+    if config.qk_norm:
+        shapes[f"{prefix}.q_norm.weight"] = (head_dim,)
+        shapes[f"{prefix}.k_norm.weight"] = (head_dim,)
+    return shapes
+
+
+def _mlp_shapes(config: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """A dense MLP's tensors."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{prefix}.gate_proj.weight": (inter, hidden),
+        f"{prefix}.up_proj.weight": (inter, hidden),
+        f"{prefix}.down_proj.weight": (hidden, inter),
+    }
+    if config.mlp_bias:
+        for proj, rows in (("gate_proj", inter), ("up_proj", inter), ("down_proj", hidden)):
+            shapes[f"{prefix}.{proj}.bias"] = (rows,)
     return shapes
 
 

@@ -13,7 +13,7 @@ import torch
 
 if TYPE_CHECKING:
     from minisgl.core.attention.base import AttentionBackend, AttentionMetadata
-    from minisgl.core.kv_pool import KVPool
+    from minisgl.core.kv.kv_pool import KVPool
 
 
 @dataclass

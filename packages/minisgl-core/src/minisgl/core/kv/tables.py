@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from minisgl.core.transfer import pinned, to_device
+from minisgl.core.model_runner.transfer import pinned, to_device
 
 
 class RequestTables:

@@ -23,11 +23,11 @@ import math
 from collections import deque
 
 from minisgl.core import env
-from minisgl.core.batch import Batch, Chunk
 from minisgl.core.config import pages_for
-from minisgl.core.kv_cache import KVCacheManager
+from minisgl.core.kv.kv_cache import KVCacheManager
 from minisgl.core.request import FinishReason, Request
 from minisgl.core.request_error import InvalidRequestError
+from minisgl.core.scheduler.batch import Batch, Chunk
 
 # Stands in output_ids for a token that is sampled on the device but not yet copied to the host.
 PLACEHOLDER = -1

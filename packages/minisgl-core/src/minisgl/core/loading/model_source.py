@@ -44,14 +44,18 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, BUNDLED_CONFIG_DIR / name.lower(), config_only=True)
     path = Path(name).expanduser()
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"model file {name!r} is not a .gguf file; pass a directory or a .gguf file")
-        return ModelSource(name, path.parent, path.name)
+        return _gguf_file(name, path)
     if path.is_dir():
         return _local_directory(name, path)
     if _looks_like_path(name):
         raise ValueError(f"model path {name!r} does not exist")
     return _from_hub(name)
+
+
+def _gguf_file(name: str, path: Path) -> ModelSource:
+    if path.suffix != ".gguf":
+        raise ValueError(f"model file {name!r} is not a .gguf file; pass a directory or a .gguf file")
+    return ModelSource(name, path.parent, path.name)
 
 
 def _embedded(name: str) -> ModelSource:

@@ -10,16 +10,16 @@ from dataclasses import dataclass, field
 import torch
 
 from minisgl.core.attention import AttentionBackend, BatchLayout
-from minisgl.core.batch import Batch, Chunk
-from minisgl.core.cuda_graph import DecodeGraphRunner
-from minisgl.core.forward_context import ForwardContext, forward_context
-from minisgl.core.kv_pool import KVPool
+from minisgl.core.kv.kv_pool import KVPool
+from minisgl.core.kv.tables import RequestTables
+from minisgl.core.model_runner.cuda_graph import DecodeGraphRunner
+from minisgl.core.model_runner.forward_context import ForwardContext, forward_context
+from minisgl.core.model_runner.transfer import to_device
 from minisgl.core.models.decoder import DecoderForCausalLM
 from minisgl.core.request import Request
-from minisgl.core.sampler import SampleOutput, sample
-from minisgl.core.structured import mask_logits
-from minisgl.core.tables import RequestTables
-from minisgl.core.transfer import to_device
+from minisgl.core.sampling.sampler import SampleOutput, sample
+from minisgl.core.sampling.structured import mask_logits
+from minisgl.core.scheduler.batch import Batch, Chunk
 
 
 @dataclass
@@ -120,7 +120,7 @@ class PendingStep:
             output.top_logprobs[chunk] = tops
 
 
-class Engine:
+class ModelRunner:
     def __init__(
         self,
         model: DecoderForCausalLM,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from minisgl.core.model_runner.transfer import to_device
 from minisgl.core.request import Request
-from minisgl.core.transfer import to_device
 
 
 def needs_adjusting(req: Request, eos_token_ids: frozenset[int], num_generated: int) -> bool:

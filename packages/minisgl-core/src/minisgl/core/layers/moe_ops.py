@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minisgl.core import fused_ops
 from minisgl.core.engine_config import MOE_BACKENDS
+from minisgl.core.layers import fused_ops
 
 # Row order of the stacked first expert projection (gate and up, each `intermediate` rows) per backend.
 # The torch path applies silu to the first half; FlashInfer's CUTLASS kernel (from TensorRT-LLM) applies

@@ -20,8 +20,8 @@ from minisgl.core.attention.flashinfer_backend import (
     FlashInferMetadata,
     paged_index,
 )
-from minisgl.core.forward_context import ForwardContext, forward_context
-from minisgl.core.kv_pool import KVPool
+from minisgl.core.kv.kv_pool import KVPool
+from minisgl.core.model_runner.forward_context import ForwardContext, forward_context
 from minisgl.core.models.decoder import DecoderForCausalLM
 
 logger = logging.getLogger(__name__)

@@ -15,18 +15,16 @@ an entry only appears, by an atomic rename, once complete.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from minisgl.core import env
-from minisgl.core.model_source import ModelSource
+from minisgl.core.loading.model_source import ModelSource
+from minisgl.kernels.jit import file_lock
 
 logger = logging.getLogger("minisgl")
 
@@ -58,18 +56,24 @@ def converted(source: ModelSource) -> ModelSource:
         logger.info("%s is too large to keep a float32 conversion of; reading it directly", gguf.name)
         return source
     entry = root / f"{gguf.stem}-{_key(gguf)}"
-    if not (entry / COMPLETE_MARKER).is_file():
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            with _file_lock(root / f"{entry.name}.lock"):
-                if not (entry / COMPLETE_MARKER).is_file():
-                    _convert(source, entry)
-        except OSError as exc:  # a read-only or full disk: slower, but the model still loads
-            logger.warning(
-                "cannot keep a converted copy of %s in %s (%s); reading it directly", gguf.name, root, exc
-            )
-            return source
+    try:
+        _convert_once(source, root, entry)
+    except OSError as exc:  # a read-only or full disk: slower, but the model still loads
+        logger.warning(
+            "cannot keep a converted copy of %s in %s (%s); reading it directly", gguf.name, root, exc
+        )
+        return source
     return ModelSource(source.name, entry)
+
+
+def _convert_once(source: ModelSource, root: Path, entry: Path) -> None:
+    """Convert into entry unless it is complete; a file lock keeps two processes from both converting."""
+    if (entry / COMPLETE_MARKER).is_file():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / f"{entry.name}.lock"):
+        if not (entry / COMPLETE_MARKER).is_file():
+            _convert(source, entry)
 
 
 def _key(gguf: Path) -> str:
@@ -83,7 +87,7 @@ def _key(gguf: Path) -> str:
 def _convert(source: ModelSource, entry: Path) -> None:
     from safetensors.torch import save_file
 
-    from minisgl.core.loader import load_hf_config, load_tokenizer, read_gguf_tensors
+    from minisgl.core.loading.loader import load_hf_config, load_tokenizer, read_gguf_tensors
 
     logger.info("converting %s to a Hugging Face directory in %s (once)", source.gguf_file, entry)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
@@ -101,13 +105,3 @@ def _convert(source: ModelSource, entry: Path) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

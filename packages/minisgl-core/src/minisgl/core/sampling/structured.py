@@ -6,7 +6,7 @@ fills the next-token bitmask of every constrained row on the host and applies it
 the logits, to those rows only; free rows are untouched. After a step's tokens reach the host, each
 matcher accepts its token. The matcher needs token N before it can build the mask for token N+1: with
 overlap scheduling, step N+1 is launched while token N is still on the device, so the engine samples the
-constrained rows of step N+1 late (Engine.sample_late), right after step N completes and the matchers
+constrained rows of step N+1 late (ModelRunner.sample_late), right after step N completes and the matchers
 have taken its tokens, while the device still runs step N+1's forward pass. Free rows are sampled at
 launch as usual, so overlap stays on for everyone. The matcher lives on the Request, so a retracted
 request resumes with its state intact.

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from minisgl.core.page_allocator import PageAllocator
-from minisgl.core.radix_cache import NaiveCache, PrefixCache, RadixCache, RadixNode
+from minisgl.core.kv.page_allocator import PageAllocator
+from minisgl.core.kv.radix_cache import NaiveCache, PrefixCache, RadixCache, RadixNode
+from minisgl.core.kv.tables import RequestTables
 from minisgl.core.request import Request
-from minisgl.core.tables import RequestTables
 
 CACHE_KINDS = ("radix", "naive")
 
@@ -64,8 +64,8 @@ class KVCacheManager:
 
     def grow_all(self, needs: list[tuple[Request, int]]) -> None:
         """grow() for every (request, num_tokens) of a batch, with one eviction and one allocation."""
-        missing = [(req, -(-n // self.page_size) - len(req.pages)) for req, n in needs]
-        total = sum(count for _, count in missing if count > 0)
+        missing = self._pages_missing(needs)
+        total = sum(count for _, count in missing)
         if total == 0:
             return
         if total > self.allocator.num_free:
@@ -73,11 +73,17 @@ class KVCacheManager:
         new_pages = self.allocator.allocate(total)
         start = 0
         for req, count in missing:
-            if count > 0:
-                mine = new_pages[start : start + count]
-                start += count
-                self.tables.set_pages(req.table_row, len(req.pages), mine)
-                req.pages.extend(mine)
+            self._add_pages(req, new_pages[start : start + count])
+            start += count
+
+    def _pages_missing(self, needs: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
+        """How many more pages each (request, num_tokens) needs (0 when it has enough)."""
+        return [(req, max(0, -(-n // self.page_size) - len(req.pages))) for req, n in needs]
+
+    def _add_pages(self, req: Request, pages: list[int]) -> None:
+        if pages:
+            self.tables.set_pages(req.table_row, len(req.pages), pages)
+            req.pages.extend(pages)
 
     def cache_progress(self, req: Request) -> None:
         """Hand the computed, page-aligned prefix of a still-running request to the prefix cache, so that
@@ -123,16 +129,23 @@ class KVCacheManager:
         """Raise AssertionError unless every page has exactly one owner and the tree's locks and counters
         match the requests holding them."""
         requests = list(requests)
-        free = self.allocator.free_pages()
+        self._check_one_owner_per_page(requests)
+        locks = self._check_request_paths(requests)
+        self._check_tree(locks)
+
+    def _check_one_owner_per_page(self, requests: list[Request]) -> None:
         cached = self.cache.all_pages()
         private = [page for req in requests for page in req.pages[req.num_tree_pages :]]
-        owners = Counter(free) + Counter(cached) + Counter(private)
+        owners = Counter(self.allocator.free_pages()) + Counter(cached) + Counter(private)
         doubled = [page for page, count in owners.items() if count > 1]
         assert not doubled, f"pages with two owners: {sorted(doubled)[:10]}"
         assert len(owners) == self.num_pages, f"{self.num_pages - len(owners)} pages have no owner (leaked)"
         assert self.cache.evictable_pages + self.cache.protected_pages == len(cached), (
             "cache counters disagree"
         )
+
+    def _check_request_paths(self, requests: list[Request]) -> Counter[int]:
+        """Each request's tree pages are its cached path's; returns how many requests lock each node."""
         locks: Counter[int] = Counter()
         for req in requests:
             assert req.pages[: req.num_tree_pages] == self.cache.path_pages(req.cache_node), (
@@ -142,6 +155,11 @@ class KVCacheManager:
             while node is not None and not node.is_root:
                 locks[id(node)] += 1
                 node = node.parent
+        return locks
+
+    def _check_tree(self, locks: Counter[int]) -> None:
+        """Every node's lock count matches its holders and its pages are page-aligned; the evictable
+        counter matches the unlocked nodes."""
         evictable = 0
         for node in self.cache.nodes():
             assert node.lock_ref == locks[id(node)], (

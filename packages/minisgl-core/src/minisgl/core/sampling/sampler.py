@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from minisgl.core import fused_ops
-from minisgl.core.logit_adjust import adjust_logits
+from minisgl.core.layers import fused_ops
+from minisgl.core.model_runner.transfer import to_device
 from minisgl.core.request import Request
-from minisgl.core.transfer import to_device
+from minisgl.core.sampling.logit_adjust import adjust_logits
 
 
 @dataclass

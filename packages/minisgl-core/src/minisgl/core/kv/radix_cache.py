@@ -204,19 +204,27 @@ class RadixCache(PrefixCache):
 
     def evict(self, num_pages: int) -> list[int]:
         tie = itertools.count()
-        heap = [(n.last_access, next(tie), n) for n in self.nodes() if not n.children and n.lock_ref == 0]
+        heap = [(n.last_access, next(tie), n) for n in self._evictable_leaves()]
         heapq.heapify(heap)
         freed: list[int] = []
         while len(freed) < num_pages and heap:
             _, _, leaf = heapq.heappop(heap)
-            parent = leaf.parent
-            assert parent is not None
-            del parent.children[self._edge(leaf.key, 0)]
+            parent = self._remove_leaf(leaf)
             freed.extend(leaf.pages)
-            self.evictable_pages -= len(leaf.pages)
-            if not parent.is_root and not parent.children and parent.lock_ref == 0:
+            if _is_evictable_leaf(parent):
                 heapq.heappush(heap, (parent.last_access, next(tie), parent))
         return freed
+
+    def _evictable_leaves(self) -> list[RadixNode]:
+        return [node for node in self.nodes() if _is_evictable_leaf(node)]
+
+    def _remove_leaf(self, leaf: RadixNode) -> RadixNode:
+        """Cut an unlocked leaf (its pages are the caller's now); returns its parent."""
+        parent = leaf.parent
+        assert parent is not None
+        del parent.children[self._edge(leaf.key, 0)]
+        self.evictable_pages -= len(leaf.pages)
+        return parent
 
     def nodes(self) -> Iterator[RadixNode]:
         """Every node but the root."""
@@ -228,3 +236,8 @@ class RadixCache(PrefixCache):
 
     def all_pages(self) -> list[int]:
         return [page for node in self.nodes() for page in node.pages]
+
+
+def _is_evictable_leaf(node: RadixNode) -> bool:
+    """An unlocked node without children, other than the root: eviction may remove it."""
+    return not node.is_root and not node.children and node.lock_ref == 0

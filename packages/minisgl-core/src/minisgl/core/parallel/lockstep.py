@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minisgl.core.distributed import broadcast_from_leader, get_tp
+from minisgl.core.parallel.distributed import broadcast_from_leader, get_tp
 from minisgl.core.request_checks import CheckedRequest
 
 

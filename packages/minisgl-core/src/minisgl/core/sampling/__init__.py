@@ -1,0 +1,1 @@
+"""Choosing the next token: the sampler, per-request logit adjustments and grammar-constrained output."""

@@ -1,0 +1,1 @@
+"""Continuous batching: admission, chunked prefill, mixed and decode batches, retraction, finishing."""
