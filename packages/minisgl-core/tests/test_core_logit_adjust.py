@@ -143,8 +143,9 @@ def test_biased_rows_keep_the_batch_on_the_fused_sampler(
     CUDA; on the CPU a torch stand-in for it): one draw for the whole batch, none of the general path's
     per-row sampling, and each row's tokens follow its own adjusted distribution (total variation < 0.04
     on 20,000 draws of 40 tokens per kind: sampling noise stays under 0.02, a lost bias shows as 0.07)."""
-    from minisgl.core import fused_ops, sampler
+    from minisgl.core.layers import fused_ops
     from minisgl.core.request import Request
+    from minisgl.core.sampling import sampler
 
     fused_batches: list[int] = []
     fused_draw = fused_ops.sample_from_logits
