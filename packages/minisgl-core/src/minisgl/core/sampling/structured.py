@@ -71,14 +71,23 @@ def _with_string_patterns(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     node = {key: _with_string_patterns(value) for key, value in node.items()}
-    bounded = "minLength" in node or "maxLength" in node
-    if node.get("type") == "string" and bounded and "pattern" not in node and "format" not in node:
-        low, high = node.get("minLength", 0), node.get("maxLength", "")
-        if isinstance(low, int) and isinstance(high, (int, str)):
-            # The pattern says the same; xgrammar warns when it is given both.
-            node = {k: v for k, v in node.items() if k not in ("minLength", "maxLength")}
-            node["pattern"] = f"^[\\s\\S]{{{low},{high}}}$"
-    return node
+    pattern = _length_pattern(node)
+    if pattern is None:
+        return node
+    # The pattern says the same as the bounds; xgrammar warns when it is given both.
+    return {**{k: v for k, v in node.items() if k not in ("minLength", "maxLength")}, "pattern": pattern}
+
+
+def _length_pattern(node: dict[str, Any]) -> str | None:
+    """The regex of a length-bounded string schema with no pattern or format of its own, else None."""
+    if node.get("type") != "string" or "pattern" in node or "format" in node:
+        return None
+    low, high = node.get("minLength"), node.get("maxLength")
+    if low is None and high is None:
+        return None
+    if not isinstance(low, (int, type(None))) or not isinstance(high, (int, type(None))):
+        return None  # not a valid bound: xgrammar reports it
+    return f"^[\\s\\S]{{{low or 0},{'' if high is None else high}}}$"
 
 
 def _parse(name: str, source: str) -> xgr.Grammar:
