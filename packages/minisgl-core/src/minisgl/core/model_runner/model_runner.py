@@ -246,10 +246,7 @@ class ModelRunner:
             done = self._event() if self.time_device else None
             return PendingStep(len(chunks), [], None, None, done, [], prompt_logprobs)
         requests = [chunks[i].req for i in sampling]
-        # Structured output: a constrained request whose previous token is still in flight is sampled late.
-        late = [j for j, r in enumerate(requests) if r.grammar is not None and r.num_pending > 0]
-        late_set = set(late)
-        ready = [j for j in range(len(requests)) if j not in late_set]
+        late, ready = _split_late(requests)
         if late:
             result = self._sample_ready(logits, requests, ready)
         else:
@@ -266,11 +263,22 @@ class ModelRunner:
             return pending
         ready_index = to_device(ready, torch.int64, self.device)
         self.tables.token_table[rows[ready_index], columns[ready_index]] = result.tokens[ready_index]
+        pending.late = self._late_rows(late, requests, logits, rows, columns)
+        return pending
+
+    def _late_rows(
+        self,
+        late: list[int],
+        requests: list[Request],
+        logits: torch.Tensor,
+        rows: torch.Tensor,
+        columns: torch.Tensor,
+    ) -> LateRows:
+        """What sample_late needs of the rows it samples: their logits and token-table cells."""
         index = to_device(late, torch.int64, self.device)
         late_requests = [requests[j] for j in late]
         generated = [len(r.output_ids) for r in late_requests]
-        pending.late = LateRows(late, late_requests, generated, logits[index], rows[index], columns[index])
-        return pending
+        return LateRows(late, late_requests, generated, logits[index], rows[index], columns[index])
 
     def _sample_ready(self, logits: torch.Tensor, requests: list[Request], ready: list[int]) -> SampleOutput:
         """Sample the ready rows only (the late ones' tokens are filled in by sample_late)."""
@@ -328,3 +336,11 @@ class ModelRunner:
             return PromptLogprobs(chosen)
         top_values, top_ids = logprobs.topk(k, dim=-1)
         return PromptLogprobs(chosen, top_ids, top_values)
+
+
+def _split_late(requests: list[Request]) -> tuple[list[int], list[int]]:
+    """(late, ready) rows. Structured output: a constrained request whose previous token is still in
+    flight is sampled late, once its matcher has taken that token."""
+    late = [j for j, r in enumerate(requests) if r.grammar is not None and r.num_pending > 0]
+    late_set = set(late)
+    return late, [j for j in range(len(requests)) if j not in late_set]

@@ -159,12 +159,28 @@ class Scheduler:
         )
 
     def _schedule_prefill(self) -> Batch | None:
+        """Requests still owing prompt tokens, then newly admitted ones, share max_prefill_tokens; the
+        running decoders ride along when mix_decode_into_prefill."""
+        chunks = self._continue_prefills()
+        chunks += self._admit_waiting(self.max_prefill_tokens - _tokens_of(chunks))
+        if not chunks:
+            return None
+        if self.mix_decode_into_prefill:
+            chunks = self._decoding_alongside(chunks) + chunks
+        return Batch(chunks, is_decode=False)
+
+    def _continue_prefills(self) -> list[Chunk]:
         budget = self.max_prefill_tokens
         chunks: list[Chunk] = []
         for req in self.running:
             if req.is_prefilling and budget > 0:
                 chunks.append(self._prefill_chunk(req, budget))
                 budget -= chunks[-1].end - chunks[-1].start
+        return chunks
+
+    def _admit_waiting(self, budget: int) -> list[Chunk]:
+        """Admit waiting requests in order while the budget and the pool allow, each with its first chunk."""
+        chunks: list[Chunk] = []
         # First tokens that requests of this batch compute (not from the cache): a later request starting
         # with them waits one step, then shares them through the cache instead of computing them again.
         fresh_prefixes: set[tuple[int, ...]] = set()
@@ -185,17 +201,15 @@ class Scheduler:
                 fresh_prefixes.add(prefix)
             chunks.append(self._prefill_chunk(req, budget))
             budget -= chunks[-1].end - chunks[-1].start
-        if not chunks:
-            return None
-        if self.mix_decode_into_prefill:
-            prefilling = {id(c.req) for c in chunks}
-            decoding = [
-                self._decode_chunk(r)
-                for r in self.running
-                if id(r) not in prefilling and not r.is_prefilling and not self._fully_scheduled(r)
-            ]
-            chunks = decoding + chunks
-        return Batch(chunks, is_decode=False)
+        return chunks
+
+    def _decoding_alongside(self, prefill_chunks: list[Chunk]) -> list[Chunk]:
+        prefilling = {id(c.req) for c in prefill_chunks}
+        return [
+            self._decode_chunk(r)
+            for r in self.running
+            if id(r) not in prefilling and not r.is_prefilling and not self._fully_scheduled(r)
+        ]
 
     def _shared_prefix(self, req: Request) -> tuple[int, ...] | None:
         """The first tokens by which requests of one batch are recognized as sharing a prefix: the whole
@@ -304,3 +318,7 @@ class Scheduler:
         for req in self.waiting:
             assert not req.pages and req.table_row == -1, f"waiting request {req.uid} holds KV"
         self.kv.check_integrity(self.running)
+
+
+def _tokens_of(chunks: list[Chunk]) -> int:
+    return sum(c.end - c.start for c in chunks)
