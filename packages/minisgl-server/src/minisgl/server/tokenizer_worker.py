@@ -229,10 +229,25 @@ class TokenizerWorker:
 
     def _detokenize(self, step: msg.StepOutputs, outputs: list[msg.RequestOutput]) -> None:
         finished = {f.uid: f for f in step.finished}
+        self._take_prompt_logprobs(step)
+        new_counts, token_of = self._take_tokens(step, finished)
+        self._take_logprobs(step, new_counts, token_of)
+        for uid in dict.fromkeys([*new_counts, *finished]):
+            state = self.states.get(uid)
+            if state is not None:
+                self._emit(uid, state, new_counts.get(uid, 0), finished.get(uid), outputs)
+
+    def _take_prompt_logprobs(self, step: msg.StepOutputs) -> None:
         for prompt in step.prompt_logprobs:
             state = self.states.get(prompt.uid)
             if state is not None and state.echo_ids is not None and self.detokenizer is not None:
                 state.pending_logprobs += self._prompt_entries(state.echo_ids, prompt)
+
+    def _take_tokens(
+        self, step: msg.StepOutputs, finished: dict[int, msg.FinishedRequest]
+    ) -> tuple[dict[int, int], dict[int, int]]:
+        """Count each request's new tokens and feed them to its incremental decoder (a final stop token
+        is not text); returns (new tokens per uid, the last token of each uid)."""
         new_counts: dict[int, int] = {}
         token_of: dict[int, int] = {}
         updates: list[tuple[DecodeState, list[int]]] = []
@@ -248,23 +263,36 @@ class TokenizerWorker:
                 updates.append((state.decode, [token]))
         if self.detokenizer is not None:
             self.detokenizer.add_tokens_batch(updates)
+        return new_counts, token_of
+
+    def _take_logprobs(
+        self, step: msg.StepOutputs, new_counts: dict[int, int], token_of: dict[int, int]
+    ) -> None:
+        if self.detokenizer is None:
+            return
         for entry in step.logprobs:
             state = self.states.get(entry.uid)
-            if state is not None and self.detokenizer is not None and entry.uid in new_counts:
+            if state is not None and entry.uid in new_counts:
                 state.pending_logprobs.append(self._logprob_entry(entry, token_of[entry.uid]))
-        for uid in dict.fromkeys([*new_counts, *finished]):
-            state = self.states.get(uid)
-            if state is None:
-                continue
-            output = self._output(uid, state, new_counts.get(uid, 0), finished.get(uid))
-            if output is not None:
-                outputs.append(output)
-            if uid in finished:
-                del self.states[uid]
-            elif state.decode.stopped and state.tokens_at_stop is None:
-                # A stop string ended the text: this process owns stop strings, the scheduler stops it.
-                state.tokens_at_stop = state.num_tokens
-                self.to_scheduler.send(msg.encode(msg.AbortRequests([uid], reason="stop")))
+
+    def _emit(
+        self,
+        uid: int,
+        state: RequestState,
+        num_new: int,
+        end: msg.FinishedRequest | None,
+        outputs: list[msg.RequestOutput],
+    ) -> None:
+        """Queue the request's new output; forget a finished request; stop one whose text hit a stop
+        string (this process owns stop strings while serving: the scheduler is told to stop it)."""
+        output = self._output(uid, state, num_new, end)
+        if output is not None:
+            outputs.append(output)
+        if end is not None:
+            del self.states[uid]
+        elif state.decode.stopped and state.tokens_at_stop is None:
+            state.tokens_at_stop = state.num_tokens
+            self.to_scheduler.send(msg.encode(msg.AbortRequests([uid], reason="stop")))
 
     def _output(
         self, uid: int, state: RequestState, num_new: int, end: msg.FinishedRequest | None
