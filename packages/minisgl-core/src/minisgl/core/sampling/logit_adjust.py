@@ -10,29 +10,24 @@ from minisgl.core.model_runner.transfer import to_device
 from minisgl.core.request import Request
 
 
-def needs_adjusting(req: Request, eos_token_ids: frozenset[int], num_generated: int) -> bool:
-    return bool(req.params.logit_bias) or bool(_masked_ids(req, eos_token_ids, num_generated))
-
-
 def adjust_logits(
     logits: torch.Tensor, requests: list[Request], eos_token_ids: frozenset[int], num_generated: list[int]
 ) -> torch.Tensor:
     """logits with every request's bias and min_tokens mask applied: logits itself when no request has
     any, else a float32 copy (a small bias added in bf16 would be rounded away) changed in those rows only.
     num_generated: per row, the request's tokens generated before the one being chosen."""
-    rows = [i for i, req in enumerate(requests) if needs_adjusting(req, eos_token_ids, num_generated[i])]
+    masks = [_masked_ids(req, eos_token_ids, n) for req, n in zip(requests, num_generated, strict=True)]
+    rows = [i for i, req in enumerate(requests) if req.params.logit_bias or masks[i]]
     if not rows:
         return logits
     logits = logits.to(torch.float32, copy=True)
     for i in rows:
-        req = requests[i]
-        if req.params.logit_bias:
-            ids = to_device(list(req.params.logit_bias), torch.int64, logits.device)
-            biases = to_device(list(req.params.logit_bias.values()), logits.dtype, logits.device)
-            logits[i, ids] += biases
-        masked = _masked_ids(req, eos_token_ids, num_generated[i])
-        if masked:
-            logits[i, to_device(masked, torch.int64, logits.device)] = float("-inf")
+        bias = requests[i].params.logit_bias
+        if bias:
+            ids = to_device(list(bias), torch.int64, logits.device)
+            logits[i, ids] += to_device(list(bias.values()), logits.dtype, logits.device)
+        if masks[i]:
+            logits[i, to_device(masks[i], torch.int64, logits.device)] = float("-inf")
     return logits
 
 
