@@ -17,7 +17,8 @@ EOS is allowed only where the grammar can end: the model's EOS ids are the match
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +47,15 @@ def check_grammar(params: SamplingParams) -> None:
 
 def check_grammar_source(name: str, source: str) -> None:
     """Parse one grammar, `name` being its SamplingParams field (json_schema, regex or ebnf)."""
-    try:
+    with _refused_as(name):
         _parse(name, source)
+
+
+@contextmanager
+def _refused_as(name: str) -> Iterator[None]:
+    """xgrammar's refusal of the grammar in field `name`, as an InvalidRequestError naming that field."""
+    try:
+        yield
     except (RuntimeError, ValueError, TypeError) as exc:
         raise InvalidRequestError(name, f"{name} is invalid: {_first_line(exc)}") from None
 
@@ -152,15 +160,13 @@ class GrammarCompiler:
             raise InvalidRequestError(grammar[0], f"{grammar[0]} needs a tokenizer, and this model has none")
         name, source = grammar
         compiler = self._get()
-        try:
+        with _refused_as(name):
             if name == "json_schema":
                 compiled = compiler.compile_json_schema(json_schema_source(source), any_whitespace=False)
             elif name == "regex":
                 compiled = compiler.compile_regex(source)
             else:
                 compiled = compiler.compile_grammar(source)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise InvalidRequestError(name, f"{name} is invalid: {_first_line(exc)}") from None
         return GrammarState(xgr.GrammarMatcher(compiled), self._start_token(params))
 
     def _start_token(self, params: SamplingParams) -> int | None:
