@@ -99,3 +99,22 @@ def test_json_schema_fraction_constrains_that_share_of_requests() -> None:
     assert not any(bench.constrained_requests(4, 0.0))
     assert sum(bench.constrained_requests(10, 0.7)) == 7  # not every request, as round(1 / 0.7) gave
     assert sum(bench.constrained_requests(10, 0.6)) == 6
+
+
+def test_fresh_prompts_keep_the_lengths_and_share_no_prefix() -> None:
+    workload = bench.make_workload(16, 64, 8)
+    fresh = bench.fresh_prompts(workload.prompts)
+    assert [len(p) for p in fresh] == [len(p) for p in workload.prompts]
+    assert all(a[:2] != b[:2] for a, b in zip(fresh, workload.prompts, strict=True))
+
+
+def test_json_schema_fraction_prints_the_grammar_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    bench.main(
+        [
+            "--model", "smollm2-135m", "--num-prompts", "4", "--max-input-len", "16",
+            "--max-output-len", "12", "--json-schema-fraction", "0.5",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "free run with the same output lengths:" in out
+    assert "grammar cost:" in out and "throughput=" in out

@@ -11,8 +11,13 @@ max 0.25 / mean 0.049 / agreement >= 0.945 (torch attention on the GPU: max 0.18
 rounding of two implementations, not a kernel error. 2026-11-25 (pages of 16, fa3 variants, rope_store):
 Qwen3 shape max 0.094 / mean 0.021 / agreement >= 0.957; Llama shape max 0.19 / mean 0.044 / >= 0.941.
 
-The FP8 KV cache (kv_cache_dtype="fp8_e4m3", scales 1.0) has its own stated tolerance against the same
-transformers reference (bf16 cache): max 1.5, mean 0.2, agreement >= 0.8.
+The FP8 KV cache (kv_cache_dtype="fp8_e4m3", scales 1.0) is checked two ways. Exactness: against transformers
+whose attention reads keys (after rope) and values rounded to float8_e4m3fn as the cache stores them, with
+the bf16 bounds above. Cost: against plain transformers (bf16 cache) it is only reported, as the cost of
+storing one byte per element; it depends on the model: on these random weights (measured on the H200,
+2026-12-03) the Llama shape, whose keys are unnormalised (std about 2), moves max 1.50-1.54 / mean
+0.32-0.34 / agreement 0.62-0.70 from the bf16 reference, the same with torch attention reading the FP8
+cache as with FlashInfer's kernels; the Qwen3 shape (q/k norm) stays within max 1.5 / mean 0.2 / 0.8.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ pytestmark = [
 ]
 
 MAX_ABS, MAX_MEAN, MIN_AGREEMENT = 0.35, 0.06, 0.92
-FP8_MAX_ABS, FP8_MAX_MEAN, FP8_MIN_AGREEMENT = 1.5, 0.2, 0.8
+FP8_KV_ATTENTION = "minisgl_test_fp8_kv_sdpa"
+# Against the FP8-rounded reference: the bf16 bounds, a little wider where an FP8 key rounds to the
+# neighbouring value (6% apart) because the two implementations' bf16 keys differ in their last bit.
+FP8_EXACT_BOUNDS = (0.5, 0.08, 0.9)
 
 
 def _configs() -> dict[str, object]:
@@ -88,12 +96,17 @@ def save_random_bf16(
     return directory
 
 
-def cuda_reference(model_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Iterator[object]:
+def cuda_reference(
+    model_dir: Path, dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "sdpa"
+) -> Iterator[object]:
     """transformers' model read back from model_dir onto the GPU in `dtype` (a fixture body: frees it
     after)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation=attn_implementation
+    )
+    model = model.cuda().eval()
     yield model
     del model
     gc.collect()
@@ -108,6 +121,35 @@ def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 @pytest.fixture(scope="module")
 def reference(model_dir: Path) -> Iterator[object]:
     yield from cuda_reference(model_dir)
+
+
+def _register_fp8_kv_attention() -> None:
+    """transformers' SDPA attention over keys and values rounded to float8_e4m3fn (scale 1.0: clamped to
+    its finite range, then rounded to nearest), which is what an FP8 KV cache holds."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def fp8_kv_sdpa(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        limit = torch.finfo(torch.float8_e4m3fn).max
+        key, value = (
+            x.float().clamp(-limit, limit).to(torch.float8_e4m3fn).to(x.dtype) for x in (key, value)
+        )
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # type: ignore[arg-type]
+
+    AttentionInterface.register(FP8_KV_ATTENTION, fp8_kv_sdpa)
+
+
+@pytest.fixture(scope="module")
+def fp8_kv_reference(model_dir: Path) -> Iterator[object]:
+    _register_fp8_kv_attention()
+    yield from cuda_reference(model_dir, attn_implementation=FP8_KV_ATTENTION)
 
 
 def _prompts() -> list[list[int]]:
@@ -147,24 +189,41 @@ def _check_generated_logprobs(
     reference: object,
     label: str,
     bounds: tuple[float, float, float] = (MAX_ABS, MAX_MEAN, MIN_AGREEMENT),
-) -> None:
+) -> tuple[list[list[int]], list[list[int]], list[list[float]]]:
+    """Generate greedily from _prompts() and check the engine's logprobs against `reference`; returns
+    (prompts, generated tokens, their logprobs) for further comparisons."""
     prompts = _prompts()
     results = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=0))
+    tokens = [r.token_ids for r in results]
+    logprobs = [r.logprobs or [] for r in results]
+    measured = _deviation(reference, prompts, tokens, logprobs)
+    print(f"{label}: {_describe(measured)}")
+    within = measured[0] <= bounds[0] and measured[1] <= bounds[1] and measured[2] >= bounds[2]
+    assert within, (
+        f"{label}: {_describe(measured)}; bounds: max {bounds[0]}, mean {bounds[1]}, agreement {bounds[2]}"
+    )
+    return prompts, tokens, logprobs
+
+
+def _deviation(
+    reference: object, prompts: list[list[int]], generated: list[list[int]], logprobs: list[list[float]]
+) -> tuple[float, float, float]:
+    """(max, mean) |engine logprob - reference logprob| over the generated tokens, and the share of them
+    that are the reference's own greedy choice."""
     diffs, agree, total = [], 0, 0
-    for prompt, result in zip(prompts, results, strict=True):
-        ref = _reference_logprobs(reference, prompt + result.token_ids)
-        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(result.token_ids), device="cuda")
-        tokens = torch.tensor(result.token_ids, device="cuda")
-        ref_lp = ref[positions, tokens]
-        assert result.logprobs is not None
-        diffs.append((ref_lp - torch.tensor(result.logprobs, device="cuda")).abs())
+    for prompt, token_ids, engine_lp in zip(prompts, generated, logprobs, strict=True):
+        ref = _reference_logprobs(reference, prompt + token_ids)
+        positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(token_ids), device="cuda")
+        tokens = torch.tensor(token_ids, device="cuda")
+        diffs.append((ref[positions, tokens] - torch.tensor(engine_lp, device="cuda")).abs())
         agree += int((ref[positions].argmax(-1) == tokens).sum())
         total += len(tokens)
     diff = torch.cat(diffs)
-    measured = f"max |dlogprob| {diff.max():.4f} mean {diff.mean():.4f} agreement {agree / total:.3f}"
-    print(f"{label}: {measured}")
-    within = diff.max() <= bounds[0] and diff.mean() <= bounds[1] and agree / total >= bounds[2]
-    assert within, f"{label}: {measured}; bounds: max {bounds[0]}, mean {bounds[1]}, agreement {bounds[2]}"
+    return float(diff.max()), float(diff.mean()), agree / total
+
+
+def _describe(measured: tuple[float, float, float]) -> str:
+    return f"max |dlogprob| {measured[0]:.4f} mean {measured[1]:.4f} agreement {measured[2]:.3f}"
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -186,10 +245,15 @@ FP8_VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(FP8_VARIANTS))
-def test_fp8_kv_cache_logprobs_match_transformers(model_dir: Path, reference: object, variant: str) -> None:
+def test_fp8_kv_cache_logprobs_match_transformers(
+    model_dir: Path, reference: object, fp8_kv_reference: object, variant: str
+) -> None:
+    """Exact against transformers reading FP8-rounded keys and values; the cost against the bf16 cache
+    is printed (the docstring at the top states it)."""
     llm = _engine(model_dir, kv_cache_dtype="fp8_e4m3", **FP8_VARIANTS[variant])
     assert llm.runtime.kv_pool.k_cache(0).dtype == torch.float8_e4m3fn
-    _check_generated_logprobs(llm, reference, variant, (FP8_MAX_ABS, FP8_MAX_MEAN, FP8_MIN_AGREEMENT))
+    prompts, tokens, logprobs = _check_generated_logprobs(llm, fp8_kv_reference, variant, FP8_EXACT_BOUNDS)
+    print(f"{variant} against the bf16 cache: {_describe(_deviation(reference, prompts, tokens, logprobs))}")
     del llm
     gc.collect()
     torch.cuda.empty_cache()

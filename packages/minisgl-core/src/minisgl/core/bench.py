@@ -91,7 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="this fraction of the requests (every k-th) generate under BENCH_SCHEMA, a JSON schema (the "
-        "model needs a tokenizer); throughput then counts the tokens actually generated",
+        "model needs a tokenizer); throughput then counts the tokens actually generated, and a second, "
+        "free run of new prompts of the same lengths, each request generating as many tokens as it did "
+        "under the schema, prints the grammar's cost",
     )
     parser.add_argument("--hf-batch-size", type=int, default=32, help="batch size of the hf engine")
     add_engine_flags(parser.add_argument_group("engine (minisgl)"))
@@ -135,17 +137,50 @@ def run_minisgl(args: argparse.Namespace, workload: Workload) -> tuple[float, in
     # Warm-up (with a grammar: the tokenizer's grammar tables and the schema are compiled here, untimed).
     warm_up = SamplingParams(max_tokens=4, json_schema=BENCH_SCHEMA if any(constrained) else None)
     llm.generate([[1, 2, 3]], warm_up, use_tqdm=False)
+    elapsed, output_lens = _timed_generate(args, llm, workload.prompts, params, args.timeline)
+    if any(constrained):
+        _print_grammar_cost(args, llm, workload, output_lens, elapsed)
+    llm.shutdown()
+    return elapsed, sum(output_lens)
+
+
+def _timed_generate(
+    args: argparse.Namespace, llm: Any, prompts: list[list[int]], params: list[Any], timeline: str | None
+) -> tuple[float, list[int]]:
+    """Seconds and each request's output length of one timed `generate`; prints the step summary."""
     timing = llm.runtime.timing = StepTiming()
     llm.runtime.model_runner.time_device = args.time_device
     started = time.perf_counter()
-    results = llm.generate(workload.prompts, params)
+    results = llm.generate(prompts, params)
     elapsed = time.perf_counter() - started
     print(timing.summary())
-    if args.timeline:
-        with open(args.timeline, "w") as file:
+    if timeline:
+        with open(timeline, "w") as file:
             json.dump(timing.to_json(), file)
-    llm.shutdown()
-    return elapsed, sum(len(r.token_ids) for r in results)
+    return elapsed, [len(r.token_ids) for r in results]
+
+
+def _print_grammar_cost(
+    args: argparse.Namespace, llm: Any, workload: Workload, output_lens: list[int], constrained_s: float
+) -> None:
+    """Constrained requests stop where their JSON ends, so the constrained run's throughput is not
+    comparable with a free run of the workload. Compare it instead with a free run that generates exactly
+    as many tokens per request, on new prompts of the same lengths (the radix cache holds the first run's)."""
+    from minisgl.core import SamplingParams
+
+    params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n) for n in output_lens]
+    print("free run with the same output lengths:")
+    free_s, _ = _timed_generate(args, llm, fresh_prompts(workload.prompts), params, None)
+    print(
+        f"grammar cost: {constrained_s:.2f} s with the schema, {free_s:.2f} s free for the same tokens "
+        f"({(constrained_s / free_s - 1) * 100:+.1f}%)"
+    )
+
+
+def fresh_prompts(prompts: list[list[int]], seed: int = 1) -> list[list[int]]:
+    """New random prompt ids with the lengths of `prompts` (make_workload's id range)."""
+    rng = random.Random(seed)
+    return [[rng.randint(0, 10000) for _ in prompt] for prompt in prompts]
 
 
 def run_hf(args: argparse.Namespace, workload: Workload) -> tuple[float, int]:
