@@ -1,0 +1,182 @@
+"""The `xqa` decode backend, without a GPU: where it is refused (the spec, the GPU generation, the shapes
+FlashInfer's XQA kernels are compiled for) and the page-table / KV-length buffers its CUDA graphs read,
+against a plain Python model of them. The kernel itself is tested on the GPU (test_gpu_xqa.py)."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from minisgl.core import LLM
+from minisgl.core.attention import FP8_HOPPER_AUTO, BatchLayout, resolve_attention
+from minisgl.core.attention.xqa_backend import (
+    XQABackend,
+    XQAGraphAttention,
+    xqa_metadata,
+    xqa_support_problem,
+)
+from minisgl.core.engine_config import EngineOptionError
+
+FP8 = torch.float8_e4m3fn
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def gpu_generation(monkeypatch: pytest.MonkeyPatch) -> Callable[[int, int], None]:
+    """Make resolve_attention see a CUDA device of compute capability (major, minor)."""
+
+    def set_generation(major: int, minor: int) -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+
+    return set_generation
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (10, 0), (12, 0)])
+@pytest.mark.parametrize("fp8_kv", [True, False])
+def test_xqa_decodes_on_hopper_and_blackwell(
+    gpu_generation: Callable[[int, int], None], capability: tuple[int, int], fp8_kv: bool
+) -> None:
+    gpu_generation(*capability)
+    assert resolve_attention("fi,xqa", CUDA, fp8_kv) == ("fi", "xqa")
+    assert resolve_attention("auto,xqa", CUDA, fp8_kv) == (
+        "fi" if fp8_kv or capability[0] != 9 else "fa3",
+        "xqa",
+    )
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 9), (7, 5)])
+def test_xqa_is_refused_on_older_gpus(
+    gpu_generation: Callable[[int, int], None], capability: tuple[int, int]
+) -> None:
+    gpu_generation(*capability)
+    major, minor = capability
+    with pytest.raises(
+        ValueError, match=re.escape(f"Blackwell (sm_100, sm_120) GPUs only; this GPU is sm_{major}{minor}")
+    ):
+        resolve_attention("fi,xqa", CUDA, True)
+
+
+@pytest.mark.parametrize("spec", ["xqa", "xqa,fi", "xqa,xqa"])
+def test_xqa_is_refused_as_the_prefill_backend(gpu_generation: Callable[[int, int], None], spec: str) -> None:
+    gpu_generation(9, 0)
+    with pytest.raises(ValueError, match=re.escape("has decode kernels only")):
+        resolve_attention(spec, CUDA, True)
+    with pytest.raises(
+        EngineOptionError, match=re.escape("name it as the decode half of PREFILL,DECODE, e.g. fi,xqa")
+    ):
+        LLM("unused", attn=spec)
+
+
+def test_fp8_auto_on_hopper_is_still_fi(gpu_generation: Callable[[int, int], None]) -> None:
+    """Until the H200 benchmark decides; switching it is the one line FP8_HOPPER_AUTO."""
+    gpu_generation(9, 0)
+    assert resolve_attention("auto", CUDA, True) == FP8_HOPPER_AUTO == ("fi", "fi")
+    assert resolve_attention("auto", CUDA, False) == ("fa3", "fi")
+
+
+def test_fa3_prefill_with_xqa_decode_is_refused_over_fp8(gpu_generation: Callable[[int, int], None]) -> None:
+    gpu_generation(9, 0)
+    assert resolve_attention("fa3,xqa", CUDA, False) == ("fa3", "xqa")
+    with pytest.raises(ValueError, match="'fa3' cannot read an FP8 KV cache"):
+        resolve_attention("fa3,xqa", CUDA, True)
+
+
+def test_xqa_on_the_cpu_is_refused(tiny_model_dir: Callable[[str], Path]) -> None:
+    with pytest.raises(ValueError, match=re.escape("attention backend 'fi' needs a CUDA device")):
+        LLM(str(tiny_model_dir("llama")), device="cpu", attn="fi,xqa", num_kv_pages=64)
+    with pytest.raises(ValueError, match=re.escape("attention backend 'xqa' needs a CUDA device")):
+        LLM(str(tiny_model_dir("llama")), device="cpu", attn="torch,xqa", num_kv_pages=64)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "page_size", "dtype", "kv_dtype", "message"),
+    [
+        (
+            128,
+            1,
+            torch.bfloat16,
+            FP8,
+            "reads pages of 16, 32, 64, 128 tokens, not 1: set page_size (--page-size)",
+        ),
+        (128, 8, torch.bfloat16, torch.bfloat16, "not 8"),
+        (128, 256, torch.bfloat16, FP8, "not 256"),
+        (24, 16, torch.bfloat16, FP8, "multiple of 16 in [16, 256]; this model's is 24"),
+        (512, 16, torch.bfloat16, FP8, "this model's is 512"),
+        (128, 16, torch.float32, torch.float32, "not torch.float32: set dtype (--dtype)"),
+        (128, 16, torch.bfloat16, torch.float16, "or fp8_e4m3, not torch.float16"),
+    ],
+)
+def test_shapes_xqa_is_not_compiled_for_are_refused(
+    head_dim: int, page_size: int, dtype: torch.dtype, kv_dtype: torch.dtype, message: str
+) -> None:
+    problem = xqa_support_problem(head_dim, page_size, dtype, kv_dtype)
+    assert problem is not None and message in problem
+    with pytest.raises(ValueError, match=re.escape(f"attention backend 'xqa' {problem}")):
+        XQABackend(head_dim, dtype, kv_dtype, torch.device("cpu"), page_size)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "page_size", "dtype", "kv_dtype"),
+    [
+        (128, 16, torch.bfloat16, FP8),
+        (128, 16, torch.bfloat16, torch.bfloat16),
+        (64, 128, torch.float16, torch.float16),
+        (256, 32, torch.float16, FP8),
+        (16, 64, torch.bfloat16, FP8),
+    ],
+)
+def test_shapes_xqa_runs(head_dim: int, page_size: int, dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
+    assert xqa_support_problem(head_dim, page_size, dtype, kv_dtype) is None
+
+
+def _decode_layout(rows: list[list[int]], kv_lens: list[int]) -> BatchLayout:
+    n = len(kv_lens)
+    return BatchLayout(
+        positions=torch.tensor([length - 1 for length in kv_lens]),
+        out_slots=torch.zeros(n, dtype=torch.int64),
+        query_starts=torch.arange(n + 1),
+        kv_lens=torch.tensor(kv_lens),
+        page_table=torch.tensor(rows, dtype=torch.int32).view(n, -1),
+        query_lens_host=[1] * n,
+        kv_lens_host=kv_lens,
+        is_decode=True,
+    )
+
+
+def test_eager_metadata_is_the_page_table_rows_and_the_lengths_as_uint32() -> None:
+    metadata = xqa_metadata(torch.tensor([[3, 4, 0], [7, 0, 0]], dtype=torch.int32), torch.tensor([33, 2]))
+    assert metadata.page_table.dtype == torch.int32 and metadata.page_table.is_contiguous()
+    assert metadata.page_table.tolist() == [[3, 4, 0], [7, 0, 0]]
+    assert metadata.seq_lens.dtype == torch.uint32
+    assert metadata.seq_lens.view(torch.int32).tolist() == [33, 2]
+
+
+def test_graph_buffers_match_a_plain_model_across_loads() -> None:
+    """Every load leaves the first `size` rows as the model says: the batch's page-table rows and KV
+    lengths, then padding rows of dummy pages reading one token, whatever earlier loads left there."""
+    max_bs, max_pages, page_size, dummy = 16, 6, 16, 1000
+    graphs = XQAGraphAttention(max_bs, max_pages, dummy, torch.device("cpu"))
+    sizes = [1, 2, 4, 8, 16]
+    captured = {size: graphs.metadata(size) for size in sizes}
+    rng = random.Random(0)
+    for _ in range(50):
+        real = rng.randint(1, max_bs)
+        size = min(s for s in sizes if s >= real)
+        kv_lens = [rng.randint(1, max_pages * page_size) for _ in range(real)]
+        rows = [[rng.randrange(dummy) for _ in range(max_pages)] for _ in range(real)]
+        graphs.load(size, _decode_layout(rows, kv_lens))
+
+        expected_rows = rows + [[dummy] * max_pages] * (size - real)
+        expected_lens = kv_lens + [1] * (size - real)
+        metadata = captured[size]
+        assert metadata.page_table.tolist() == expected_rows
+        assert metadata.seq_lens.view(torch.int32).tolist() == expected_lens
+        # The captured graph reads these very buffers.
+        assert metadata.page_table.data_ptr() == graphs.page_table.data_ptr()
+        assert metadata.seq_lens.data_ptr() == graphs.seq_lens.data_ptr()
+        assert metadata.seq_lens.dtype == torch.uint32
