@@ -180,3 +180,42 @@ def test_graph_buffers_match_a_plain_model_across_loads() -> None:
         assert metadata.page_table.data_ptr() == graphs.page_table.data_ptr()
         assert metadata.seq_lens.data_ptr() == graphs.seq_lens.data_ptr()
         assert metadata.seq_lens.dtype == torch.uint32
+
+
+def test_the_accuracy_tool_gives_the_reference_its_own_attention(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kv_accuracy prices fi,xqa over FP8 against fi over bf16: each engine gets its own attn."""
+    from minisgl.core import kv_accuracy
+
+    seen: list[tuple[str, dict[str, object]]] = []
+
+    def fake_run(
+        model: str,
+        kv_cache_dtype: str,
+        prompts: object,
+        reference: object,
+        shape: object,
+        options: dict[str, object],
+    ) -> tuple[list[list[int]], object]:
+        seen.append((kv_cache_dtype, options))
+        scores = kv_accuracy._Scores(greedy=[[5, 6]], scored=[[-0.5, -1.0]], next_tokens=[[5, 6]])
+        return [[1, 2, 3]], scores
+
+    monkeypatch.setattr(kv_accuracy, "_run", fake_run)
+    kv_accuracy.main(["--attn", "fi,xqa", "--reference-attn", "fi", "--num-prompts", "1", "--gen-len", "2"])
+    assert [(dtype, options["attn"]) for dtype, options in seen] == [("auto", "fi"), ("fp8_e4m3", "fi,xqa")]
+    assert '"attn": "fi,xqa", "reference_attn": "fi"' in capsys.readouterr().out
+
+    seen.clear()
+    kv_accuracy.measure("m", "fp8_e4m3", 1, 3, 2, attn="fi,xqa")
+    assert [options["attn"] for _, options in seen] == ["fi,xqa", "fi,xqa"]  # the same by default
+
+
+def test_the_accuracy_tool_refuses_a_bad_reference_attention(capsys: pytest.CaptureFixture[str]) -> None:
+    from minisgl.core import kv_accuracy
+
+    with pytest.raises(SystemExit) as exit_info:
+        kv_accuracy.main(["--reference-attn", "xqa"])
+    assert exit_info.value.code == 2
+    assert "argument --reference-attn: xqa has decode kernels only" in capsys.readouterr().err

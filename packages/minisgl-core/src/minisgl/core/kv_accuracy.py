@@ -8,8 +8,13 @@ same random weights every time).
   picks the reference's next token;
 - free-running greedy: the share of generated tokens before the two engines' outputs first differ.
 
+Both engines take the same engine flags, except that --reference-attn gives the reference its own
+attention backends (to price a decode kernel that only runs over the cache under test, such as XQA's).
+
     python -m minisgl.core.kv_accuracy --model smollm2-135m --device cpu --kv-cache-dtype fp8_e4m3
     python -m minisgl.core.kv_accuracy --model qwen3-8b --load-format dummy --kv-cache-dtype fp8_e4m3
+    python -m minisgl.core.kv_accuracy --model qwen3-8b --load-format dummy --kv-cache-dtype fp8_e4m3 \
+        --attn fi,xqa --reference-attn fi
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from typing import Any
 
 import torch
 
-from minisgl.core.engine_config import KV_CACHE_DTYPES
-from minisgl.core.engine_flags import add_engine_flags
+from minisgl.core.engine_config import KV_CACHE_DTYPES, attention_spec
+from minisgl.core.engine_flags import add_engine_flags, value_parser
 from minisgl.core.llm import LLM
 from minisgl.core.loading.model_source import DEFAULT_MODEL
 from minisgl.core.request import GenerationResult
@@ -114,12 +119,17 @@ def measure(
     num_prompts: int = 8,
     prompt_len: int = 64,
     gen_len: int = 32,
+    reference_attn: str | None = None,
     **engine_options: Any,
 ) -> KVAccuracy:
     """Compare kv_cache_dtype with the model's own dtype ("auto") on the same prompts; the engines run one
-    after the other (engine_options: the other EngineConfig fields, the same for both)."""
+    after the other (engine_options: the other EngineConfig fields, the same for both, except that
+    reference_attn, when given, is the reference engine's attn)."""
     shape = (num_prompts, prompt_len, gen_len)
-    prompts, reference = _run(model, "auto", None, None, shape, engine_options)
+    reference_options = dict(engine_options)
+    if reference_attn is not None:
+        reference_options["attn"] = reference_attn
+    prompts, reference = _run(model, "auto", None, None, shape, reference_options)
     _, tested = _run(model, kv_cache_dtype, prompts, reference.greedy, shape, engine_options)
 
     diffs = torch.tensor(
@@ -170,6 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument(
+        "--reference-attn",
+        default=None,
+        type=value_parser(str, attention_spec),
+        help="the reference engine's attention backends (default: the same as --attn)",
+    )
     # The engines' other options, the same for both (the context length follows from the lengths).
     shared = add_engine_flags(parser.add_argument_group("engine"), exclude=("kv_cache_dtype", "max_seq_len"))
     args = parser.parse_args(argv)
@@ -179,10 +195,12 @@ def main(argv: list[str] | None = None) -> None:
         args.num_prompts,
         args.prompt_len,
         args.gen_len,
+        args.reference_attn,
         max_seq_len=args.prompt_len + args.gen_len + 8,
         **{name: getattr(args, name) for name in shared},
     )
-    print(json.dumps({"model": args.model, **asdict(result)}))
+    attn = {"attn": args.attn, "reference_attn": args.reference_attn or args.attn}
+    print(json.dumps({"model": args.model, **attn, **asdict(result)}))
 
 
 if __name__ == "__main__":
