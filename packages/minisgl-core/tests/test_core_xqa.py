@@ -182,10 +182,8 @@ def test_graph_buffers_match_a_plain_model_across_loads() -> None:
         assert metadata.seq_lens.dtype == torch.uint32
 
 
-def test_the_accuracy_tool_gives_the_reference_its_own_attention(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """kv_accuracy prices fi,xqa over FP8 against fi over bf16: each engine gets its own attn."""
+def _fake_runs(monkeypatch: pytest.MonkeyPatch, scores: list[object]) -> list[tuple[str, dict[str, object]]]:
+    """Replace kv_accuracy's engine runs by `scores` in turn; returns the (kv dtype, options) of each run."""
     from minisgl.core import kv_accuracy
 
     seen: list[tuple[str, dict[str, object]]] = []
@@ -199,10 +197,20 @@ def test_the_accuracy_tool_gives_the_reference_its_own_attention(
         options: dict[str, object],
     ) -> tuple[list[list[int]], object]:
         seen.append((kv_cache_dtype, options))
-        scores = kv_accuracy._Scores(greedy=[[5, 6]], scored=[[-0.5, -1.0]], next_tokens=[[5, 6]])
-        return [[1, 2, 3]], scores
+        return [[1, 2, 3]], scores[len(seen) - 1]
 
     monkeypatch.setattr(kv_accuracy, "_run", fake_run)
+    return seen
+
+
+def test_the_accuracy_tool_gives_the_reference_its_own_attention(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kv_accuracy prices fi,xqa over FP8 against fi over bf16: each engine gets its own attn."""
+    from minisgl.core import kv_accuracy
+
+    same = kv_accuracy._Scores([[5, 6]], [[-0.5, -1.0]], [[-0.5, -1.0]], [[5, 6]])
+    seen = _fake_runs(monkeypatch, [same] * 4)
     kv_accuracy.main(["--attn", "fi,xqa", "--reference-attn", "fi", "--num-prompts", "1", "--gen-len", "2"])
     assert [(dtype, options["attn"]) for dtype, options in seen] == [("auto", "fi"), ("fp8_e4m3", "fi,xqa")]
     assert '"attn": "fi,xqa", "reference_attn": "fi"' in capsys.readouterr().out
@@ -210,6 +218,32 @@ def test_the_accuracy_tool_gives_the_reference_its_own_attention(
     seen.clear()
     kv_accuracy.measure("m", "fp8_e4m3", 1, 3, 2, attn="fi,xqa")
     assert [options["attn"] for _, options in seen] == ["fi,xqa", "fi,xqa"]  # the same by default
+
+
+def test_the_accuracy_tool_compares_decode_logprobs_before_the_outputs_differ(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Positions 1.. before the first different greedy token: the same context in both engines."""
+    from minisgl.core import kv_accuracy
+
+    reference = kv_accuracy._Scores(
+        greedy=[[5, 6, 7, 8], [1, 2, 3, 4]],
+        greedy_logprobs=[[-9.0] * 4, [-9.0] * 4],  # unused: the reference's own decode
+        scored=[[-0.1, -0.2, -0.3, -0.4], [-1.0, -2.0, -3.0, -4.0]],
+        next_tokens=[[5, 6, 7, 8], [1, 2, 3, 4]],
+    )
+    tested = kv_accuracy._Scores(
+        greedy=[[5, 6, 7, 9], [7, 2, 3, 4]],  # differs at 3, and at 0 (no decode position)
+        greedy_logprobs=[[-5.0, -0.25, -0.5, -7.0], [-1.0] * 4],
+        scored=[[-0.1, -0.2, -0.3, -0.4], [-1.0, -2.0, -3.0, -4.0]],
+        next_tokens=[[5, 6, 7, 8], [1, 2, 3, 4]],
+    )
+    _fake_runs(monkeypatch, [reference, tested])
+    result = kv_accuracy.measure("m", "fp8_e4m3", 2, 3, 4)
+    assert result.decode_positions == 2  # positions 1 and 2 of the first prompt
+    assert result.decode_max_logprob_diff == pytest.approx(0.2)
+    assert result.decode_mean_logprob_diff == pytest.approx((0.05 + 0.2) / 2)
+    assert result.free_running_prefix == 3 / 8
 
 
 def test_the_accuracy_tool_refuses_a_bad_reference_attention(capsys: pytest.CaptureFixture[str]) -> None:

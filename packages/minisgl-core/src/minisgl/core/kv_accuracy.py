@@ -6,7 +6,10 @@ same random weights every time).
   the per-token |difference| (max, mean);
 - teacher-forced greedy agreement: for every prefix of that continuation, whether the engine under test
   picks the reference's next token;
-- free-running greedy: the share of generated tokens before the two engines' outputs first differ.
+- free-running greedy: the share of generated tokens before the two engines' outputs first differ;
+- decode logprobs: until the outputs first differ both engines have seen the same tokens, so there the
+  logprobs the engine under test computed in its decode steps are compared with the reference's
+  teacher-forced ones (the measures above run prefill kernels only; this one prices the decode kernel).
 
 Both engines take the same engine flags, except that --reference-attn gives the reference its own
 attention backends (to price a decode kernel that only runs over the cache under test, such as XQA's).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import random
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -44,11 +48,15 @@ class KVAccuracy:
     mean_logprob_diff: float
     greedy_agreement: float  # teacher-forced: the same next token as the reference
     free_running_prefix: float  # generated tokens before the first difference, over all generated
+    decode_positions: int  # decode steps before the first difference, where decode logprobs are compared
+    decode_max_logprob_diff: float  # nan without such positions
+    decode_mean_logprob_diff: float
 
 
 @dataclass
 class _Scores:
     greedy: list[list[int]]  # free-running greedy continuation of each prompt
+    greedy_logprobs: list[list[float]]  # and the logprob of each of its tokens (decode steps from the 2nd)
     scored: list[list[float]]  # teacher-forced logprobs of the reference continuation's tokens
     next_tokens: list[list[int]]  # greedy next token after each prefix of the reference continuation
 
@@ -59,11 +67,13 @@ def random_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[lis
 
 
 def _score(llm: LLM, prompts: list[list[int]], reference: list[list[int]] | None, gen_len: int) -> _Scores:
-    greedy = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True)
-    free = [r.token_ids for r in llm.generate(prompts, greedy, use_tqdm=False)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True, logprobs=0)
+    results = llm.generate(prompts, greedy, use_tqdm=False)
+    free = [r.token_ids for r in results]
+    free_logprobs = [list(r.logprobs or []) for r in results]
     continuation = reference if reference is not None else free
     scored = _continuation_logprobs(llm, prompts, continuation)
-    return _Scores(free, scored, _greedy_next_tokens(llm, prompts, continuation, gen_len))
+    return _Scores(free, free_logprobs, scored, _greedy_next_tokens(llm, prompts, continuation, gen_len))
 
 
 def _continuation_logprobs(
@@ -143,6 +153,7 @@ def measure(
     before_difference = sum(
         _common_prefix(ref, got) for ref, got in zip(reference.greedy, tested.greedy, strict=True)
     )
+    decode = _decode_diffs(reference, tested)
     total = num_prompts * gen_len
     return KVAccuracy(
         kv_cache_dtype=kv_cache_dtype,
@@ -151,6 +162,21 @@ def measure(
         mean_logprob_diff=float(diffs.mean()),
         greedy_agreement=agree / total,
         free_running_prefix=before_difference / total,
+        decode_positions=int(decode.numel()),
+        decode_max_logprob_diff=float(decode.max()) if decode.numel() else math.nan,
+        decode_mean_logprob_diff=float(decode.mean()) if decode.numel() else math.nan,
+    )
+
+
+def _decode_diffs(reference: _Scores, tested: _Scores) -> torch.Tensor:
+    """|tested decode logprob - reference teacher-forced logprob| at every decode step (position >= 1)
+    before the two greedy outputs first differ: the same token after the same tokens in both."""
+    return torch.tensor(
+        [
+            abs(tested.greedy_logprobs[i][t] - reference.scored[i][t])
+            for i, (ref, got) in enumerate(zip(reference.greedy, tested.greedy, strict=True))
+            for t in range(1, _common_prefix(ref, got))
+        ]
     )
 
 
