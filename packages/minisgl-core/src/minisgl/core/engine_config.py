@@ -178,9 +178,8 @@ class EngineConfig:
     # auto: fa3,fi on Hopper, fi on other GPUs and with an FP8 KV cache, torch on the CPU.
     attn: str = option(
         "auto",
-        "attention backend: auto, torch, fi, fa3, or PREFILL,DECODE such as fa3,fi; xqa, FlashInfer's XQA "
-        "kernels (Hopper or Blackwell, pages of 16 to 128; the fast decode over an FP8 KV cache), decodes "
-        "only: fi,xqa",
+        "attention backend: auto, torch, fi, fa3, or PREFILL,DECODE such as fa3,fi; xqa (FlashInfer's "
+        "XQA kernels, Hopper or Blackwell: the fast decode over an FP8 KV cache) decodes only, as in fi,xqa",
         attention_spec,
         ("--attn", "--attention-backend"),
     )
