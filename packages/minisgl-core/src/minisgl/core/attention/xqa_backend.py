@@ -110,8 +110,8 @@ class XQABackend(AttentionBackend):
 
 class XQAGraphAttention(GraphAttention):
     """Static (max_batch_size, max_pages) page-table rows and KV lengths that every captured graph reads
-    the first `size` rows of. Padding rows read one token of the dummy page, whose every page-table entry
-    they hold, so XQA's page prefetch past the length stays on that page too."""
+    the first `size` rows of. A padding row has length 1 and the dummy page in every entry: it reads (XQA
+    reads only the pages a length covers) the one token its out slot wrote, on the dummy page."""
 
     def __init__(self, max_batch_size: int, max_pages: int, dummy_page: int, device: torch.device) -> None:
         self.dummy_page = dummy_page
