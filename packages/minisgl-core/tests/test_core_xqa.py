@@ -1,6 +1,8 @@
 """The `xqa` decode backend, without a GPU: where it is refused (the spec, the GPU generation, the shapes
-FlashInfer's XQA kernels are compiled for) and the page-table / KV-length buffers its CUDA graphs read,
-against a plain Python model of them. The kernel itself is tested on the GPU (test_gpu_xqa.py)."""
+FlashInfer's XQA kernels are compiled for), the page-table / KV-length buffers its CUDA graphs read
+against a plain Python model of them, and its arguments (page table, uint32 lengths, the layer's FP8 scales
+folded into bmm1/bmm2) run through FlashInfer's documented contract for the XQA call, written in torch,
+against the torch backend. The kernel itself is tested on the GPU (test_gpu_xqa.py)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from minisgl.core.attention.xqa_backend import (
     xqa_support_problem,
 )
 from minisgl.core.engine_config import EngineOptionError
+from minisgl.core.kv.kv_pool import KVPool
 
 FP8 = torch.float8_e4m3fn
 CUDA = torch.device("cuda")
@@ -253,3 +256,120 @@ def test_the_accuracy_tool_refuses_a_bad_reference_attention(capsys: pytest.Capt
         kv_accuracy.main(["--reference-attn", "xqa"])
     assert exit_info.value.code == 2
     assert "argument --reference-attn: xqa has decode kernels only" in capsys.readouterr().err
+
+
+# ---- the backend's wiring, against XQA's documented contract in plain torch -------------------------
+
+PAGE_SIZE, NUM_QO, NUM_KV, HEAD_DIM, NUM_PAGES, MAX_PAGES = 16, 8, 2, 32, 40, 8
+
+
+def documented_xqa(
+    query: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor],
+    workspace: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seq_len: int,
+    bmm1_scale: float,
+    bmm2_scale: float,
+    kv_layout: str,
+    backend: str,
+) -> torch.Tensor:
+    """FlashInfer's trtllm_batch_decode_with_kv_cache(backend="xqa") as its docstring defines it, in
+    float32: softmax(bmm1_scale * q.k) . v * bmm2_scale over the stored values of each request's first
+    seq_len tokens, through its row of the (batch, max_pages) int32 page table; uint32 lengths."""
+    assert (kv_layout, backend, block_tables.dtype, seq_lens.dtype) == (
+        "NHD",
+        "xqa",
+        torch.int32,
+        torch.uint32,
+    )
+    k_cache, v_cache = kv_cache
+    assert max_seq_len == block_tables.shape[1] * k_cache.shape[1]
+    outs = []
+    for row, n in enumerate(seq_lens.view(torch.int32).tolist()):
+        pages = block_tables[row, : -(-n // k_cache.shape[1])].long()
+        k, v = (cache[pages].flatten(0, 1)[:n].float() for cache in (k_cache, v_cache))
+        q = query[row].float().view(NUM_KV, NUM_QO // NUM_KV, HEAD_DIM)
+        weights = (torch.einsum("hgd,nhd->hgn", q, k) * bmm1_scale).softmax(-1)
+        outs.append(torch.einsum("hgn,nhd->hgd", weights, v).reshape(NUM_QO, HEAD_DIM) * bmm2_scale)
+    return torch.stack(outs).to(query.dtype)
+
+
+@pytest.fixture
+def cpu_xqa(monkeypatch: pytest.MonkeyPatch) -> Callable[[torch.dtype], XQABackend]:
+    from minisgl.core.attention import xqa_backend
+
+    monkeypatch.setattr(xqa_backend, "_import_xqa_decode", lambda: documented_xqa)
+    monkeypatch.setattr(xqa_backend, "WORKSPACE_BYTES", 1024)
+    return lambda kv_dtype: XQABackend(HEAD_DIM, torch.bfloat16, kv_dtype, torch.device("cpu"), PAGE_SIZE)
+
+
+def _filled_pool(kv_dtype: torch.dtype) -> KVPool:
+    pool = KVPool(2, NUM_PAGES + 1, PAGE_SIZE, NUM_KV, HEAD_DIM, kv_dtype, torch.device("cpu"))
+    if kv_dtype == FP8:
+        pool.set_scales([0.5, 0.0625], [2.0, 0.125])
+    gen = torch.Generator().manual_seed(0)
+    slots = torch.arange((NUM_PAGES + 1) * PAGE_SIZE)
+    for layer in range(2):
+        k, v = (torch.randn(len(slots), NUM_KV, HEAD_DIM, generator=gen).bfloat16() for _ in range(2))
+        pool.store(layer, slots, k, v)
+    return pool
+
+
+def _scattered_batch(kv_lens: list[int], seed: int) -> BatchLayout:
+    rng = random.Random(seed)
+    free = rng.sample(range(NUM_PAGES), NUM_PAGES)
+    rows = []
+    for n in kv_lens:
+        count = -(-n // PAGE_SIZE)
+        rows.append(free[:count] + [rng.randrange(NUM_PAGES) for _ in range(MAX_PAGES - count)])
+        free = free[count:]
+    return _decode_layout(rows, kv_lens)
+
+
+def _torch_reference(q: torch.Tensor, layer: int, pool: KVPool, layout: BatchLayout) -> torch.Tensor:
+    from minisgl.core.attention.torch_backend import TorchAttentionBackend
+
+    backend = TorchAttentionBackend()
+    return backend.forward(q.float(), layer, pool, backend.prepare(layout, pool))
+
+
+@pytest.mark.parametrize("kv_dtype", [FP8, torch.bfloat16], ids=["fp8", "bf16"])
+def test_the_backend_folds_the_layer_scales_into_xqas_scales(
+    cpu_xqa: Callable[[torch.dtype], XQABackend], kv_dtype: torch.dtype
+) -> None:
+    """XQA's contract with the backend's arguments equals attention over the dequantized cache, for layers
+    with different k/v scales: bmm1_scale = softmax scale * k_scale, bmm2_scale = v_scale."""
+    backend, pool = cpu_xqa(kv_dtype), _filled_pool(kv_dtype)
+    layout = _scattered_batch([1, 16, 17, 100, 127], seed=1)
+    q = torch.randn(5, NUM_QO, HEAD_DIM, generator=torch.Generator().manual_seed(1)).bfloat16()
+    for layer in range(2):
+        out = backend.forward(q, layer, pool, backend.prepare(layout, pool))
+        ref = _torch_reference(q, layer, pool, layout)
+        assert float((out.float() - ref).norm() / ref.norm()) < 0.01
+
+
+def test_the_graph_buffers_feed_the_backend(cpu_xqa: Callable[[torch.dtype], XQABackend]) -> None:
+    """Through the graph metadata: the real rows attend as the batch says, the padding rows to the one
+    dummy-page token (their output is that token's V)."""
+    backend, pool = cpu_xqa(FP8), _filled_pool(FP8)
+    dummy, size = NUM_PAGES, 8
+    graphs = backend.graph_attention(pool, size, MAX_PAGES, dummy)
+    metadata = graphs.metadata(size)
+    layout = _scattered_batch([3, 40, 128], seed=2)
+    graphs.load(size, layout)
+    q = torch.randn(size, NUM_QO, HEAD_DIM, generator=torch.Generator().manual_seed(2)).bfloat16()
+    out = backend.forward(q, 1, pool, metadata).float()
+    ref = _torch_reference(q[:3], 1, pool, layout)
+    assert float((out[:3] - ref).norm() / ref.norm()) < 0.01
+    dummy_v = pool.v_cache(1)[dummy, 0].float() * pool.v_scales[1]
+    padding = dummy_v.repeat_interleave(NUM_QO // NUM_KV, dim=0).flatten().expand(size - 3, -1)
+    assert torch.allclose(out[3:], padding, rtol=0.01, atol=1e-3)
+
+
+def test_a_prefill_batch_is_refused(cpu_xqa: Callable[[torch.dtype], XQABackend]) -> None:
+    layout = _scattered_batch([5], seed=3)
+    layout.is_decode = False
+    with pytest.raises(ValueError, match="decode kernels only"):
+        cpu_xqa(FP8).prepare(layout, _filled_pool(FP8))
