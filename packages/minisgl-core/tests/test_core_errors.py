@@ -143,7 +143,10 @@ def test_valid_edge_sampling_params_are_accepted(llm: Any) -> None:
         ("fi", "'fi' needs a CUDA device"),
         ("fa3", "'fa3' needs a CUDA device"),
         ("torch,fa3", "'fa3' needs a CUDA device"),
-        ("flash", "'flash' is not one of: auto, torch, fi, fa3"),
+        ("flash", "'flash' is not one of: auto, torch, fi, fa3, xqa"),
+        ("fi,xqa", "'fi' needs a CUDA device"),
+        ("torch,xqa", "'xqa' needs a CUDA device"),
+        ("xqa", "'xqa' needs a CUDA device"),
         ("fi,torch,fi", "PREFILL,DECODE"),
     ],
 )

@@ -125,6 +125,7 @@ def test_kv_cache_dtype_reaches_the_engine() -> None:
         (["--tp", "0"], "--tp"),
         (["--attn", "flash"], "--attn"),
         (["--attn", "fi,fi,fi"], "--attn"),
+        (["--attn", "xqa"], "--attn"),
         (["--cache", "lru"], "--cache"),
         (["--moe-backend", "cutlass"], "--moe-backend"),
         (["--page-size", "3"], "--page-size"),

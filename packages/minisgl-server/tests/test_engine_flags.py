@@ -83,6 +83,7 @@ def test_every_spelling_reaches_the_engine_field(argv: list[str], field: str, va
         # combinations EngineConfig refuses, reported under the flag of the field they are about
         (["--tp", "2", "--device", "cuda:1"], "argument --device: 'cuda:1' names one GPU"),
         (["--kv-cache-dtype", "fp8_e4m3", "--attn", "fi,fa3"], "argument --attn: fa3 cannot read an FP8"),
+        (["--attn", "xqa,fi"], "argument --attn/--attention-backend: xqa has decode kernels only"),
     ],
 )
 def test_bench_offline_refuses_what_serve_refuses(

@@ -35,7 +35,9 @@ DTYPES = {
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8_e4m3")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 CACHES = ("radix", "naive")
-ATTENTION_BACKENDS = ("torch", "fi", "fa3")
+ATTENTION_BACKENDS = ("torch", "fi", "fa3", "xqa")
+# Backends with decode kernels only (one query token per request): they are named as the decode half.
+DECODE_ONLY_BACKENDS = ("xqa",)
 MOE_BACKENDS = ("auto", "torch", "flashinfer")
 
 
@@ -86,10 +88,20 @@ def device_name(value: Any) -> str | None:
 def attention_spec(value: Any) -> str | None:
     """auto, one backend for both phases, or "prefill,decode"."""
     parts = [part.strip() for part in str(value).split(",")]
-    if len(parts) in (1, 2) and all(part in ("auto", *ATTENTION_BACKENDS) for part in parts):
+    if not (len(parts) in (1, 2) and all(part in ("auto", *ATTENTION_BACKENDS) for part in parts)):
+        backends = ", ".join(ATTENTION_BACKENDS)
+        return f"must be auto, one of {backends}, or PREFILL,DECODE (e.g. fa3,fi); got {value!r}"
+    return prefill_backend_problem(parts[0])
+
+
+def prefill_backend_problem(name: str) -> str | None:
+    """Why `name` cannot compute prefill batches (None when it can)."""
+    if name not in DECODE_ONLY_BACKENDS:
         return None
-    backends = ", ".join(ATTENTION_BACKENDS)
-    return f"must be auto, one of {backends}, or PREFILL,DECODE (e.g. fa3,fi); got {value!r}"
+    return (
+        f"{name} has decode kernels only (one query token per request): name it as the decode half of "
+        f"PREFILL,DECODE, e.g. fi,{name}"
+    )
 
 
 # ---- the declarations ---------------------------------------------------------------------------------
@@ -163,10 +175,11 @@ class EngineConfig:
     cache: str = option(
         "radix", "radix reuses the KV of shared prompt prefixes; naive does not", one_of(CACHES)
     )
-    # auto: fa3,fi on Hopper, fi on other GPUs, torch on the CPU.
+    # auto: fa3,fi on Hopper, fi on other GPUs and with an FP8 KV cache, torch on the CPU.
     attn: str = option(
         "auto",
-        "attention backend: auto, torch, fi, fa3, or PREFILL,DECODE such as fa3,fi",
+        "attention backend: auto, torch, fi, fa3, or PREFILL,DECODE such as fa3,fi; xqa (FlashInfer's "
+        "XQA kernels, Hopper or Blackwell: the fast decode over an FP8 KV cache) decodes only, as in fi,xqa",
         attention_spec,
         ("--attn", "--attention-backend"),
     )

@@ -3,6 +3,9 @@
 - `torch`: the portable reference (CPU and any GPU); the CPU default.
 - `fi`: FlashInfer's FlashAttention-2 kernels for paged prefill and decode (Turing and newer).
 - `fa3`: FlashInfer's FlashAttention-3 kernels (Hopper only).
+- `xqa`: FlashInfer's XQA decode kernels (Hopper, Blackwell); decode only, so named as the decode half
+  (`fi,xqa`). Over an FP8 KV cache it reads the cache at about the copy rate, where FA2 converts it to
+  bf16 on the way in and gains nothing from the halved bytes.
 `attn="p,d"` picks one backend for prefill batches and one for decode batches. `auto` is `fa3,fi` on
 Hopper (FA3 prefill; FA3's decode reads the KV cache at half the bandwidth of FA2's, tools/attn_bench.py),
 `fi` on other CUDA GPUs and `torch` on the CPU. With an FP8 KV cache `auto` is `fi` on every GPU:
@@ -17,11 +20,16 @@ import torch
 
 from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
 from minisgl.core.attention.torch_backend import TorchAttentionBackend
-from minisgl.core.engine_config import ATTENTION_BACKENDS
+from minisgl.core.attention.xqa_backend import XQA_GPU_MAJORS, XQABackend
+from minisgl.core.engine_config import ATTENTION_BACKENDS, prefill_backend_problem
 from minisgl.core.kv.kv_pool import KVPool
 from minisgl.kernels.reference import FP8_KV_DTYPE
 
 BACKEND_NAMES = ATTENTION_BACKENDS
+# `auto` with an FP8 KV cache on Hopper. ("fi", "xqa") would decode with XQA, which reads the FP8 cache at
+# about the copy rate (2x FA2's decode, tools/attn_bench.py) at a larger accuracy cost: to be switched
+# once the engine benchmark and kv_accuracy on the H200 say so (docs/benchmarks.md).
+FP8_HOPPER_AUTO = ("fi", "fi")
 
 
 @dataclass
@@ -60,6 +68,9 @@ def resolve_attention(spec: str, device: torch.device, fp8_kv: bool = False) -> 
     for name in resolved:
         _check_runs_here(name, device)
         _check_reads_kv_cache(name, fp8_kv)
+    problem = prefill_backend_problem(resolved[0])
+    if problem is not None:
+        raise ValueError(f"attention backend {problem}")
     return resolved[0], resolved[1]
 
 
@@ -84,8 +95,8 @@ def _check_reads_kv_cache(name: str, fp8_kv: bool) -> None:
 def _auto(device: torch.device, fp8_kv: bool) -> tuple[str, str]:
     if device.type != "cuda":
         return "torch", "torch"
-    if torch.cuda.get_device_capability(device)[0] == 9 and not fp8_kv:
-        return "fa3", "fi"
+    if torch.cuda.get_device_capability(device)[0] == 9:
+        return FP8_HOPPER_AUTO if fp8_kv else ("fa3", "fi")
     return "fi", "fi"
 
 
@@ -104,6 +115,11 @@ def _check_gpu_generation(name: str, major: int, minor: int) -> None:
         raise ValueError(
             f"attention backend 'fa3' (FlashAttention-3) runs on Hopper GPUs (sm_90) only; this GPU is "
             f"sm_{major}{minor}: use attn='fi'"
+        )
+    if name == "xqa" and major not in XQA_GPU_MAJORS:
+        raise ValueError(
+            f"attention backend 'xqa' (FlashInfer's XQA) runs on Hopper (sm_90) and Blackwell (sm_100, "
+            f"sm_120) GPUs only; this GPU is sm_{major}{minor}: use attn='fi'"
         )
     if name == "fi" and (major, minor) < (7, 5):
         raise ValueError(
@@ -127,6 +143,8 @@ def create_backend(
     for name in {prefill_name, decode_name}:
         if name == "torch":
             built[name] = TorchAttentionBackend()
+        elif name == "xqa":
+            built[name] = XQABackend(head_dim, dtype, kv_dtype, device, page_size)
         else:
             from minisgl.core.attention.flashinfer_backend import FlashInferBackend
 

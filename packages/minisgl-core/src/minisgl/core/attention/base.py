@@ -3,7 +3,8 @@
 A batch is a list of requests, each contributing a contiguous run of query tokens at positions
 [start, end) and attending to every cached key at positions [0, end). The engine describes the batch
 once (BatchLayout); the backend turns it into whatever metadata its kernels want (prepare), and then
-runs every layer with it (forward).
+runs every layer with it (forward). A backend whose decode steps can run as CUDA graphs also gives the
+graph runner its static inputs (graph_attention).
 """
 
 from __future__ import annotations
@@ -38,7 +39,29 @@ class AttentionMetadata:
     """Whatever a backend precomputes per batch; shared by all layers."""
 
 
+class GraphAttention(ABC):
+    """A backend's decode metadata for CUDA graphs: over static device buffers sized for the largest
+    captured batch, so that every replay reads the same addresses."""
+
+    @abstractmethod
+    def metadata(self, size: int) -> AttentionMetadata:
+        """The metadata a graph of `size` rows is captured with (all of them padding until `load`)."""
+
+    @abstractmethod
+    def load(self, size: int, layout: BatchLayout) -> None:
+        """Fill the buffers of the graph of `size` rows with a decode batch of len(layout.kv_lens_host) <=
+        size requests, before its replay; the rows after them are padding, reading and writing only the
+        dummy page. Queues device work only (no host synchronisation)."""
+
+
 class AttentionBackend(ABC):
+    def graph_attention(
+        self, kv_pool: KVPool, max_batch_size: int, max_pages: int, dummy_page: int
+    ) -> GraphAttention | None:
+        """Static inputs for decode CUDA graphs of up to max_batch_size requests, each with up to max_pages
+        pages (the page table's width); None: this backend's decode steps run eagerly."""
+        return None
+
     @abstractmethod
     def prepare(self, layout: BatchLayout, kv_pool: KVPool) -> AttentionMetadata: ...
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
+from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout, GraphAttention
 from minisgl.core.kv.kv_pool import KVPool
 from minisgl.core.model_runner.transfer import pinned, to_device
 from minisgl.kernels.reference import FP8_KV_DTYPE
@@ -137,6 +137,11 @@ class FlashInferBackend(AttentionBackend):
             kv_data_type=self.kv_dtype,
         )
 
+    def graph_attention(
+        self, kv_pool: KVPool, max_batch_size: int, max_pages: int, dummy_page: int
+    ) -> GraphAttention:
+        return FlashInferGraphAttention(self, kv_pool, max_batch_size, dummy_page)
+
     def prepare(self, layout: BatchLayout, kv_pool: KVPool) -> AttentionMetadata:
         index = paged_index(layout.page_table, layout.kv_lens_host, kv_pool.page_size)
         if layout.is_decode:
@@ -174,3 +179,40 @@ class FlashInferBackend(AttentionBackend):
         else:
             out = metadata.wrapper.run(q.contiguous(), cache)
         return out.reshape(q.shape[0], -1)
+
+
+class FlashInferGraphAttention(GraphAttention):
+    """One CUDA-graph decode wrapper per captured size over shared static index buffers; `load` plans the
+    size's wrapper for the batch (the plan copies the index into the buffers)."""
+
+    def __init__(
+        self, backend: FlashInferBackend, kv_pool: KVPool, max_batch_size: int, dummy_page: int
+    ) -> None:
+        self.backend = backend
+        self.page_size = kv_pool.page_size
+        self.dummy_page = dummy_page
+        n, device = max_batch_size, kv_pool.k_cache(0).device
+        self.indptr = torch.zeros(n + 1, dtype=torch.int32, device=device)
+        self.last_page_len = torch.ones(n, dtype=torch.int32, device=device)
+        # Every real page once, plus one dummy page per padding row.
+        self.indices = torch.zeros(kv_pool.num_pages + n, dtype=torch.int32, device=device)
+        self.wrappers: dict[int, Any] = {}
+
+    def metadata(self, size: int) -> AttentionMetadata:
+        wrapper = self.backend.make_decode_wrapper(
+            paged_kv_indptr_buffer=self.indptr[: size + 1],
+            paged_kv_indices_buffer=self.indices,
+            paged_kv_last_page_len_buffer=self.last_page_len[:size],
+        )
+        self.wrappers[size] = wrapper
+        empty = self.indptr.new_zeros((0, 1))
+        self._plan(size, paged_index(empty, [], self.page_size, size, self.dummy_page))
+        return FlashInferMetadata(wrapper)
+
+    def load(self, size: int, layout: BatchLayout) -> None:
+        padding = size - len(layout.kv_lens_host)
+        index = paged_index(layout.page_table, layout.kv_lens_host, self.page_size, padding, self.dummy_page)
+        self._plan(size, index)
+
+    def _plan(self, size: int, index: PagedIndex) -> None:
+        self.backend.plan_decode(self.wrappers[size], index, self.page_size)

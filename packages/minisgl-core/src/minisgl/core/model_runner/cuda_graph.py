@@ -3,7 +3,8 @@
 A decode step of a small model is dominated by kernel launches, so each step is captured once per batch
 size (1, 2, 4, 8, then multiples of 16 up to cuda_graph_max_bs) and replayed. A batch of size b runs in
 the smallest captured size >= b; the padding rows read and write one reserved dummy page of the KV pool,
-so they never touch a real request's KV. All graphs share one memory pool, and capture happens after
+so they never touch a real request's KV. The decode backend's GraphAttention owns the attention inputs
+(static buffers, loaded before each replay). All graphs share one memory pool, and capture happens after
 the KV pool is sized, so the pool does not count graph memory as free.
 """
 
@@ -15,11 +16,7 @@ import time
 
 import torch
 
-from minisgl.core.attention.flashinfer_backend import (
-    FlashInferBackend,
-    FlashInferMetadata,
-    paged_index,
-)
+from minisgl.core.attention.base import AttentionBackend, BatchLayout, GraphAttention
 from minisgl.core.kv.kv_pool import KVPool
 from minisgl.core.model_runner.forward_context import ForwardContext, forward_context
 from minisgl.core.models.decoder import DecoderForCausalLM
@@ -38,14 +35,17 @@ class DecodeGraphRunner:
     def __init__(
         self,
         model: DecoderForCausalLM,
-        backend: FlashInferBackend,
+        backend: AttentionBackend,
+        attention: GraphAttention,
         kv_pool: KVPool,
         max_batch_size: int,
         dummy_page: int,
         device: torch.device,
     ) -> None:
+        """attention: backend's graph_attention for max_batch_size requests."""
         self.model = model
         self.backend = backend
+        self.attention = attention
         self.kv_pool = kv_pool
         self.page_size = kv_pool.page_size
         self.dummy_page = dummy_page
@@ -55,12 +55,7 @@ class DecodeGraphRunner:
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.out_slots = torch.full((n,), dummy_page * self.page_size, dtype=torch.int64, device=device)
-        self.indptr = torch.zeros(n + 1, dtype=torch.int32, device=device)
-        self.last_page_len = torch.ones(n, dtype=torch.int32, device=device)
-        # Every real page once, plus one dummy page per padding row.
-        self.indices = torch.zeros(kv_pool.num_pages + n, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.wrappers: dict[int, object] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
     def fits(self, batch_size: int) -> bool:
@@ -71,17 +66,7 @@ class DecodeGraphRunner:
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.batch_sizes):
-            wrapper = self.backend.make_decode_wrapper(
-                paged_kv_indptr_buffer=self.indptr[: size + 1],
-                paged_kv_indices_buffer=self.indices,
-                paged_kv_last_page_len_buffer=self.last_page_len[:size],
-            )
-            self.wrappers[size] = wrapper
-            empty = self.indptr.new_zeros((0, 1))
-            self.backend.plan_decode(
-                wrapper, paged_index(empty, [], self.page_size, size, self.dummy_page), self.page_size
-            )
-            metadata = FlashInferMetadata(wrapper)
+            metadata = self.attention.metadata(size)
             with forward_context(ForwardContext(self.kv_pool, self.backend, metadata, self.out_slots[:size])):
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -106,26 +91,18 @@ class DecodeGraphRunner:
         hidden = self.model(self.input_ids[:size], self.positions[:size])
         return self.model.compute_logits(hidden)
 
-    def prepare(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        out_slots: torch.Tensor,
-        page_table: torch.Tensor,
-        kv_lens: list[int],
-    ) -> int:
-        """Load one decode step of len(kv_lens) requests into the graph inputs and plan its attention;
-        returns the graph's batch size. `replay` then runs it."""
-        real = len(kv_lens)
+    def prepare(self, input_ids: torch.Tensor, layout: BatchLayout) -> int:
+        """Load one decode step into the graph inputs and its attention's buffers; returns the graph's
+        batch size. `replay` then runs it."""
+        real = len(layout.kv_lens_host)
         size = self.batch_sizes[bisect.bisect_left(self.batch_sizes, real)]
         self.input_ids[:real].copy_(input_ids)
-        self.positions[:real].copy_(positions)
-        self.out_slots[:real].copy_(out_slots)
+        self.positions[:real].copy_(layout.positions)
+        self.out_slots[:real].copy_(layout.out_slots)
         self.input_ids[real:size].zero_()
         self.positions[real:size].zero_()
         self.out_slots[real:size].fill_(self.dummy_page * self.page_size)
-        index = paged_index(page_table, kv_lens, self.page_size, size - real, self.dummy_page)
-        self.backend.plan_decode(self.wrappers[size], index, self.page_size)
+        self.attention.load(size, layout)
         return size
 
     def replay(self, size: int, real: int) -> torch.Tensor:

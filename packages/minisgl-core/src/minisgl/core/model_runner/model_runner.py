@@ -168,9 +168,7 @@ class ModelRunner:
         layout, token_rows = self._layout(batch)
         input_ids = self.tables.token_table[token_rows, layout.positions]
         if batch.is_decode and self.graphs is not None and self.graphs.fits(len(batch.chunks)):
-            size = self.graphs.prepare(
-                input_ids, layout.positions, layout.out_slots, layout.page_table, layout.kv_lens_host
-            )
+            size = self.graphs.prepare(input_ids, layout)
             # Marked before the replay: the next launch waits only for this plan's copies, so the host
             # prepares and launches the next graph while this one runs.
             self._mark_planned()

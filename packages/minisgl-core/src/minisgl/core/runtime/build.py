@@ -13,7 +13,6 @@ import torch
 
 from minisgl.core import env
 from minisgl.core.attention import SplitBackend, create_backend
-from minisgl.core.attention.flashinfer_backend import FlashInferBackend
 from minisgl.core.config import EngineConfig, ModelConfig, pages_for
 from minisgl.core.kv.kv_pool import KVPool
 from minisgl.core.kv.tables import RequestTables
@@ -77,8 +76,13 @@ def build_model_runner(
     )
     decode_backend = backend.decode if isinstance(backend, SplitBackend) else backend
     max_graph_bs = _max_graph_batch_size(config)
-    if device.type == "cuda" and max_graph_bs > 0 and isinstance(decode_backend, FlashInferBackend):
-        runner.graphs = DecodeGraphRunner(model, decode_backend, kv_pool, max_graph_bs, dummy_page, device)
+    if device.type != "cuda" or max_graph_bs == 0:
+        return runner
+    attention = decode_backend.graph_attention(kv_pool, max_graph_bs, tables.page_table.shape[1], dummy_page)
+    if attention is not None:
+        runner.graphs = DecodeGraphRunner(
+            model, decode_backend, attention, kv_pool, max_graph_bs, dummy_page, device
+        )
         runner.graphs.capture()
     return runner
 
