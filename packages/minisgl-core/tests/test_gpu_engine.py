@@ -13,7 +13,7 @@ Qwen3 shape max 0.094 / mean 0.021 / agreement >= 0.957; Llama shape max 0.19 / 
 
 The FP8 KV cache (kv_cache_dtype="fp8_e4m3", scales 1.0) is checked two ways. Exactness: against transformers
 whose attention reads keys (after rope) and values rounded to float8_e4m3fn as the cache stores them, with
-the bf16 bounds above. Cost: against plain transformers (bf16 cache) it is only reported, as the cost of
+bounds per shape (FP8_EXACT_BOUNDS, below). Cost: against plain transformers (bf16 cache) it is only reported, as the cost of
 storing one byte per element; it depends on the model: on these random weights (measured on the H200,
 2026-12-03) the Llama shape, whose keys are unnormalised (std about 2), moves max 1.50-1.54 / mean
 0.32-0.34 / agreement 0.62-0.70 from the bf16 reference, the same with torch attention reading the FP8
