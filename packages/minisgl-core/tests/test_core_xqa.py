@@ -75,11 +75,14 @@ def test_xqa_is_refused_as_the_prefill_backend(gpu_generation: Callable[[int, in
         LLM("unused", attn=spec)
 
 
-def test_fp8_auto_on_hopper_is_still_fi(gpu_generation: Callable[[int, int], None]) -> None:
-    """Until the H200 benchmark decides; switching it is the one line FP8_HOPPER_AUTO."""
+def test_fp8_auto_on_hopper_decodes_with_xqa_where_it_fits(gpu_generation: Callable[[int, int], None]) -> None:
+    """The H200 benchmark chose XQA for FP8 decode; a shape or page size XQA cannot run keeps fi."""
     gpu_generation(9, 0)
-    assert resolve_attention("auto", CUDA, True) == FP8_HOPPER_AUTO == ("fi", "fi")
-    assert resolve_attention("auto", CUDA, False) == ("fa3", "fi")
+    assert resolve_attention("auto", CUDA, True, xqa_fits=True) == FP8_HOPPER_AUTO == ("fi", "xqa")
+    assert resolve_attention("auto", CUDA, True, xqa_fits=False) == ("fi", "fi")
+    assert resolve_attention("auto", CUDA, False, xqa_fits=True) == ("fa3", "fi")
+    gpu_generation(8, 0)
+    assert resolve_attention("auto", CUDA, True, xqa_fits=True) == ("fi", "fi")
 
 
 def test_fa3_prefill_with_xqa_decode_is_refused_over_fp8(gpu_generation: Callable[[int, int], None]) -> None:

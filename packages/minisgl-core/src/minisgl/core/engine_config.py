@@ -175,7 +175,7 @@ class EngineConfig:
     cache: str = option(
         "radix", "radix reuses the KV of shared prompt prefixes; naive does not", one_of(CACHES)
     )
-    # auto: fa3,fi on Hopper, fi on other GPUs and with an FP8 KV cache, torch on the CPU.
+    # auto: fa3,fi on Hopper (fi,xqa with an FP8 KV cache), fi on other GPUs, torch on the CPU.
     attn: str = option(
         "auto",
         "attention backend: auto, torch, fi, fa3, or PREFILL,DECODE such as fa3,fi; xqa (FlashInfer's "

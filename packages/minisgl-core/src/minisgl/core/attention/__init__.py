@@ -8,8 +8,9 @@
   bf16 on the way in and gains nothing from the halved bytes.
 `attn="p,d"` picks one backend for prefill batches and one for decode batches. `auto` is `fa3,fi` on
 Hopper (FA3 prefill; FA3's decode reads the KV cache at half the bandwidth of FA2's, tools/attn_bench.py),
-`fi` on other CUDA GPUs and `torch` on the CPU. With an FP8 KV cache `auto` is `fi` on every GPU:
-FlashInfer's FA3 kernels read FP8 keys and values only with FP8 queries, so `fa3` is refused there.
+`fi` on other CUDA GPUs and `torch` on the CPU. With an FP8 KV cache `auto` is `fi,xqa` on Hopper
+where XQA runs the model's shapes and page size, else `fi`: FlashInfer's FA3 kernels read FP8 keys and
+values only with FP8 queries, so `fa3` is refused there.
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ import torch
 
 from minisgl.core.attention.base import AttentionBackend, AttentionMetadata, BatchLayout
 from minisgl.core.attention.torch_backend import TorchAttentionBackend
-from minisgl.core.attention.xqa_backend import XQA_GPU_MAJORS, XQABackend
+from minisgl.core.attention.xqa_backend import XQA_GPU_MAJORS, XQABackend, xqa_support_problem
 from minisgl.core.engine_config import ATTENTION_BACKENDS, prefill_backend_problem
 from minisgl.core.kv.kv_pool import KVPool
 from minisgl.kernels.reference import FP8_KV_DTYPE
 
 BACKEND_NAMES = ATTENTION_BACKENDS
-# `auto` with an FP8 KV cache on Hopper. ("fi", "xqa") would decode with XQA, which reads the FP8 cache at
-# about the copy rate (2x FA2's decode, tools/attn_bench.py) at a larger accuracy cost: to be switched
-# once the engine benchmark and kv_accuracy on the H200 say so (docs/benchmarks.md).
-FP8_HOPPER_AUTO = ("fi", "fi")
+# `auto` with an FP8 KV cache on Hopper, where XQA runs the model's shapes: decode with XQA, which reads
+# the FP8 cache at about the copy rate where FA2 converts it to bf16 first. Measured on the H200
+# (Qwen3-8B offline workload, docs/benchmarks.md): 10,677 output tok/s against 9,061 with the bf16 cache
+# and 8,810 with FA2 over FP8, at a larger accuracy cost (XQA rounds queries and softmax weights to FP8
+# too; kv_accuracy figures there). An FP8 cache is opted into for speed, so auto takes the fast path.
+FP8_HOPPER_AUTO = ("fi", "xqa")
 
 
 @dataclass
@@ -60,10 +63,13 @@ class SplitBackend(AttentionBackend):
         return metadata.backend.forward(q, layer, kv_pool, metadata.inner)
 
 
-def resolve_attention(spec: str, device: torch.device, fp8_kv: bool = False) -> tuple[str, str]:
+def resolve_attention(
+    spec: str, device: torch.device, fp8_kv: bool = False, xqa_fits: bool = False
+) -> tuple[str, str]:
     """Parse "auto", "name" or "prefill,decode" into (prefill, decode) backend names, and check that this
-    device runs them (over an FP8 KV cache when fp8_kv)."""
-    auto = _auto(device, fp8_kv)
+    device runs them (over an FP8 KV cache when fp8_kv). xqa_fits: XQA runs the model's attention shapes
+    and page size (xqa_support_problem), so auto may pick it."""
+    auto = _auto(device, fp8_kv, xqa_fits)
     resolved = [auto[i] if name == "auto" else name for i, name in enumerate(_split_spec(spec))]
     for name in resolved:
         _check_runs_here(name, device)
@@ -92,11 +98,13 @@ def _check_reads_kv_cache(name: str, fp8_kv: bool) -> None:
         )
 
 
-def _auto(device: torch.device, fp8_kv: bool) -> tuple[str, str]:
+def _auto(device: torch.device, fp8_kv: bool, xqa_fits: bool) -> tuple[str, str]:
     if device.type != "cuda":
         return "torch", "torch"
     if torch.cuda.get_device_capability(device)[0] == 9:
-        return FP8_HOPPER_AUTO if fp8_kv else ("fa3", "fi")
+        if fp8_kv:
+            return FP8_HOPPER_AUTO if xqa_fits else ("fi", "fi")
+        return "fa3", "fi"
     return "fi", "fi"
 
 
@@ -138,7 +146,8 @@ def create_backend(
     page_size: int,
 ) -> AttentionBackend:
     """dtype: the queries'; kv_dtype: the KV pool's."""
-    prefill_name, decode_name = resolve_attention(spec, device, kv_dtype == FP8_KV_DTYPE)
+    xqa_fits = xqa_support_problem(head_dim, page_size, dtype, kv_dtype) is None
+    prefill_name, decode_name = resolve_attention(spec, device, kv_dtype == FP8_KV_DTYPE, xqa_fits)
     built: dict[str, AttentionBackend] = {}
     for name in {prefill_name, decode_name}:
         if name == "torch":
