@@ -15,6 +15,7 @@ import torch
 import xgrammar as xgr
 
 from minisgl.core import LLM, SamplingParams
+from minisgl.core.sampling import structured
 from minisgl.core.sampling.structured import GrammarCompiler, check_grammar, json_schema_source, mask_logits
 
 QUESTION = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -201,3 +202,22 @@ def test_min_tokens_holds_for_rows_sampled_late(smollm: Any) -> None:
     )
     tokens = smollm.generate(["Write a few words."], params)[0].token_ids
     assert eos not in tokens[:5] and tokens[5:6] == [eos], tokens
+
+
+def test_mask_kernel_variants_are_compiled_once_per_device_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off the CPU, the first mask for a device and dtype runs xgrammar's kernel at 1, 2 and 16 rows (its
+    three compiled variants) on scratch logits, and never again. The meta device stands in for a GPU."""
+    calls: list[tuple[int, str]] = []
+
+    def record(logits: torch.Tensor, bitmask: torch.Tensor, *, indices: list[int]) -> None:
+        calls.append((len(indices), logits.device.type))
+
+    monkeypatch.setattr(structured.xgr, "apply_token_bitmask_inplace", record)
+    monkeypatch.setattr(structured, "_warmed_mask_kernels", set())
+    structured.warm_mask_kernel(torch.zeros(3, 64))  # the CPU kernel is not compiled: nothing to warm
+    assert calls == []
+    for _ in range(2):
+        structured.warm_mask_kernel(torch.zeros(3, 64, device="meta"))
+    assert calls == [(1, "meta"), (2, "meta"), (16, "meta")]
+    structured.warm_mask_kernel(torch.zeros(3, 64, device="meta", dtype=torch.bfloat16))
+    assert len(calls) == 6

@@ -75,7 +75,9 @@ def test_xqa_is_refused_as_the_prefill_backend(gpu_generation: Callable[[int, in
         LLM("unused", attn=spec)
 
 
-def test_fp8_auto_on_hopper_decodes_with_xqa_where_it_fits(gpu_generation: Callable[[int, int], None]) -> None:
+def test_fp8_auto_on_hopper_decodes_with_xqa_where_it_fits(
+    gpu_generation: Callable[[int, int], None],
+) -> None:
     """The H200 benchmark chose XQA for FP8 decode; a shape or page size XQA cannot run keeps fi."""
     gpu_generation(9, 0)
     assert resolve_attention("auto", CUDA, True, xqa_fits=True) == FP8_HOPPER_AUTO == ("fi", "xqa")

@@ -168,7 +168,9 @@ def _print_grammar_cost(
     as many tokens per request, on new prompts of the same lengths (the radix cache holds the first run's)."""
     from minisgl.core import SamplingParams
 
-    params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n) for n in output_lens]
+    params = [
+        SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n) for n in output_lens
+    ]
     print("free run with the same output lengths:")
     free_s, _ = _timed_generate(args, llm, fresh_prompts(workload.prompts), params, None)
     print(

@@ -197,12 +197,34 @@ def _constrained(requests: Sequence[Any | None]) -> _Constrained:
     return _Constrained(rows, states)
 
 
+# Row counts that give xgrammar's Triton mask kernel a distinct compiled variant: Triton specialises an
+# integer argument that equals 1 or is a multiple of 16, so 1, 16 and any other count are three kernels.
+_MASK_KERNEL_ROW_COUNTS = (1, 2, 16)
+_warmed_mask_kernels: set[tuple[str, torch.dtype]] = set()
+
+
+def warm_mask_kernel(logits: torch.Tensor) -> None:
+    """Compile every variant of xgrammar's mask kernel for this device and logits dtype, once. Each
+    variant is compiled on its first use; without this, the first batch with 16 constrained rows (or
+    with 2) stalls its step on a compile in the middle of serving."""
+    key = (str(logits.device), logits.dtype)
+    if logits.device.type == "cpu" or key in _warmed_mask_kernels:
+        return
+    _warmed_mask_kernels.add(key)
+    vocab = logits.shape[-1]
+    for rows in _MASK_KERNEL_ROW_COUNTS:
+        scratch = torch.zeros(rows, vocab, dtype=logits.dtype, device=logits.device)
+        bitmask = xgr.allocate_token_bitmask(rows, vocab).to(logits.device)
+        xgr.apply_token_bitmask_inplace(scratch, bitmask, indices=list(range(rows)))
+
+
 def mask_logits(logits: torch.Tensor, requests: Sequence[Any | None]) -> None:
     """Forbid, in place, every token the grammar of a constrained row does not allow next (a None row is
     left as it is)."""
     constrained = _constrained(requests)
     if not constrained.rows:
         return
+    warm_mask_kernel(logits)
     bitmask = xgr.allocate_token_bitmask(len(requests), logits.shape[-1])
     for row, state in zip(constrained.rows, constrained.states, strict=True):
         state.matcher.fill_next_token_bitmask(bitmask, row)
