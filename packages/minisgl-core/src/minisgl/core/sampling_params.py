@@ -5,6 +5,7 @@ builds SamplingParams from a request body) check against the same table."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -92,6 +93,22 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def trusted(cls, **fields: Any) -> SamplingParams:
+        """Params that were validated where they were built, rebuilt without checking them again: for the
+        server's internal wire, whose sender is another process of ours that built them with the
+        checks. Every init field must be given (as the wire sends them)."""
+        if set(fields) != set(_INIT_FIELDS):
+            raise TypeError(
+                f"trusted SamplingParams take exactly the fields {_INIT_FIELDS}, got {sorted(fields)}"
+            )
+        params = cls.__new__(cls)
+        state = params.__dict__  # written directly: __setattr__ would mark the params unchecked
+        state.update(fields)
+        state["stop_token_id_set"] = frozenset(params.stop_token_ids or ())
+        state["_valid"] = True
+        return params
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
@@ -195,6 +212,8 @@ def _check_logit_bias(p: SamplingParams) -> None:
             rule = f"values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
             raise _fail("logit_bias", rule, bias, f" for token {token_id}")
 
+
+_INIT_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.init)
 
 _FIELD_CHECKS: tuple[Callable[[SamplingParams], None], ...] = (
     _check_lengths,

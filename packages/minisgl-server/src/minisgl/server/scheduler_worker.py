@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
+from minisgl.core.request_checks import CheckedRequest
 from minisgl.core.request_error import InvalidRequestError
+from minisgl.core.sampling_params import SamplingParams
 from minisgl.server import messages as msg
 from minisgl.server.activity import ActivityLog
 from minisgl.server.args import ServerArgs
@@ -227,11 +229,7 @@ class SchedulerWorker:
             )
             return
         try:
-            # The API refuses an explicit max_tokens beyond the context, as vLLM's does.
-            checked = [
-                self.runtime.check_request(r.prompt_ids.tolist(), r.params, refuse_overflow=True)
-                for r in group.requests
-            ]
+            checked = self._check_group(group.requests)
         except ValueError as exc:  # an InvalidRequestError names its field
             param = exc.param if isinstance(exc, InvalidRequestError) else None
             self._send(msg.RequestError(uids, 400, str(exc), param, None), group.worker)
@@ -240,6 +238,21 @@ class SchedulerWorker:
             self.requests[uid] = self.runtime.add_checked(request, uid)
             self.worker_of[uid] = group.worker
             self.num_requests += 1
+
+    def _check_group(self, requests: list[msg.TokenizedRequest]) -> list[CheckedRequest]:
+        """Check each distinct request once: the n samples of a prompt differ only in their seed, which
+        no check reads, so they share their first sample's check (context length, KV fit, token ids)."""
+        checks_of_prompt: dict[bytes, list[CheckedRequest]] = defaultdict(list)
+        checked: list[CheckedRequest] = []
+        for request in requests:
+            earlier = checks_of_prompt[request.prompt_ids.tobytes()]
+            twin = next((c for c in earlier if _same_but_seed(c.params, request.params)), None)
+            if twin is None:  # the API refuses an explicit max_tokens beyond the context, as vLLM's does
+                ids = request.prompt_ids.tolist()
+                twin = self.runtime.check_request(ids, request.params, refuse_overflow=True)
+                earlier.append(twin)
+            checked.append(dataclasses.replace(twin, params=request.params))
+        return checked
 
     def _num_queued(self) -> int:
         """Requests that wait beyond the free running slots (those start at the next step)."""
@@ -318,6 +331,13 @@ class SchedulerWorker:
             max_running_requests=self.runtime.config.max_running_requests,
         )
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in stats.items()}
+
+
+_SEEDLESS_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.init and f.name != "seed")
+
+
+def _same_but_seed(a: SamplingParams, b: SamplingParams) -> bool:
+    return all(getattr(a, name) == getattr(b, name) for name in _SEEDLESS_FIELDS)
 
 
 @dataclass
