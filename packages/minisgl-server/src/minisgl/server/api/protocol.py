@@ -139,20 +139,32 @@ class GenerationSpec:
 _MISSING = object()
 
 
+# JSON's names of Python's types, for error messages (bool before int: a bool is an int).
+_JSON_TYPE_NAMES: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (type(None), "null"),
+    (bool, "boolean"),
+    ((int, float), "number"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "object"),
+)
+
+
 def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
+    return next((name for kinds, name in _JSON_TYPE_NAMES if isinstance(value, kinds)), type(value).__name__)
+
+
+def _absent(value: Any) -> bool:
+    """A field left out, or sent as null (which OpenAI's API treats the same)."""
+    return value is _MISSING or value is None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _number(body: dict[str, Any], name: str) -> float | None:
@@ -160,7 +172,7 @@ def _number(body: dict[str, Any], name: str) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _is_finite_number(value):
         raise ApiError(400, f"'{name}' must be a number, got {_type_name(value)}", name)
     return float(value)
 
@@ -169,22 +181,26 @@ def _integer(
     body: dict[str, Any], name: str, default: int | None, low: int | None = None, high: int | None = None
 ) -> int | None:
     value = body.get(name, _MISSING)
-    if value is _MISSING or value is None:
+    if _absent(value):
         return default
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise ApiError(400, f"'{name}' must be an integer, got {_type_name(value)}", name)
+    _check_bounds(name, value, low, high)
+    return value
+
+
+def _check_bounds(name: str, value: int, low: int | None, high: int | None) -> None:
     if low is not None and value < low:
         raise ApiError(400, f"'{name}' must be >= {low}, got {value}", name)
     if high is not None and value > high:
         raise ApiError(400, f"'{name}' must be <= {high}, got {value}", name)
-    return value
 
 
 def _boolean(body: dict[str, Any], name: str, default: bool) -> bool:
     value = body.get(name, _MISSING)
-    if value is _MISSING or value is None:
+    if _absent(value):
         return default
     if not isinstance(value, bool):
         raise ApiError(400, f"'{name}' must be a boolean, got {_type_name(value)}", name)
@@ -192,11 +208,11 @@ def _boolean(body: dict[str, Any], name: str, default: bool) -> bool:
 
 
 def _token_ids(value: Any, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+    if not isinstance(value, list) or not all(map(_is_int, value)):
         raise ApiError(400, f"'{name}' must be a list of integer token ids", name)
-    if any(t < 0 for t in value):
+    if min(value, default=0) < 0:
         raise ApiError(400, f"'{name}' holds a negative token id", name)
-    if any(t > MAX_TOKEN_ID for t in value):
+    if max(value, default=0) > MAX_TOKEN_ID:
         raise ApiError(400, f"'{name}' holds a token id above {MAX_TOKEN_ID}", name)
     return value
 
@@ -225,31 +241,29 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
         raise ApiError(
             400, f"'logit_bias' must be an object of token id -> bias, got {_type_name(value)}", "logit_bias"
         )
-    bias = {}
-    for key, number in value.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise ApiError(400, f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias") from None
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
-            raise ApiError(
-                400, f"'logit_bias' values must be numbers, got {_type_name(number)}", "logit_bias"
-            )
-        bias[token] = float(number)
-    return bias or None
+    return dict(_bias_entry(key, number) for key, number in value.items()) or None
+
+
+def _bias_entry(key: str, number: Any) -> tuple[int, float]:
+    try:
+        token = int(key)
+    except ValueError:
+        raise ApiError(400, f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias") from None
+    if not _is_finite_number(number):
+        raise ApiError(400, f"'logit_bias' values must be numbers, got {_type_name(number)}", "logit_bias")
+    return token, float(number)
 
 
 def _stop(body: dict[str, Any]) -> list[str]:
     value = body.get("stop")
     if value is None:
         return []
-    if isinstance(value, str):
-        value = [value]
+    value = [value] if isinstance(value, str) else value
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise ApiError(400, "'stop' must be a string or a list of strings", "stop")
     if len(value) > MAX_STOP_STRINGS:
         raise ApiError(400, f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(value)}", "stop")
-    if any(not s for s in value):
+    if not all(value):
         raise ApiError(400, "'stop' strings must not be empty", "stop")
     return list(dict.fromkeys(value))
 
@@ -279,7 +293,7 @@ def _as_api_error(check: Callable[..., T], *args: Any) -> T:
 
 def _model(body: dict[str, Any], served: str) -> str:
     model = body.get("model", _MISSING)
-    if model is _MISSING or model is None:
+    if _absent(model):
         return served
     if not isinstance(model, str):
         raise ApiError(400, f"'model' must be a string, got {_type_name(model)}", "model")
@@ -410,31 +424,32 @@ def _spec(
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
-    if value is _MISSING or value is None:
+    if _absent(value):
         raise ApiError(400, "'messages' is required", "messages")
     if not isinstance(value, list) or not value:
         raise ApiError(400, "'messages' must be a non-empty array", "messages")
-    messages = []
-    for i, message in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise ApiError(400, f"'{where}' must be an object, got {_type_name(message)}", where)
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise ApiError(
-                400, f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role"
-            )
-        content = _content(message.get("content"), f"{where}.content", allow_none=role == "assistant")
-        checked: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
-        if role == "assistant" and message.get("tool_calls"):
-            checked["tool_calls"] = _as_api_error(
-                history_tool_calls, message["tool_calls"], f"{where}.tool_calls"
-            )
-        for name in ("tool_call_id", "name"):
-            if isinstance(message.get(name), str):
-                checked[name] = message[name]
-        messages.append(checked)
-    return messages
+    return [_message(message, f"messages[{i}]") for i, message in enumerate(value)]
+
+
+def _message(message: Any, where: str) -> dict[str, Any]:
+    """One chat message, as the chat template gets it ("developer" is the template's "system")."""
+    if not isinstance(message, dict):
+        raise ApiError(400, f"'{where}' must be an object, got {_type_name(message)}", where)
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise ApiError(
+            400, f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role"
+        )
+    content = _content(message.get("content"), f"{where}.content", allow_none=role == "assistant")
+    checked: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+    if role == "assistant" and message.get("tool_calls"):
+        checked["tool_calls"] = _as_api_error(
+            history_tool_calls, message["tool_calls"], f"{where}.tool_calls"
+        )
+    checked.update(
+        {name: message[name] for name in ("tool_call_id", "name") if isinstance(message.get(name), str)}
+    )
+    return checked
 
 
 def _content(value: Any, where: str, allow_none: bool) -> str:
@@ -443,43 +458,46 @@ def _content(value: Any, where: str, allow_none: bool) -> str:
     if value is None and allow_none:
         return ""
     if isinstance(value, list):
-        texts = []
-        for part in value:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise ApiError(
-                    400, f'\'{where}\' parts must be {{"type": "text", "text": ...}} objects', where
-                )
-            texts.append(part["text"])
-        return "".join(texts)
+        return "".join(_text_part(part, where) for part in value)
     raise ApiError(
         400, f"'{where}' must be a string or an array of text parts, got {_type_name(value)}", where
     )
 
 
+def _text_part(part: Any, where: str) -> str:
+    text = part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
+    if not isinstance(text, str):
+        raise ApiError(400, f'\'{where}\' parts must be {{"type": "text", "text": ...}} objects', where)
+    return text
+
+
+_PROMPT_SHAPES = (
+    "'prompt' must be a string, a non-empty array of strings, an array of token ids, "
+    "or an array of token-id arrays"
+)
+
+
 def _prompts(value: Any) -> list[Prompt]:
-    if value is _MISSING or value is None:
+    if _absent(value):
         raise ApiError(400, "'prompt' is required", "prompt")
     if isinstance(value, str):
         return [Prompt(text=value)]
-    if isinstance(value, list) and value:
-        if all(isinstance(p, str) for p in value):
-            return [Prompt(text=p) for p in value]
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-            return [Prompt(token_ids=_token_ids(value, "prompt"))]
-        if all(isinstance(p, list) for p in value):
-            if not all(value):
-                raise ApiError(400, "'prompt' token-id lists must not be empty", "prompt")
-            return [Prompt(token_ids=_token_ids(p, "prompt")) for p in value]
-    raise ApiError(
-        400,
-        "'prompt' must be a string, a non-empty array of strings, an array of token ids, "
-        "or an array of token-id arrays",
-        "prompt",
-    )
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, _PROMPT_SHAPES, "prompt")
+    return _prompt_list(value)
+
+
+def _prompt_list(value: list[Any]) -> list[Prompt]:
+    """A non-empty array: of texts, of token ids (one prompt), or of token-id arrays (one prompt each)."""
+    if all(isinstance(p, str) for p in value):
+        return [Prompt(text=p) for p in value]
+    if all(map(_is_int, value)):
+        return [Prompt(token_ids=_token_ids(value, "prompt"))]
+    if not all(isinstance(p, list) for p in value):
+        raise ApiError(400, _PROMPT_SHAPES, "prompt")
+    if not all(value):
+        raise ApiError(400, "'prompt' token-id lists must not be empty", "prompt")
+    return [Prompt(token_ids=_token_ids(p, "prompt")) for p in value]
 
 
 # ---- /tokenize and /detokenize --------------------------------------------------------------------------
