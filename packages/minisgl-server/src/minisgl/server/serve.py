@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -82,14 +83,7 @@ def _run_other_node(args: ServerArgs) -> int:
             args.local_ranks[0],
             args.local_ranks[-1],
         )
-        running = list(engine.processes)
-        while running:
-            wait([p.sentinel for p in running])
-            running = [p for p in running if p.is_alive()]
-        failed = [p for p in engine.processes if p.exitcode != 0]
-        for process in failed:
-            logger.error("%s exited with code %s", process.name, process.exitcode)
-        return 1 if failed else 0
+        return _wait_for_ranks(engine)
     except LaunchError as exc:
         logger.error("%s", exc)
         return 1
@@ -100,6 +94,22 @@ def _run_other_node(args: ServerArgs) -> int:
         if engine is not None:
             engine.shutdown()
         logger.info("node %d stopped", args.node_rank)
+
+
+def _wait_for_ranks(engine: EngineProcesses) -> int:
+    """Wait until every process of this node ended: 0 when all exited cleanly, else 1."""
+    running = list(engine.processes)
+    while running:
+        wait([p.sentinel for p in running])
+        running = [p for p in running if p.is_alive()]
+    return _exit_status(engine.processes)
+
+
+def _exit_status(processes: list[BaseProcess]) -> int:
+    failed = [p for p in processes if p.exitcode != 0]
+    for process in failed:
+        logger.error("%s exited with code %s", process.name, process.exitcode)
+    return 1 if failed else 0
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:

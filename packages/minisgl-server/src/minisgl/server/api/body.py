@@ -70,20 +70,22 @@ def check_values(body: Any) -> None:
     while stack:
         value, path, depth = stack.pop()
         if isinstance(value, (dict, list)):
-            if depth >= MAX_DEPTH:
-                raise ApiError(400, f"'{path}' is nested too deeply (at most {MAX_DEPTH} levels)", path)
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for key, item in items:
-                if isinstance(key, str):
-                    _check_string(key, path or "body")
-                    where = f"{path}.{key}" if path else key
-                else:
-                    where = f"{path}[{key}]"
-                stack.append((item, where, depth + 1))
+            stack.extend(_children(value, path, depth))
         elif isinstance(value, str):
             _check_string(value, path)
         elif isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
             raise ApiError(400, f"'{path}' holds an integer outside the 64-bit range", path)
+
+
+def _children(container: dict[str, Any] | list[Any], path: str, depth: int) -> list[tuple[Any, str, int]]:
+    """The items of an object or array, each with its path, one level deeper (object keys are checked)."""
+    if depth >= MAX_DEPTH:
+        raise ApiError(400, f"'{path}' is nested too deeply (at most {MAX_DEPTH} levels)", path)
+    if isinstance(container, list):
+        return [(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(container)]
+    for key in container:
+        _check_string(key, path or "body")
+    return [(item, f"{path}.{key}" if path else key, depth + 1) for key, item in container.items()]
 
 
 def _check_string(text: str, path: str) -> None:
