@@ -250,23 +250,31 @@ class EngineClient:
 
     def _route(self, message: Any) -> None:
         if isinstance(message, msg.OutputBatch):
-            for output in message.outputs:
-                generation = self._routes.get(output.uid)
-                if generation is None:
-                    continue
-                generation.queue.put_nowait(output)
-                if output.finish_reason is not None:
-                    del self._routes[output.uid]
+            self._route_outputs(message.outputs)
         elif isinstance(message, msg.RequestError):
-            notified: set[int] = set()
-            for uid in message.uids:
-                generation = self._routes.pop(uid, None)
-                if generation is not None and id(generation) not in notified:
-                    notified.add(id(generation))
-                    generation.queue.put_nowait(message)
+            self._route_error(message)
         elif isinstance(message, (msg.StatsReply, msg.TokenizerReply)):
-            future = self._waiters.get(message.query_id)
-            if future is not None and not future.done():
-                future.set_result(message)
+            self._answer(message)
         else:
             logger.error("frontend got an unexpected %s; ignored", type(message).__name__)
+
+    def _route_outputs(self, outputs: list[msg.RequestOutput]) -> None:
+        """Each output to its Generation; a request's last output ends its route."""
+        for output in outputs:
+            generation = self._routes.get(output.uid)
+            if generation is None:
+                continue  # nobody waits for it any more
+            generation.queue.put_nowait(output)
+            if output.finish_reason is not None:
+                del self._routes[output.uid]
+
+    def _route_error(self, error: msg.RequestError) -> None:
+        """A refused group: its Generation gets the error once, and its routes end."""
+        generations = {id(g): g for g in (self._routes.pop(uid, None) for uid in error.uids) if g is not None}
+        for generation in generations.values():
+            generation.queue.put_nowait(error)
+
+    def _answer(self, reply: msg.StatsReply | msg.TokenizerReply) -> None:
+        future = self._waiters.get(reply.query_id)
+        if future is not None and not future.done():
+            future.set_result(reply)

@@ -207,32 +207,37 @@ class ResponseBuilder:
     def _logprobs(self, choice: Choice, entries: list[list[Any]] | None) -> dict[str, Any] | None:
         if self.spec.top_logprobs is None:
             return None
-        entries = entries or []
         if self.chat:
-            return {
-                "content": [
-                    {
-                        "token": token,
-                        "logprob": logprob,
-                        "bytes": list(token.encode()),
-                        "top_logprobs": [
-                            {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top
-                        ],
-                    }
-                    for token, logprob, top in entries
-                ]
-            }
-        offsets = []
-        for token, _, _ in entries:
-            offsets.append(choice.text_offset)
-            choice.text_offset += len(token)
-        return {
-            "tokens": [e[0] for e in entries],
-            "token_logprobs": [e[1] for e in entries],
-            # None at an echoed prompt's first token, which has no logprob.
-            "top_logprobs": [None if e[2] is None else {t: lp for t, lp in e[2]} for e in entries],
-            "text_offset": offsets,
-        }
+            return _chat_logprobs(entries or [])
+        return _completion_logprobs(choice, entries or [])
+
+
+def _chat_logprobs(entries: list[list[Any]]) -> dict[str, Any]:
+    """The chat API's logprobs: one object per token, with its bytes and its top alternatives."""
+
+    def token_entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    content = [
+        {**token_entry(token, logprob), "top_logprobs": [token_entry(t, lp) for t, lp in top]}
+        for token, logprob, top in entries
+    ]
+    return {"content": content}
+
+
+def _completion_logprobs(choice: Choice, entries: list[list[Any]]) -> dict[str, Any]:
+    """The completions API's logprobs: parallel arrays, with each token's offset in the choice's text."""
+    offsets = []
+    for token, _, _ in entries:
+        offsets.append(choice.text_offset)
+        choice.text_offset += len(token)
+    return {
+        "tokens": [e[0] for e in entries],
+        "token_logprobs": [e[1] for e in entries],
+        # None at an echoed prompt's first token, which has no logprob.
+        "top_logprobs": [None if e[2] is None else dict(e[2]) for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def sse(body: dict[str, Any]) -> str:
