@@ -162,20 +162,25 @@ async def _complete(session: aiohttp.ClientSession, url: str, body: dict[str, An
             return f"error: HTTP {response.status}: {(await response.read())[:200]!r}"
         if not case.stream:
             return _check_choices((await response.json())["choices"], case.n)
-        finishes: list[Any] = []
-        seen = 0
-        async for data in sse_data(response.content):
-            if data == "[DONE]":
-                return _check_choices(finishes, case.n) if finishes else "error: no finish_reason"
-            chunk = json.loads(data)
-            if "error" in chunk:
-                return f"error: stream error event: {chunk['error'].get('message')}"
-            seen += 1
-            if case.action == "abort" and seen > case.chunks:
-                response.close()  # the client goes away mid-stream
-                return "aborted"
-            finishes += [c for c in chunk.get("choices", []) if c.get("finish_reason")]
-        return "error: the stream ended without [DONE]"
+        return await _read_stream(response, case)
+
+
+async def _read_stream(response: aiohttp.ClientResponse, case: SoakCase) -> str:
+    """A streamed answer's outcome; an "abort" case goes away after case.chunks chunks."""
+    finishes: list[Any] = []
+    seen = 0
+    async for data in sse_data(response.content):
+        if data == "[DONE]":
+            return _check_choices(finishes, case.n) if finishes else "error: no finish_reason"
+        chunk = json.loads(data)
+        if "error" in chunk:
+            return f"error: stream error event: {chunk['error'].get('message')}"
+        seen += 1
+        if case.action == "abort" and seen > case.chunks:
+            response.close()  # the client goes away mid-stream
+            return "aborted"
+        finishes += [c for c in chunk.get("choices", []) if c.get("finish_reason")]
+    return "error: the stream ended without [DONE]"
 
 
 def _check_choices(choices: list[Any], n: int) -> str:
