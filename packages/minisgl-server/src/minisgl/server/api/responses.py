@@ -133,24 +133,32 @@ class ResponseBuilder:
         ]
 
     def output_chunks(self, output: RequestOutput, choice: Choice) -> list[str]:
+        """The stream chunks of one output: its news (text, parsed delta, logprobs), then its finish."""
         chunks = []
         logprobs = self._logprobs(choice, output.logprobs) if output.logprobs else None
-        if choice.parser is not None:
-            delta = _delta(choice.last_delta)
-        else:
-            delta = {"content": output.text} if output.text else {}
+        delta = self._delta(output, choice)
         if delta or logprobs is not None:
-            if self.chat:
-                entry: dict[str, Any] = {"index": choice.index, "delta": delta}
-            else:
-                entry = {"index": choice.index, "text": output.text}
-            entry.update(logprobs=logprobs, finish_reason=None)
-            chunks.append(self._chunk([entry]))
+            news = {**self._piece(choice, delta, output.text), "logprobs": logprobs, "finish_reason": None}
+            chunks.append(self._chunk([news]))
         if output.finish_reason is not None:
-            entry = {"index": choice.index, "delta": {}} if self.chat else {"index": choice.index, "text": ""}
-            entry.update(logprobs=None, finish_reason=choice.reported_finish_reason)
-            chunks.append(self._chunk([entry]))
+            end = {
+                **self._piece(choice, {}, ""),
+                "logprobs": None,
+                "finish_reason": choice.reported_finish_reason,
+            }
+            chunks.append(self._chunk([end]))
         return chunks
+
+    def _delta(self, output: RequestOutput, choice: Choice) -> dict[str, Any]:
+        if choice.parser is not None:
+            return _delta(choice.last_delta)
+        return {"content": output.text} if output.text else {}
+
+    def _piece(self, choice: Choice, delta: dict[str, Any], text: str) -> dict[str, Any]:
+        """A chunk's choice: a chat delta, or a completion's text."""
+        if self.chat:
+            return {"index": choice.index, "delta": delta}
+        return {"index": choice.index, "text": text}
 
     def abort_chunks(self) -> list[str]:
         """Finish chunks for the choices still open when the engine went away."""
