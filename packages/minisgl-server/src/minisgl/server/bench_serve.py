@@ -99,6 +99,18 @@ def trace_workload(
     path: Path, time_scale: float, limit: int | None, seed: int, vocab_limit: int = 10000
 ) -> list[WorkItem]:
     rng = random.Random(seed)
+    rows = _trace_rows(path, limit)
+    start = min(float(r.get("timestamp", 0.0)) for r in rows)
+    items = []
+    for row in rows:
+        prompt = [rng.randint(0, vocab_limit - 1) for _ in range(int(row["input_length"]))]
+        send_at = (float(row.get("timestamp", 0.0)) - start) * time_scale
+        items.append(WorkItem(prompt, max(1, int(row["output_length"])), send_at))
+    return items
+
+
+def _trace_rows(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    """The trace's requests (one JSON object a line; blank lines skipped), the first `limit` of them."""
     rows = []
     with path.open() as lines:
         for line in lines:
@@ -108,13 +120,7 @@ def trace_workload(
                 break
     if not rows:
         raise ValueError(f"trace {path} holds no requests")
-    start = min(float(r.get("timestamp", 0.0)) for r in rows)
-    items = []
-    for row in rows:
-        prompt = [rng.randint(0, vocab_limit - 1) for _ in range(int(row["input_length"]))]
-        send_at = (float(row.get("timestamp", 0.0)) - start) * time_scale
-        items.append(WorkItem(prompt, max(1, int(row["output_length"])), send_at))
-    return items
+    return rows
 
 
 # ---- the client ---------------------------------------------------------------------------------------

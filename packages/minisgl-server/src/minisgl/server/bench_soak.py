@@ -97,38 +97,43 @@ class SoakCase:
 
 def make_cases(count: int, seed: int, max_prompt_words: int, max_tokens: int) -> list[SoakCase]:
     rng = random.Random(seed)
-    cases = []
-    for _ in range(count):
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_prompt_words)))
-        prompt = f"{SHARED_PREFIX} {words}" if rng.random() < 0.3 else words
-        stream = rng.random() < 0.5
-        roll = rng.random()
-        action = "finish" if roll < 0.8 else ("abort" if stream else "disconnect")
-        params: dict[str, Any] = {
-            "max_tokens": rng.randint(1, max_tokens),
-            "temperature": rng.choice((0.0, 0.0, 0.7, 1.0, 1.3)),
-            "top_p": rng.choice((1.0, 0.9, 0.5)),
-            "top_k": rng.choice((-1, -1, 1, 20)),
-        }
-        if rng.random() < 0.5:
-            params["seed"] = rng.randint(0, 2**31)
-        if rng.random() < 0.3:
-            params["stop"] = rng.sample(WORDS, rng.randint(1, 3))
-        if rng.random() < 0.1:
-            params["ignore_eos"] = True
-        cases.append(
-            SoakCase(
-                chat=rng.random() < 0.5,
-                prompt=prompt,
-                stream=stream,
-                n=rng.choice((1, 1, 1, 2, 3)),
-                action=action,
-                chunks=rng.randint(0, 4),
-                delay=rng.uniform(0.0, 0.5),
-                params=params,
-            )
-        )
-    return cases
+    return [_random_case(rng, max_prompt_words, max_tokens) for _ in range(count)]
+
+
+def _random_case(rng: random.Random, max_prompt_words: int, max_tokens: int) -> SoakCase:
+    # The order of the draws fixes the cases of a seed: keep it.
+    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_prompt_words)))
+    prompt = f"{SHARED_PREFIX} {words}" if rng.random() < 0.3 else words
+    stream = rng.random() < 0.5
+    roll = rng.random()
+    action = "finish" if roll < 0.8 else ("abort" if stream else "disconnect")
+    params = _random_params(rng, max_tokens)
+    return SoakCase(
+        chat=rng.random() < 0.5,
+        prompt=prompt,
+        stream=stream,
+        n=rng.choice((1, 1, 1, 2, 3)),
+        action=action,
+        chunks=rng.randint(0, 4),
+        delay=rng.uniform(0.0, 0.5),
+        params=params,
+    )
+
+
+def _random_params(rng: random.Random, max_tokens: int) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "max_tokens": rng.randint(1, max_tokens),
+        "temperature": rng.choice((0.0, 0.0, 0.7, 1.0, 1.3)),
+        "top_p": rng.choice((1.0, 0.9, 0.5)),
+        "top_k": rng.choice((-1, -1, 1, 20)),
+    }
+    if rng.random() < 0.5:
+        params["seed"] = rng.randint(0, 2**31)
+    if rng.random() < 0.3:
+        params["stop"] = rng.sample(WORDS, rng.randint(1, 3))
+    if rng.random() < 0.1:
+        params["ignore_eos"] = True
+    return params
 
 
 def request_body(case: SoakCase, model: str) -> tuple[str, dict[str, Any]]:
