@@ -81,14 +81,18 @@ class Generation:
         outputs of one request merged (see coalesce). A stream that keeps up gets one token at a time; one
         that falls behind catches up in a few large pieces instead of many small ones."""
         while self.unfinished:
-            batch = [await self.next_event()]
-            while self.unfinished and not self.queue.empty():
-                batch.append(self._taken(self.queue.get_nowait()))
+            batch = await self._events_waiting()
             outputs = [e for e in batch if isinstance(e, msg.RequestOutput)]
             if outputs:
                 yield coalesce(outputs)
-            for event in batch:
-                _output_or_raise(event)
+            _raise_any_error(batch)
+
+    async def _events_waiting(self) -> list[Event]:
+        """The next event, and every other one already queued while requests are unfinished."""
+        batch = [await self.next_event()]
+        while self.unfinished and not self.queue.empty():
+            batch.append(self._taken(self.queue.get_nowait()))
+        return batch
 
     def close(self) -> None:
         """Stop listening; abort the requests that have not finished (a client that went away)."""
@@ -96,6 +100,11 @@ class Generation:
         if self.unfinished:
             self.client.abort(sorted(self.unfinished), self.worker)
             self.unfinished.clear()
+
+
+def _raise_any_error(events: list[Event]) -> None:
+    for event in events:
+        _output_or_raise(event)
 
 
 def _output_or_raise(event: Event) -> msg.RequestOutput:

@@ -402,24 +402,28 @@ class _Run:
         try:
             for chunk in self.builder.opening_chunks():
                 yield chunk
-            try:
-                # Everything that arrived since the last write goes out in one write: under load this
-                # costs the event loop one pass per request per wake-up instead of one per token.
-                async for outputs in self._output_batches():
-                    chunks = []
-                    for output in outputs:
-                        chunks += self.builder.output_chunks(output, self._record(output))
-                    if chunks:
-                        yield "".join(chunks)
-            except EngineError as exc:
-                # Headers are sent: say why in an error frame, and end every open choice with "abort".
-                yield "data: " + json.dumps(ApiError(exc.status, exc.message, code=exc.code).body()) + "\n\n"
-                for chunk in self.builder.abort_chunks():
-                    yield chunk
+            async for chunk in self._output_chunks():
+                yield chunk
             for chunk in self.builder.closing_chunks():
                 yield chunk
         finally:
             self.close()
+
+    async def _output_chunks(self) -> AsyncIterator[str]:
+        try:
+            # Everything that arrived since the last write goes out in one write: under load this
+            # costs the event loop one pass per request per wake-up instead of one per token.
+            async for outputs in self._output_batches():
+                chunks = [
+                    c for output in outputs for c in self.builder.output_chunks(output, self._record(output))
+                ]
+                if chunks:
+                    yield "".join(chunks)
+        except EngineError as exc:
+            # Headers are sent: say why in an error frame, and end every open choice with "abort".
+            yield "data: " + json.dumps(ApiError(exc.status, exc.message, code=exc.code).body()) + "\n\n"
+            for chunk in self.builder.abort_chunks():
+                yield chunk
 
     def close(self) -> None:
         """Abort whatever has not finished (the client went away) and count it."""
