@@ -258,14 +258,20 @@ def _stop(body: dict[str, Any]) -> list[str]:
     value = body.get("stop")
     if value is None:
         return []
-    value = [value] if isinstance(value, str) else value
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise ApiError(400, "'stop' must be a string or a list of strings", "stop")
+    value = _string_list(value)
     if len(value) > MAX_STOP_STRINGS:
         raise ApiError(400, f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(value)}", "stop")
     if not all(value):
         raise ApiError(400, "'stop' strings must not be empty", "stop")
     return list(dict.fromkeys(value))
+
+
+def _string_list(value: Any) -> list[str]:
+    """'stop': a string stands for a list of one."""
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ApiError(400, "'stop' must be a string or a list of strings", "stop")
+    return value
 
 
 def _reject_unsupported(
@@ -324,22 +330,24 @@ def parse_chat(
     max_tokens = _integer(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", None, 1)
-    logprobs = _boolean(body, "logprobs", False)
-    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
-    if top is not None and not logprobs:
-        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    logprobs = _chat_logprobs(body)
     # A chat without max_tokens may answer up to the end of the context.
-    fields = {
-        **_sampling_fields(body),
-        "max_tokens": max_tokens,
-        "logprobs": (top or 0) if logprobs else None,
-    }
+    fields = {**_sampling_fields(body), "max_tokens": max_tokens, "logprobs": logprobs}
     extras = _as_api_error(chat_extras, body, fields, tool_parser, reasoning_parser)
     spec = _spec(
         body, model, True, [Prompt(messages=messages)], _sampling_params(fields, sampling_defaults or {})
     )
     spec.extras = extras
     return spec
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """SamplingParams.logprobs of a chat: None without 'logprobs', else 'top_logprobs' (default 0)."""
+    logprobs = _boolean(body, "logprobs", False)
+    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if logprobs else None
 
 
 def parse_completion(
@@ -399,14 +407,7 @@ def _spec(
     if n * len(prompts) > MAX_SEQUENCES:
         raise ApiError(400, f"n x prompts must be at most {MAX_SEQUENCES}, got {n * len(prompts)}", "n")
     stream = _boolean(body, "stream", False)
-    include_usage = False
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise ApiError(400, "'stream_options' must be an object", "stream_options")
-        if not stream:
-            raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
-        include_usage = _boolean(options, "include_usage", False)
+    include_usage = _include_usage(body.get("stream_options"), stream)
     _string(body, "user")
     if not isinstance(body.get("metadata", {}), (dict, type(None))):
         raise ApiError(400, "'metadata' must be an object", "metadata")
@@ -423,6 +424,17 @@ def _spec(
     )
 
 
+def _include_usage(options: Any, stream: bool) -> bool:
+    """stream_options.include_usage: a final chunk with the usage (only a stream has options)."""
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    if not stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return _boolean(options, "include_usage", False)
+
+
 def _messages(value: Any) -> list[dict[str, Any]]:
     if _absent(value):
         raise ApiError(400, "'messages' is required", "messages")
@@ -435,11 +447,7 @@ def _message(message: Any, where: str) -> dict[str, Any]:
     """One chat message, as the chat template gets it ("developer" is the template's "system")."""
     if not isinstance(message, dict):
         raise ApiError(400, f"'{where}' must be an object, got {_type_name(message)}", where)
-    role = message.get("role")
-    if role not in CHAT_ROLES:
-        raise ApiError(
-            400, f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role"
-        )
+    role = _role(message.get("role"), where)
     content = _content(message.get("content"), f"{where}.content", allow_none=role == "assistant")
     checked: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
     if role == "assistant" and message.get("tool_calls"):
@@ -450,6 +458,14 @@ def _message(message: Any, where: str) -> dict[str, Any]:
         {name: message[name] for name in ("tool_call_id", "name") if isinstance(message.get(name), str)}
     )
     return checked
+
+
+def _role(role: Any, where: str) -> str:
+    if role not in CHAT_ROLES:
+        raise ApiError(
+            400, f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role"
+        )
+    return str(role)
 
 
 def _content(value: Any, where: str, allow_none: bool) -> str:
