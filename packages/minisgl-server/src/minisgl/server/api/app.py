@@ -164,15 +164,20 @@ async def health(request: Request) -> Response:
     try:
         stats = await state.client.stats(HEALTH_TIMEOUT_S)
     except (EngineError, TimeoutError) as exc:
-        last = state.client.last_message_at
-        if isinstance(exc, TimeoutError) and last is not None and time.monotonic() - last < HEALTH_BUSY_S:
-            # A long step (a large prefill on a CPU) delays the answer, but outputs still flow: busy.
-            return JSONResponse({"status": "busy", "reason": "the scheduler is in a long step"})
-        reason = exc.message if isinstance(exc, EngineError) else "the scheduler did not answer in time"
-        return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
+        return _unanswered_health(state, exc)
     return JSONResponse(
         {"status": "ok", "running": stats.get("num_running"), "waiting": stats.get("num_waiting")}
     )
+
+
+def _unanswered_health(state: ServerState, exc: EngineError | TimeoutError) -> Response:
+    """The scheduler did not answer: busy while its outputs still flow (a long step, such as a large
+    prefill on a CPU), else unhealthy."""
+    last = state.client.last_message_at
+    if isinstance(exc, TimeoutError) and last is not None and time.monotonic() - last < HEALTH_BUSY_S:
+        return JSONResponse({"status": "busy", "reason": "the scheduler is in a long step"})
+    reason = exc.message if isinstance(exc, EngineError) else "the scheduler did not answer in time"
+    return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
 
 
 async def metrics(request: Request) -> Response:

@@ -23,6 +23,16 @@ THREAD_PARSE_BYTES = 256 * 1024  # bodies larger than this are parsed off the ev
 
 async def read_json(request: Request, max_bytes: int) -> Any:
     """The body as checked JSON, or an ApiError (413 too large, 400 not usable JSON)."""
+    data = await _read_at_most(request, max_bytes)
+    if not data.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    if len(data) > THREAD_PARSE_BYTES:
+        return await asyncio.to_thread(parse_json, data)
+    return parse_json(data)
+
+
+async def _read_at_most(request: Request, max_bytes: int) -> bytes:
+    """The body's bytes; a 413 as soon as it (or its declared length) is over max_bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
@@ -33,12 +43,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise _too_large(max_bytes)
         chunks.append(chunk)
-    data = b"".join(chunks)
-    if not data.strip():
-        raise ApiError(400, "the request body is empty; send a JSON object")
-    if len(data) > THREAD_PARSE_BYTES:
-        return await asyncio.to_thread(parse_json, data)
-    return parse_json(data)
+    return b"".join(chunks)
 
 
 def _too_large(max_bytes: int) -> ApiError:
