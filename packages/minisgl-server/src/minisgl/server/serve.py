@@ -31,6 +31,7 @@ from minisgl.server.launch import EngineProcesses, LaunchError, launch_engine
 
 if TYPE_CHECKING:
     from minisgl.server.api.app import ServerState
+    from minisgl.server.engine_client import EngineClient
 
 logger = logging.getLogger("minisgl.server")
 
@@ -46,12 +47,30 @@ def serve(args: ServerArgs) -> int:
     try:
         listener = _listen(args.host, args.port)
     except OSError as exc:
-        problem = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
-        logger.error("cannot listen on %s:%d: %s (--host, --port)", args.host, args.port, problem)
+        logger.error("cannot listen on %s:%d: %s (--host, --port)", args.host, args.port, _why_not(exc))
         return 1
+    engine = _start_engine(args, listener)
+    if not isinstance(engine, EngineProcesses):
+        return engine
+    try:
+        return asyncio.run(_serve(args, engine, listener))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        engine.shutdown()
+        logger.info("stopped")
+
+
+def _why_not(exc: OSError) -> str:
+    return "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+
+
+def _start_engine(args: ServerArgs, listener: socket.socket) -> EngineProcesses | int:
+    """The engine, once every process is ready; or, when start-up fails or is interrupted, the exit
+    status (the listener is closed then)."""
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # stop cleanly during start-up too
     try:
-        engine = launch_engine(args)
+        return launch_engine(args)
     except LaunchError as exc:
         logger.error("%s", exc)
         listener.close()
@@ -62,13 +81,6 @@ def serve(args: ServerArgs) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
-    try:
-        return asyncio.run(_serve(args, engine, listener))
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        engine.shutdown()
-        logger.info("stopped")
 
 
 def _run_other_node(args: ServerArgs) -> int:
@@ -234,12 +246,17 @@ async def _end_requests(state: ServerState, hurry: asyncio.Event, timeout: float
             client.num_open,
             timeout,
         )
-        deadline = time.monotonic() + timeout
-        while client.num_open and time.monotonic() < deadline and not hurry.is_set():
-            await asyncio.sleep(SHUTDOWN_POLL_S)
+        await _wait_for_requests(client, hurry, timeout)
         if client.num_open:
             logger.warning("stopping: ending %d unfinished request(s)", client.num_open)
             client.fail_all(SHUTTING_DOWN)
+
+
+async def _wait_for_requests(client: EngineClient, hurry: asyncio.Event, timeout: float) -> None:
+    """Until the open requests finish, the timeout passes, or a second signal hurries the stop."""
+    deadline = time.monotonic() + timeout
+    while client.num_open and time.monotonic() < deadline and not hurry.is_set():
+        await asyncio.sleep(SHUTDOWN_POLL_S)
 
 
 def _bind_address(host: str, port: int) -> str:
