@@ -168,12 +168,8 @@ def _moe_settings(hf_config: Any) -> dict[str, Any]:
     num_experts = int(getattr(hf_config, "num_experts", 0) or 0)
     if num_experts == 0:
         return {}
-    top_k = int(hf_config.num_experts_per_tok)
-    if not 0 < top_k <= num_experts:
-        raise ValueError(f"num_experts_per_tok {top_k} must be in 1..num_experts ({num_experts})")
-    step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
-    if step < 1:
-        raise ValueError(f"decoder_sparse_step must be >= 1, got {step}")
+    top_k = _experts_per_token(hf_config, num_experts)
+    step = _sparse_step(hf_config)
     return dict(
         num_experts=num_experts,
         num_experts_per_tok=top_k,
@@ -182,6 +178,21 @@ def _moe_settings(hf_config: Any) -> dict[str, Any]:
         decoder_sparse_step=step,
         mlp_only_layers=tuple(int(i) for i in getattr(hf_config, "mlp_only_layers", None) or ()),
     )
+
+
+def _experts_per_token(hf_config: Any, num_experts: int) -> int:
+    top_k = int(hf_config.num_experts_per_tok)
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok {top_k} must be in 1..num_experts ({num_experts})")
+    return top_k
+
+
+def _sparse_step(hf_config: Any) -> int:
+    """Every step-th layer is sparse (decoder_sparse_step)."""
+    step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
+    if step < 1:
+        raise ValueError(f"decoder_sparse_step must be >= 1, got {step}")
+    return step
 
 
 _ARCH_BY_MODEL_TYPE = {
@@ -222,10 +233,12 @@ def parse_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was requested but CUDA is not available; use device='cpu'")
-    if name != "cpu" and not name.startswith("cuda"):
+    if name == "cpu":
+        return torch.device(name)
+    if not name.startswith("cuda"):
         raise ValueError(f"device {name!r} is not one of: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but CUDA is not available; use device='cpu'")
     return torch.device(name)
 
 

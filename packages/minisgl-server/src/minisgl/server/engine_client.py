@@ -121,19 +121,20 @@ def coalesce(outputs: list[msg.RequestOutput]) -> list[msg.RequestOutput]:
     merged: dict[int, msg.RequestOutput] = {}
     for output in outputs:
         seen = merged.get(output.uid)
-        if seen is None:
-            merged[output.uid] = output
-            continue
-        logprobs = None
-        if seen.logprobs is not None or output.logprobs is not None:
-            logprobs = (seen.logprobs or []) + (output.logprobs or [])
-        merged[output.uid] = dataclasses.replace(
-            output,
-            text=seen.text + output.text,
-            num_new_tokens=seen.num_new_tokens + output.num_new_tokens,
-            logprobs=logprobs,
-        )
+        merged[output.uid] = output if seen is None else _joined(seen, output)
     return list(merged.values())
+
+
+def _joined(earlier: msg.RequestOutput, later: msg.RequestOutput) -> msg.RequestOutput:
+    logprobs = None
+    if earlier.logprobs is not None or later.logprobs is not None:
+        logprobs = (earlier.logprobs or []) + (later.logprobs or [])
+    return dataclasses.replace(
+        later,
+        text=earlier.text + later.text,
+        num_new_tokens=earlier.num_new_tokens + later.num_new_tokens,
+        logprobs=logprobs,
+    )
 
 
 class EngineClient:
