@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -25,6 +25,7 @@ from minisgl.core.sampling_params import SamplingParams
 from minisgl.core.stop_strings import first_stop, reached_stop_strings
 
 Prompt = str | list[int]
+T = TypeVar("T")
 Conversation = list[dict[str, Any]]
 
 
@@ -32,10 +33,7 @@ class LLM:
     """An engine in this process. Keyword options are the fields of EngineConfig."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **engine_options: Any) -> None:
-        unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
-        config = EngineConfig(**engine_options)  # checks the values
+        config = _engine_config(engine_options)
         address = f"127.0.0.1:{_free_port()}" if config.tp_size > 1 else None
         started = [_start_follower(model, config, r, address) for r in range(1, config.tp_size) if address]
         self._followers = [process for process, _ in started]
@@ -148,10 +146,10 @@ class LLM:
             finish_reason=finish_reason,
             num_prompt_tokens=len(req.prompt_ids),
             num_cached_tokens=req.num_cached,
-            logprobs=list(req.output_logprobs) if wants_logprobs else None,
-            top_logprobs=list(req.output_top_logprobs) if wants_logprobs else None,
-            prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs else None,
-            prompt_top_logprobs=list(req.prompt_top_logprobs) if req.params.prompt_logprobs else None,
+            logprobs=_copy_if(wants_logprobs, req.output_logprobs),
+            top_logprobs=_copy_if(wants_logprobs, req.output_top_logprobs),
+            prompt_logprobs=_copy_if(req.params.prompt_logprobs, req.prompt_logprobs),
+            prompt_top_logprobs=_copy_if(req.params.prompt_logprobs, req.prompt_top_logprobs),
         )
 
     def _text(self, req: Request, stopped_by_string: bool) -> tuple[str, FinishReason]:
@@ -166,6 +164,18 @@ class LLM:
         text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
         cut = first_stop(text, req.params.stop or [])
         return (text, req.finish_reason) if cut is None else (text[:cut], "stop")
+
+
+def _copy_if(asked: bool, values: list[T]) -> list[T] | None:
+    """A copy of what the request asked for (None if it did not ask)."""
+    return list(values) if asked else None
+
+
+def _engine_config(options: dict[str, Any]) -> EngineConfig:
+    unknown = set(options) - set(EngineConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+    return EngineConfig(**options)  # checks the values
 
 
 def _chat_prompt(tokenizer: Any, conversation: Any) -> list[int]:

@@ -217,6 +217,11 @@ def _token_ids(value: Any, name: str) -> list[int]:
     return value
 
 
+def _optional_token_ids(body: dict[str, Any], name: str) -> list[int] | None:
+    value = body.get(name)
+    return None if value is None else _token_ids(value, name)
+
+
 def _sampling_params(fields: dict[str, Any], defaults: dict[str, Any]) -> SamplingParams:
     """The request's SamplingParams, built (and so checked) once: the body's fields over the model's
     defaults; a value out of range is a 400 naming its field."""
@@ -384,12 +389,11 @@ def _sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The SamplingParams fields both endpoints read, type-checked; those the body leaves out are left out
     (the model's defaults, then SamplingParams', fill them in)."""
     top_k = _integer(body, "top_k", None, -1)
-    stop_token_ids = body.get("stop_token_ids")
     fields: dict[str, Any] = {name: _number(body, name) for name in FLOAT_RANGES}
     fields.update(
         top_k=-1 if top_k == 0 else top_k,
         seed=_integer(body, "seed", None, -(2**63), 2**63 - MAX_N - 1),
-        stop_token_ids=_token_ids(stop_token_ids, "stop_token_ids") if stop_token_ids is not None else None,
+        stop_token_ids=_optional_token_ids(body, "stop_token_ids"),
         stop=_stop(body) or None,
         ignore_eos=_boolean(body, "ignore_eos", False),
         min_tokens=_integer(body, "min_tokens", None, 0),
