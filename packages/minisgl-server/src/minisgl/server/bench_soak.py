@@ -234,14 +234,21 @@ def tree_rss_mb(pid: int) -> float:
         try:
             status = Path(f"/proc/{current}/status").read_text()
         except OSError:
-            continue
+            continue  # it exited meanwhile
         total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                pending += [int(child) for child in (task / "children").read_text().split()]
-            except OSError:
-                continue
+        pending += _child_pids(current)
     return total / 1024
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The child processes of every thread of pid (those that exited meanwhile are skipped)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
 
 
 # ---- the run ------------------------------------------------------------------------------------------

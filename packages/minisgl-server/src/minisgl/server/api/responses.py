@@ -56,6 +56,13 @@ class Choice:
             return "tool_calls"
         return self.finish_reason
 
+    def finish(self, last: RequestOutput) -> None:
+        """The choice's finish reason and token counts, which its last output carries."""
+        self.finish_reason = last.finish_reason
+        self.prompt_tokens = last.num_prompt_tokens
+        self.cached_tokens = last.num_cached_tokens
+        self.output_tokens = last.num_output_tokens
+
 
 class ResponseBuilder:
     def __init__(self, spec: GenerationSpec, uids: list[int]) -> None:
@@ -66,8 +73,12 @@ class ResponseBuilder:
         self.choices = {uid: Choice(index) for index, uid in enumerate(uids)}
         extras = spec.extras
         if spec.chat and (extras.tool_parser or extras.reasoning_parser):
-            for choice in self.choices.values():
-                choice.parser = ChatOutputParser(extras.reasoning_parser, extras.tool_parser)
+            self._parse_outputs(extras.reasoning_parser, extras.tool_parser)
+
+    def _parse_outputs(self, reasoning_parser: str | None, tool_parser: str | None) -> None:
+        """Each choice's text goes through its own parser (reasoning block, tool calls)."""
+        for choice in self.choices.values():
+            choice.parser = ChatOutputParser(reasoning_parser, tool_parser)
 
     # ---- accumulating -----------------------------------------------------------------------------
 
@@ -81,10 +92,7 @@ class ResponseBuilder:
         if output.logprobs:
             choice.logprobs.extend(output.logprobs)
         if output.finish_reason is not None:
-            choice.finish_reason = output.finish_reason
-            choice.prompt_tokens = output.num_prompt_tokens
-            choice.cached_tokens = output.num_cached_tokens
-            choice.output_tokens = output.num_output_tokens
+            choice.finish(output)
         return choice
 
     def usage(self) -> dict[str, Any]:
