@@ -36,6 +36,11 @@ class ChatExtras:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def _member(value: Any, key: str) -> Any:
+    """value[key] when value is a JSON object, else None (a wrong shape is reported by the caller)."""
+    return value.get(key) if isinstance(value, dict) else None
+
+
 def grammar_fields(body: dict[str, Any]) -> dict[str, str]:
     """SamplingParams fields (json_schema / regex / ebnf) from response_format and the regex and ebnf
     extras; each is parsed now so that a bad one is a 400 naming its field."""
@@ -72,7 +77,7 @@ def _non_empty_string(value: Any, name: str) -> str:
 
 
 def _response_format(value: Any) -> str | None:
-    kind = value.get("type") if isinstance(value, dict) else None
+    kind = _member(value, "type")
     if value is None or kind == "text":
         return None
     if kind == "json_object":
@@ -85,7 +90,7 @@ def _response_format(value: Any) -> str | None:
 
 
 def _json_schema(spec: Any) -> str:
-    schema = spec.get("schema") if isinstance(spec, dict) else None
+    schema = _member(spec, "schema")
     if not isinstance(schema, dict):
         raise FieldError("response_format", "'response_format.json_schema.schema' must be an object")
     return json.dumps(schema)
@@ -159,11 +164,10 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
 
 
 def _check_tool(tool: Any, where: str) -> None:
-    function = tool.get("function") if isinstance(tool, dict) else None
+    function = _member(tool, "function")
     if not isinstance(function, dict) or tool.get("type", "function") != "function":
         raise FieldError(where, f'\'{where}\' must be {{"type": "function", "function": {{...}}}}')
-    if not isinstance(function.get("name"), str) or not function["name"]:
-        raise FieldError(f"{where}.function.name", f"'{where}.function.name' must be a non-empty string")
+    _non_empty_string(function.get("name"), f"{where}.function.name")
     if not isinstance(function.get("parameters", {"type": "object"}), dict):
         raise FieldError(f"{where}.function.parameters", f"'{where}.function.parameters' must be an object")
 
@@ -203,8 +207,7 @@ def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> str:
 
 def _named_tool(value: Any, tools: list[dict[str, Any]]) -> str:
     """The function a {"type": "function", "function": {"name": ...}} tool_choice names."""
-    function = value.get("function") if isinstance(value, dict) else None
-    name = function.get("name") if isinstance(function, dict) else None
+    name = _member(_member(value, "function"), "name")
     if not isinstance(name, str):
         raise FieldError(
             "tool_choice",
@@ -236,7 +239,7 @@ def history_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _history_call(call: Any, where: str) -> dict[str, Any]:
-    function = call.get("function") if isinstance(call, dict) else None
+    function = _member(call, "function")
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise FieldError(where, f"'{where}' must have a function with a name")
     arguments = function.get("arguments", "{}")
