@@ -267,8 +267,7 @@ class TokenizerWorker:
                 continue
             state.num_tokens += 1
             new_counts[uid] = new_counts.get(uid, 0) + 1
-            end = finished.get(uid)
-            if not (end is not None and end.last_token_is_stop):
+            if _is_text(finished.get(uid)):
                 updates.append((state.decode, [token]))
         if self.detokenizer is not None:
             self.detokenizer.add_tokens_batch(updates)
@@ -348,6 +347,11 @@ class TokenizerWorker:
             for top_id, lp in zip(entry.top_ids.tolist(), entry.top_logprobs, strict=True)
         ]
         return [self.detokenizer.token_text(token), float(entry.logprob), top]
+
+
+def _is_text(end: msg.FinishedRequest | None) -> bool:
+    """Whether a request's new token is text: not when it is the EOS or stop token that ended it."""
+    return end is None or not end.last_token_is_stop
 
 
 def _set_finish(output: msg.RequestOutput, state: RequestState, end: msg.FinishedRequest) -> None:

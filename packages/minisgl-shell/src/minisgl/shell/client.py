@@ -88,11 +88,16 @@ class LocalBackend:
                 if output.text:
                     yield output.text
         except EngineError as exc:
-            if self.client.gone is not None:
-                raise EngineLost(self.client.gone) from None
-            raise ShellError(exc.message) from None
+            raise self._failure(exc) from None
         finally:
             generation.close()
+
+    def _failure(self, exc: EngineError) -> ShellError:
+        """EngineLost when the engine is gone (the shell ends), else this reply's own error."""
+        assert self.client is not None
+        if self.client.gone is not None:
+            return EngineLost(self.client.gone)
+        return ShellError(exc.message)
 
     async def close(self) -> None:
         if self.client is not None:

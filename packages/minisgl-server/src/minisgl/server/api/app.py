@@ -36,7 +36,7 @@ from minisgl.server.api.protocol import (
 )
 from minisgl.server.api.responses import ResponseBuilder
 from minisgl.server.args import DEFAULT_MAX_REQUEST_BYTES
-from minisgl.server.engine_client import EngineClient, EngineError, EngineGone, Generation
+from minisgl.server.engine_client import EngineClient, EngineError, EngineGone, Event, Generation
 from minisgl.server.metrics import Metrics
 from minisgl.server.versions import package_versions, server_version
 
@@ -280,12 +280,7 @@ async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec
     run = _Run(state, spec, generation, time.perf_counter())
     streaming = False
     try:
-        first = await _unless_disconnected(request, generation.next_event())
-        if isinstance(first, msg.RequestError):
-            raise ApiError(first.status, first.message, first.param, first.code)
-        if isinstance(first, EngineGone):
-            raise ApiError(503, first.reason, code="engine_unavailable")
-        run.accept(first)
+        run.accept(_first_output(await _unless_disconnected(request, generation.next_event())))
         if spec.stream:
             streaming = True  # from here on, the stream closes the generation
             return StreamingResponse(
@@ -298,6 +293,16 @@ async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec
     finally:
         if not streaming:
             generation.close()
+
+
+def _first_output(first: Event) -> msg.RequestOutput:
+    """A generation's first event: an output, or what the whole request is answered with (nothing has
+    been sent yet, so a refusal or a dead engine is an HTTP error)."""
+    if isinstance(first, msg.RequestError):
+        raise ApiError(first.status, first.message, first.param, first.code)
+    if isinstance(first, EngineGone):
+        raise ApiError(503, first.reason, code="engine_unavailable")
+    return first
 
 
 def _engine_requests(client: EngineClient, spec: GenerationSpec) -> list[msg.GenerateRequest]:
