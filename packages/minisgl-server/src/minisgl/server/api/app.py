@@ -424,16 +424,17 @@ class _Run:
             # Everything that arrived since the last write goes out in one write: under load this
             # costs the event loop one pass per request per wake-up instead of one per token.
             async for outputs in self._output_batches():
-                chunks = [
-                    c for output in outputs for c in self.builder.output_chunks(output, self._record(output))
-                ]
+                chunks = "".join(self._chunks(outputs))
                 if chunks:
-                    yield "".join(chunks)
+                    yield chunks
         except EngineError as exc:
             # Headers are sent: say why in an error frame, and end every open choice with "abort".
             yield "data: " + json.dumps(ApiError(exc.status, exc.message, code=exc.code).body()) + "\n\n"
             for chunk in self.builder.abort_chunks():
                 yield chunk
+
+    def _chunks(self, outputs: list[msg.RequestOutput]) -> list[str]:
+        return [c for output in outputs for c in self.builder.output_chunks(output, self._record(output))]
 
     def close(self) -> None:
         """Abort whatever has not finished (the client went away) and count it."""

@@ -78,7 +78,7 @@ def check_values(body: Any) -> None:
             stack.extend(_children(value, path, depth))
         elif isinstance(value, str):
             _check_string(value, path)
-        elif isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
+        elif _outside_int64(value):
             raise ApiError(400, f"'{path}' holds an integer outside the 64-bit range", path)
 
 
@@ -90,7 +90,15 @@ def _children(container: dict[str, Any] | list[Any], path: str, depth: int) -> l
         return [(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(container)]
     for key in container:
         _check_string(key, path or "body")
-    return [(item, f"{path}.{key}" if path else key, depth + 1) for key, item in container.items()]
+    return [(item, _member_path(path, key), depth + 1) for key, item in container.items()]
+
+
+def _member_path(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _outside_int64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT
 
 
 def _check_string(text: str, path: str) -> None:
