@@ -163,6 +163,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _every(values: list[Any], kind: type) -> bool:
+    return all(isinstance(value, kind) for value in values)
+
+
 def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -454,14 +458,16 @@ def _message(message: Any, where: str) -> dict[str, Any]:
     role = _role(message.get("role"), where)
     content = _content(message.get("content"), f"{where}.content", allow_none=role == "assistant")
     checked: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+    return {**checked, **_message_extras(message, role, where)}
+
+
+def _message_extras(message: dict[str, Any], role: str, where: str) -> dict[str, Any]:
+    """An assistant's earlier tool calls, and the tool_call_id and name of a message that has them."""
+    extras: dict[str, Any] = {}
     if role == "assistant" and message.get("tool_calls"):
-        checked["tool_calls"] = _as_api_error(
-            history_tool_calls, message["tool_calls"], f"{where}.tool_calls"
-        )
-    checked.update(
-        {name: message[name] for name in ("tool_call_id", "name") if isinstance(message.get(name), str)}
-    )
-    return checked
+        extras["tool_calls"] = _as_api_error(history_tool_calls, message["tool_calls"], f"{where}.tool_calls")
+    names = [name for name in ("tool_call_id", "name") if isinstance(message.get(name), str)]
+    return {**extras, **{name: message[name] for name in names}}
 
 
 def _role(role: Any, where: str) -> str:
@@ -509,11 +515,11 @@ def _prompts(value: Any) -> list[Prompt]:
 
 def _prompt_list(value: list[Any]) -> list[Prompt]:
     """A non-empty array: of texts, of token ids (one prompt), or of token-id arrays (one prompt each)."""
-    if all(isinstance(p, str) for p in value):
+    if _every(value, str):
         return [Prompt(text=p) for p in value]
     if all(map(_is_int, value)):
         return [Prompt(token_ids=_token_ids(value, "prompt"))]
-    if not all(isinstance(p, list) for p in value):
+    if not _every(value, list):
         raise ApiError(400, _PROMPT_SHAPES, "prompt")
     if not all(value):
         raise ApiError(400, "'prompt' token-id lists must not be empty", "prompt")
