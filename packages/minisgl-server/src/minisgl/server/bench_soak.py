@@ -184,8 +184,12 @@ async def _read_stream(response: aiohttp.ClientResponse, case: SoakCase) -> str:
         if case.action == "abort" and seen > case.chunks:
             response.close()  # the client goes away mid-stream
             return "aborted"
-        finishes += [c for c in chunk.get("choices", []) if c.get("finish_reason")]
+        finishes += _finished_choices(chunk)
     return "error: the stream ended without [DONE]"
+
+
+def _finished_choices(chunk: dict[str, Any]) -> list[Any]:
+    return [c for c in chunk.get("choices", []) if c.get("finish_reason")]
 
 
 def _check_choices(choices: list[Any], n: int) -> str:
