@@ -219,7 +219,7 @@ def _check_logit_bias(p: SamplingParams) -> None:
     for token_id, bias in (p.logit_bias or {}).items():
         if not _is_token_id(token_id):
             raise _fail("logit_bias", "keys must be non-negative token ids", token_id)
-        if not _is_number(bias) or abs(bias) > MAX_LOGIT_BIAS:
+        if not (_is_number(bias) and abs(bias) <= MAX_LOGIT_BIAS):  # NaN is out of range too
             rule = f"values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
             raise _fail("logit_bias", rule, bias, f" for token {token_id}")
 
