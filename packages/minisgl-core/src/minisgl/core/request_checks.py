@@ -51,9 +51,11 @@ def output_budget(prompt_len: int, max_tokens: int | None, context_length: int, 
 
 def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
     """Every token id the request names (prompt, stop_token_ids, logit_bias) is in the vocabulary."""
-    bad = next((t for t in prompt_ids if not _in_vocabulary(t, vocab_size)), None)
-    if bad is not None:
-        raise InvalidRequestError("prompt", f"token id {bad!r} is outside the vocabulary [0, {vocab_size})")
+    for token in prompt_ids:  # a loop, not next(..., None): a None in the list is itself a bad id
+        if not _in_vocabulary(token, vocab_size):
+            raise InvalidRequestError(
+                "prompt", f"token id {token!r} is outside the vocabulary [0, {vocab_size})"
+            )
     _check_named_ids("stop_token_ids", params.stop_token_ids or (), vocab_size)
     _check_named_ids("logit_bias", params.logit_bias or {}, vocab_size)
 

@@ -204,15 +204,15 @@ def _check_integers(p: SamplingParams) -> None:
 
 
 def _check_stop_strings(p: SamplingParams) -> None:
-    bad = next((text for text in p.stop or () if not _is_non_empty_string(text)), None)
-    if bad is not None:
-        raise _fail("stop", "must be a list of non-empty strings", bad)
+    for text in p.stop or ():
+        if not _is_non_empty_string(text):
+            raise _fail("stop", "must be a list of non-empty strings", text)
 
 
 def _check_stop_token_ids(p: SamplingParams) -> None:
-    bad = next((t for t in p.stop_token_ids or () if not _is_token_id(t)), None)
-    if bad is not None:
-        raise _fail("stop_token_ids", "must be a list of non-negative integers", bad)
+    for token_id in p.stop_token_ids or ():
+        if not _is_token_id(token_id):
+            raise _fail("stop_token_ids", "must be a list of non-negative integers", token_id)
 
 
 def _check_logit_bias(p: SamplingParams) -> None:
