@@ -9,7 +9,7 @@ import pytest
 from tiny_models import MAX_POSITIONS
 
 from minisgl.core import InvalidRequestError, SamplingParams
-from minisgl.core.request_checks import output_budget
+from minisgl.core.request_checks import check_token_ids, output_budget
 from minisgl.core.sampling_params import FLOAT_RANGES
 
 MODEL = "llama"
@@ -61,8 +61,11 @@ def test_the_context_length_policy(
         (dict(logprobs=21), "logprobs"),
         (dict(min_tokens=5, max_tokens=4), "min_tokens"),
         (dict(stop=[""]), "stop"),
+        (dict(stop=[None]), "stop"),
         (dict(stop_token_ids=[-1]), "stop_token_ids"),
+        (dict(stop_token_ids=[None]), "stop_token_ids"),
         (dict(logit_bias={1: 101.0}), "logit_bias"),
+        (dict(logit_bias={1: float("nan")}), "logit_bias"),
         (dict(regex="a", ebnf="b"), "ebnf"),
         (dict(grammar_after=""), "grammar_after"),
     ],
@@ -72,6 +75,13 @@ def test_errors_carry_the_field_they_are_about(fields: dict[str, Any], param: st
         SamplingParams(**fields)
     assert info.value.param == param, info.value.message
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("prompt", [[None], [1, None], [5, 512], [-1]])
+def test_prompt_token_ids_outside_the_vocabulary_are_refused(prompt: list[Any]) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        check_token_ids(prompt, SamplingParams(), vocab_size=512)
+    assert info.value.param == "prompt" and "outside the vocabulary" in info.value.message
 
 
 @pytest.mark.parametrize("name", sorted(FLOAT_RANGES))

@@ -118,12 +118,19 @@ def test_unknown_type_ids_are_refused() -> None:
         msg.decode(msgpack.packb([1, 2, 3]))
 
 
-def test_decoded_sampling_params_are_validated() -> None:
-    good = SamplingParams(max_tokens=5, stop_token_ids=[7])
+def test_decoded_sampling_params_are_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only our own processes are on the wire, and they built the params with the checks: decoding does
+    not check them again (test_checked_once counts the whole path), but a field set later still is."""
+    from minisgl.core.request_error import InvalidRequestError
+
+    good = SamplingParams(max_tokens=5, stop="x", stop_token_ids=[7], json_schema={"type": "object"})
+    monkeypatch.setattr(SamplingParams, "validate", lambda self: pytest.fail("validated again"))
     decoded = msg.decode(msg.encode(good))
-    assert decoded.max_tokens == 5 and decoded.stop_token_id_set == frozenset({7})
-    values = [getattr(good, name) for name in msg._INIT_FIELDS[SamplingParams]]
-    values[msg._INIT_FIELDS[SamplingParams].index("max_tokens")] = -1
-    forged = msgpack.packb(msgpack.ExtType(1, msgpack.packb([0, *values])))
-    with pytest.raises(ValueError, match="max_tokens"):
-        msg.decode(forged)
+    assert decoded == good and decoded.stop == ["x"] and decoded.stop_token_id_set == frozenset({7})
+    decoded.ensure_valid()  # a no-op: nothing changed since the sender checked them
+    monkeypatch.undo()
+    decoded.temperature = 7.0
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        decoded.ensure_valid()
+    with pytest.raises(TypeError, match="exactly the fields"):
+        SamplingParams.trusted(max_tokens=5)

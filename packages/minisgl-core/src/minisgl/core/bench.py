@@ -99,9 +99,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_engine_flags(parser.add_argument_group("engine (minisgl)"))
     args = parser.parse_args(argv)
     args.engine_config = engine_config_from(parser, args)
-    flags = ("num_prompts", "max_input_len", "max_output_len", "min_input_len", "min_output_len")
-    for flag in (*flags, "hf_batch_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+    _check_workload_args(parser, args)
+    return args
+
+
+def _check_workload_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts and lengths at least 1, each minimum at most its maximum, a fraction in [0, 1]."""
+    counts = ("num_prompts", "max_input_len", "max_output_len", "min_input_len", "min_output_len")
+    for flag in (*counts, "hf_batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0.0 <= args.json_schema_fraction <= 1.0:
         parser.error("--json-schema-fraction must be in [0, 1]")
@@ -109,7 +116,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         low, high = getattr(args, f"min_{kind}_len"), getattr(args, f"max_{kind}_len")
         if low is not None and low > high:
             parser.error(f"--min-{kind}-len {low} is above --max-{kind}-len {high}")
-    return args
 
 
 # Long outputs under a grammar: an object holding an array of short strings, as many as the model writes.

@@ -23,23 +23,23 @@ def _rope_settings(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
     """
     params = getattr(hf_config, "rope_parameters", None)
     if isinstance(params, dict) and "rope_theta" in params:
-        theta = float(params["rope_theta"])
-        scaling: dict[str, Any] | None = dict(params)
-    else:
-        theta = float(getattr(hf_config, "rope_theta", 10000.0))
-        raw = getattr(hf_config, "rope_scaling", None)
-        scaling = dict(raw) if raw else None
-    if scaling is not None:
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
-        scaling["rope_type"] = rope_type
-        if rope_type == "default":
-            scaling = None
-        elif rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
-            )
-    return theta, scaling
+        return float(params["rope_theta"]), _rope_scaling(params)
+    raw = getattr(hf_config, "rope_scaling", None)
+    return float(getattr(hf_config, "rope_theta", 10000.0)), _rope_scaling(raw) if raw else None
+
+
+def _rope_scaling(settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The scaling settings with their type under `rope_type`; None for plain RoPE."""
+    rope_type = settings.get("rope_type", settings.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    scaling = {k: v for k, v in settings.items() if k not in ("type", "rope_theta")}
+    scaling["rope_type"] = rope_type
+    return scaling
 
 
 def _as_id_tuple(value: Any) -> tuple[int, ...]:
@@ -115,23 +115,14 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any, extra_eos_ids: tuple[int, ...] = ()) -> ModelConfig:
-        architectures = getattr(hf_config, "architectures", None) or []
-        if not architectures:
-            model_type = getattr(hf_config, "model_type", "")
-            architectures = [_ARCH_BY_MODEL_TYPE.get(model_type, f"<unknown model_type {model_type!r}>")]
-        architecture = architectures[0]
         num_heads = int(hf_config.num_attention_heads)
         hidden_size = int(hf_config.hidden_size)
         head_dim = getattr(hf_config, "head_dim", None) or hidden_size // num_heads
         theta, scaling = _rope_settings(hf_config)
         model_type = getattr(hf_config, "model_type", "")
         eos = _as_id_tuple(getattr(hf_config, "eos_token_id", None))
-        # Newer transformers name it dtype and warn when torch_dtype is read; older ones know only torch_dtype.
-        dtype = hf_config.dtype if hasattr(hf_config, "dtype") else getattr(hf_config, "torch_dtype", None)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype, None)
         return cls(
-            architecture=architecture,
+            architecture=_architecture(hf_config),
             hidden_size=hidden_size,
             intermediate_size=int(hf_config.intermediate_size),
             num_layers=int(hf_config.num_hidden_layers),
@@ -150,9 +141,26 @@ class ModelConfig:
             o_bias=model_type != "qwen2" and bool(getattr(hf_config, "attention_bias", False)),
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             eos_token_ids=tuple(dict.fromkeys(eos + extra_eos_ids)),
-            checkpoint_dtype=dtype if isinstance(dtype, torch.dtype) else None,
+            checkpoint_dtype=_checkpoint_dtype(hf_config),
             **_moe_settings(hf_config),
         )
+
+
+def _architecture(hf_config: Any) -> str:
+    """The config's architecture, or the one its model_type implies (GGUF-derived configs have none)."""
+    architectures = getattr(hf_config, "architectures", None)
+    if architectures:
+        return str(architectures[0])
+    model_type = getattr(hf_config, "model_type", "")
+    return _ARCH_BY_MODEL_TYPE.get(model_type, f"<unknown model_type {model_type!r}>")
+
+
+def _checkpoint_dtype(hf_config: Any) -> torch.dtype | None:
+    # Newer transformers name it dtype and warn when torch_dtype is read; older ones know only torch_dtype.
+    dtype = hf_config.dtype if hasattr(hf_config, "dtype") else getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _moe_settings(hf_config: Any) -> dict[str, Any]:
@@ -160,12 +168,8 @@ def _moe_settings(hf_config: Any) -> dict[str, Any]:
     num_experts = int(getattr(hf_config, "num_experts", 0) or 0)
     if num_experts == 0:
         return {}
-    top_k = int(hf_config.num_experts_per_tok)
-    if not 0 < top_k <= num_experts:
-        raise ValueError(f"num_experts_per_tok {top_k} must be in 1..num_experts ({num_experts})")
-    step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
-    if step < 1:
-        raise ValueError(f"decoder_sparse_step must be >= 1, got {step}")
+    top_k = _experts_per_token(hf_config, num_experts)
+    step = _sparse_step(hf_config)
     return dict(
         num_experts=num_experts,
         num_experts_per_tok=top_k,
@@ -174,6 +178,21 @@ def _moe_settings(hf_config: Any) -> dict[str, Any]:
         decoder_sparse_step=step,
         mlp_only_layers=tuple(int(i) for i in getattr(hf_config, "mlp_only_layers", None) or ()),
     )
+
+
+def _experts_per_token(hf_config: Any, num_experts: int) -> int:
+    top_k = int(hf_config.num_experts_per_tok)
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok {top_k} must be in 1..num_experts ({num_experts})")
+    return top_k
+
+
+def _sparse_step(hf_config: Any) -> int:
+    """Every step-th layer is sparse (decoder_sparse_step)."""
+    step = int(getattr(hf_config, "decoder_sparse_step", 1) or 1)
+    if step < 1:
+        raise ValueError(f"decoder_sparse_step must be >= 1, got {step}")
+    return step
 
 
 _ARCH_BY_MODEL_TYPE = {
@@ -214,10 +233,12 @@ def parse_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was requested but CUDA is not available; use device='cpu'")
-    if name != "cpu" and not name.startswith("cuda"):
+    if name == "cpu":
+        return torch.device(name)
+    if not name.startswith("cuda"):
         raise ValueError(f"device {name!r} is not one of: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but CUDA is not available; use device='cpu'")
     return torch.device(name)
 
 

@@ -55,27 +55,30 @@ def add_engine_flags(
     hints = typing.get_type_hints(config_class)
     added: list[str] = []
     for declared in dataclasses.fields(config_class):
-        if (names is not None and declared.name not in names) or declared.name in exclude:
-            continue
-        added.append(declared.name)
-        help_text = option_spec(declared).help.replace("%", "%%")  # argparse %-formats help
-        flags = flags_of(declared)
-        kind = _value_kind(hints[declared.name])
-        if kind is bool:
-            action = "store_false" if declared.default else "store_true"
-            parser.add_argument(*flags, dest=declared.name, action=action, help=help_text)
-            continue
-        if declared.default is not None:
-            help_text += f" (default {declared.default})"
-        parser.add_argument(
-            *flags,
-            dest=declared.name,
-            type=value_parser(kind, option_spec(declared).check),
-            default=declared.default,
-            metavar=flags[0].lstrip("-").replace("-", "_").upper(),
-            help=help_text,
-        )
+        if (names is None or declared.name in names) and declared.name not in exclude:
+            _add_flag(parser, declared, _value_kind(hints[declared.name]))
+            added.append(declared.name)
     return tuple(added)
+
+
+def _add_flag(parser: argparse._ActionsContainer, declared: dataclasses.Field[Any], kind: type) -> None:
+    """A bool field is a switch (its flag sets the value its default is not); others take a value."""
+    help_text = option_spec(declared).help.replace("%", "%%")  # argparse %-formats help
+    flags = flags_of(declared)
+    if kind is bool:
+        action = "store_false" if declared.default else "store_true"
+        parser.add_argument(*flags, dest=declared.name, action=action, help=help_text)
+        return
+    if declared.default is not None:
+        help_text += f" (default {declared.default})"
+    parser.add_argument(
+        *flags,
+        dest=declared.name,
+        type=value_parser(kind, option_spec(declared).check),
+        default=declared.default,
+        metavar=flags[0].lstrip("-").replace("-", "_").upper(),
+        help=help_text,
+    )
 
 
 def engine_config_from(

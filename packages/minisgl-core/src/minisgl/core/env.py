@@ -8,8 +8,9 @@ that this module stays the one index of the variables.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -33,26 +34,24 @@ class EnvVar(Generic[T]):
             raise ValueError(f"environment variable {self.name}={raw!r} is invalid: {exc}") from None
 
     def _parse(self, raw: str) -> T:
-        kind = type(self.default)
-        if kind is bool:
-            if raw.lower() in _TRUE:
-                return True  # type: ignore[return-value]
-            if raw.lower() in _FALSE:
-                return False  # type: ignore[return-value]
-            raise ValueError("expected 1/0, true/false, yes/no or on/off")
-        if self.name == "MINISGL_LOG_LEVEL" and raw.upper() not in (
-            "DEBUG",
-            "INFO",
-            "WARNING",
-            "ERROR",
-            "CRITICAL",
-        ):
+        if self.name == "MINISGL_LOG_LEVEL" and raw.upper() not in _LOG_LEVELS:
             raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
-        if kind is float:
-            return float(raw)  # type: ignore[return-value]
-        if kind is int:
-            return int(raw)  # type: ignore[return-value]
-        return raw  # type: ignore[return-value]
+        parse = _PARSERS.get(type(self.default), str)
+        value: T = parse(raw)
+        return value
+
+
+def _parse_bool(raw: str) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# How a variable's text becomes a value of its default's type (any other type: the text itself).
+_PARSERS: dict[type, Callable[[str], Any]] = {bool: _parse_bool, float: float, int: int}
 
 
 DEBUG_CHECKS = EnvVar("MINISGL_DEBUG_CHECKS", False, "check KV page ownership after every scheduler step")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -25,6 +25,7 @@ from minisgl.core.sampling_params import SamplingParams
 from minisgl.core.stop_strings import first_stop, reached_stop_strings
 
 Prompt = str | list[int]
+T = TypeVar("T")
 Conversation = list[dict[str, Any]]
 
 
@@ -32,10 +33,7 @@ class LLM:
     """An engine in this process. Keyword options are the fields of EngineConfig."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **engine_options: Any) -> None:
-        unknown = set(engine_options) - set(EngineConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
-        config = EngineConfig(**engine_options)  # checks the values
+        config = _engine_config(engine_options)
         address = f"127.0.0.1:{_free_port()}" if config.tp_size > 1 else None
         started = [_start_follower(model, config, r, address) for r in range(1, config.tp_size) if address]
         self._followers = [process for process, _ in started]
@@ -80,13 +78,14 @@ class LLM:
         # n samples of a prompt are n requests; the scheduler makes the later ones reuse the first's KV.
         groups = [[self.runtime.add_checked(c) for _ in range(c.params.n)] for c in checked]
         stopped = self._run(sum(len(g) for g in groups), use_tqdm)
-        results = []
-        for group in groups:
-            samples = [self._result(req, req.uid in stopped) for req in group]
-            if len(samples) > 1:
-                samples[0].samples = samples
-            results.append(samples[0])
-        return results
+        return [self._group_result(group, stopped) for group in groups]
+
+    def _group_result(self, group: list[Request], stopped: set[int]) -> GenerationResult:
+        """A prompt's result: its first sample, holding all n samples when n > 1."""
+        samples = [self._result(req, req.uid in stopped) for req in group]
+        if len(samples) > 1:
+            samples[0].samples = samples
+        return samples[0]
 
     def chat(
         self,
@@ -97,15 +96,7 @@ class LLM:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use generate() with a plain prompt")
         batch = [conversations] if conversations and isinstance(conversations[0], dict) else conversations
-        prompts: list[list[int]] = []
-        for conversation in batch:
-            if not isinstance(conversation, list) or not all(isinstance(m, dict) for m in conversation):
-                raise ValueError("a conversation must be a list of {'role': ..., 'content': ...} messages")
-            text = self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=True
-            )
-            # The template already holds any BOS token: adding special tokens again would double it.
-            prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+        prompts = [_chat_prompt(self.tokenizer, conversation) for conversation in batch]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     # ---- internals -------------------------------------------------------------------------------
@@ -155,10 +146,10 @@ class LLM:
             finish_reason=finish_reason,
             num_prompt_tokens=len(req.prompt_ids),
             num_cached_tokens=req.num_cached,
-            logprobs=list(req.output_logprobs) if wants_logprobs else None,
-            top_logprobs=list(req.output_top_logprobs) if wants_logprobs else None,
-            prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs else None,
-            prompt_top_logprobs=list(req.prompt_top_logprobs) if req.params.prompt_logprobs else None,
+            logprobs=_copy_if(wants_logprobs, req.output_logprobs),
+            top_logprobs=_copy_if(wants_logprobs, req.output_top_logprobs),
+            prompt_logprobs=_copy_if(req.params.prompt_logprobs, req.prompt_logprobs),
+            prompt_top_logprobs=_copy_if(req.params.prompt_logprobs, req.prompt_top_logprobs),
         )
 
     def _text(self, req: Request, stopped_by_string: bool) -> tuple[str, FinishReason]:
@@ -167,12 +158,34 @@ class LLM:
         assert req.finish_reason is not None
         if self.tokenizer is None:
             return "", req.finish_reason
-        ids = req.output_ids
-        if req.finish_reason == "stop" and not stopped_by_string and ids:
-            ids = ids[:-1]  # the EOS or stop token is reported in token_ids, not in the text
+        # The EOS or stop token that ended a request is reported in token_ids, not in the text.
+        ends_on_stop_token = req.finish_reason == "stop" and not stopped_by_string
+        ids = req.output_ids[:-1] if ends_on_stop_token else req.output_ids
         text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
         cut = first_stop(text, req.params.stop or [])
         return (text, req.finish_reason) if cut is None else (text[:cut], "stop")
+
+
+def _copy_if(asked: bool, values: list[T]) -> list[T] | None:
+    """A copy of what the request asked for (None if it did not ask)."""
+    return list(values) if asked else None
+
+
+def _engine_config(options: dict[str, Any]) -> EngineConfig:
+    unknown = set(options) - set(EngineConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+    return EngineConfig(**options)  # checks the values
+
+
+def _chat_prompt(tokenizer: Any, conversation: Any) -> list[int]:
+    """A conversation's token ids, as the chat template writes it, with the generation prompt."""
+    if not isinstance(conversation, list) or not all(isinstance(m, dict) for m in conversation):
+        raise ValueError("a conversation must be a list of {'role': ..., 'content': ...} messages")
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    # The template already holds any BOS token: adding special tokens again would double it.
+    ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
+    return ids
 
 
 def _free_port() -> int:
@@ -209,19 +222,22 @@ def _follow(model: str, config: EngineConfig, rank: int, address: str, report: C
 def _check_started(started: list[tuple[BaseProcess, Connection]]) -> None:
     """Raise when a TP rank this process started has died during start-up, with its error if it sent one."""
     for process, errors in started:
-        if process.exitcode is None:
-            continue
-        try:
-            reason = errors.recv() if errors.poll() else None
-        except EOFError:  # it died before it could report anything
-            reason = None
-        if reason is not None:
-            raise RuntimeError(f"TP rank process {process.name} failed to start: {reason}")
-        raise RuntimeError(
-            f"TP rank process {process.name} exited during start-up (exit code {process.exitcode}) before "
-            "loading the model. Spawned ranks re-import the main module: a script that creates an LLM "
-            'with tp_size > 1 must do it under `if __name__ == "__main__":`.'
-        )
+        if process.exitcode is not None:
+            _raise_start_failure(process, errors)
+
+
+def _raise_start_failure(process: BaseProcess, errors: Connection) -> None:
+    try:
+        reason = errors.recv() if errors.poll() else None
+    except EOFError:  # it died before it could report anything
+        reason = None
+    if reason is not None:
+        raise RuntimeError(f"TP rank process {process.name} failed to start: {reason}")
+    raise RuntimeError(
+        f"TP rank process {process.name} exited during start-up (exit code {process.exitcode}) before "
+        "loading the model. Spawned ranks re-import the main module: a script that creates an LLM "
+        'with tp_size > 1 must do it under `if __name__ == "__main__":`.'
+    )
 
 
 def _stop(processes: list[BaseProcess], timeout: float = 30.0) -> None:
@@ -236,12 +252,12 @@ def _stop(processes: list[BaseProcess], timeout: float = 30.0) -> None:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
-        return [list(prompts)]
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(
             "prompts must be a string, a list of strings, or a list of token-id lists (non-empty)"
         )
+    if all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]  # one prompt of token ids
     return list(prompts)
 
 

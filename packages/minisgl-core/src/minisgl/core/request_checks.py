@@ -11,6 +11,7 @@ Context-length policy, as vLLM and SGLang apply it:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from minisgl.core.request_error import InvalidRequestError
@@ -50,15 +51,22 @@ def output_budget(prompt_len: int, max_tokens: int | None, context_length: int, 
 
 def check_token_ids(prompt_ids: list[int], params: SamplingParams, vocab_size: int) -> None:
     """Every token id the request names (prompt, stop_token_ids, logit_bias) is in the vocabulary."""
-    bad = next((t for t in prompt_ids if not _in_vocabulary(t, vocab_size)), None)
-    if bad is not None:
-        raise InvalidRequestError("prompt", f"token id {bad!r} is outside the vocabulary [0, {vocab_size})")
-    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
-        outside = [token for token in ids or () if token >= vocab_size]
-        if outside:
+    for token in prompt_ids:  # a loop, not next(..., None): a None in the list is itself a bad id
+        if not _in_vocabulary(token, vocab_size):
             raise InvalidRequestError(
-                name, f"{name} holds token id {outside[0]}, outside the vocabulary [0, {vocab_size})"
+                "prompt", f"token id {token!r} is outside the vocabulary [0, {vocab_size})"
             )
+    _check_named_ids("stop_token_ids", params.stop_token_ids or (), vocab_size)
+    _check_named_ids("logit_bias", params.logit_bias or {}, vocab_size)
+
+
+def _check_named_ids(name: str, ids: Iterable[int], vocab_size: int) -> None:
+    """SamplingParams checked that these are token ids; here, that the model has them."""
+    outside = next((token for token in ids if token >= vocab_size), None)
+    if outside is not None:
+        raise InvalidRequestError(
+            name, f"{name} holds token id {outside}, outside the vocabulary [0, {vocab_size})"
+        )
 
 
 def _in_vocabulary(token: object, vocab_size: int) -> bool:

@@ -5,6 +5,7 @@ builds SamplingParams from a request body) check against the same table."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -93,6 +94,22 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.validate()
 
+    @classmethod
+    def trusted(cls, **fields: Any) -> SamplingParams:
+        """Params that were validated where they were built, rebuilt without checking them again: for the
+        server's internal wire, whose sender is another process of ours that built them with the
+        checks. Every init field must be given (as the wire sends them)."""
+        if set(fields) != set(_INIT_FIELDS):
+            raise TypeError(
+                f"trusted SamplingParams take exactly the fields {_INIT_FIELDS}, got {sorted(fields)}"
+            )
+        params = cls.__new__(cls)
+        state = params.__dict__  # written directly: __setattr__ would mark the params unchecked
+        state.update(fields)
+        state["stop_token_id_set"] = frozenset(params.stop_token_ids or ())
+        state["_valid"] = True
+        return params
+
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         if name != "_valid":  # changed after validate(): ensure_valid() checks it again
@@ -121,20 +138,8 @@ class SamplingParams:
             self.json_schema = json.dumps(self.json_schema)
         for check in _FIELD_CHECKS:
             check(self)
-        self._validate_grammar()
         self.stop_token_id_set = frozenset(self.stop_token_ids or ())
         self._valid = True
-
-    def _validate_grammar(self) -> None:
-        given = [name for name in GRAMMAR_FIELDS if getattr(self, name) is not None]
-        if len(given) > 1:
-            raise InvalidRequestError(
-                given[1], f"json_schema, regex and ebnf exclude each other, got {' and '.join(given)}"
-            )
-        for name in (*given, "grammar_after"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise InvalidRequestError(name, f"{name} must be a non-empty string, got {value!r}")
 
 
 # ---- the checks of single fields (and of min_tokens against max_tokens) ---------------------------------
@@ -148,59 +153,110 @@ def _fail(name: str, rule: str, value: Any, where: str = "") -> InvalidRequestEr
     return InvalidRequestError(name, f"{name} {rule}, got {value!r}{where}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_token_id(value: Any) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _is_non_empty_string(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
 def _check_floats(p: SamplingParams) -> None:
     for name, accepted in FLOAT_RANGES.items():
         value = getattr(p, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value not in accepted:
+        if not (_is_number(value) and value in accepted):
             raise _fail(name, f"must be a number in {accepted}", value)
 
 
-def _check_lengths(p: SamplingParams) -> None:
+def _check_max_tokens(p: SamplingParams) -> None:
     if p.max_tokens is not None and not (_is_int(p.max_tokens) and p.max_tokens >= 1):
         raise _fail("max_tokens", "must be an integer >= 1 or None (up to the context length)", p.max_tokens)
+
+
+def _check_min_tokens(p: SamplingParams) -> None:
     most = p.max_tokens if p.max_tokens is not None else math.inf
     if not (_is_int(p.min_tokens) and 0 <= p.min_tokens <= most):
         raise _fail("min_tokens", f"must be an integer in [0, max_tokens = {p.max_tokens}]", p.min_tokens)
 
 
-def _check_counts(p: SamplingParams) -> None:
-    if not (_is_int(p.top_k) and (p.top_k >= 1 or p.top_k == -1)):
-        raise _fail("top_k", "must be -1 (disabled) or an integer >= 1", p.top_k)
-    if not (_is_int(p.n) and p.n >= 1):
-        raise _fail("n", "must be an integer >= 1", p.n)
+# The other integer fields: (name, whether a value is accepted, the rule an error states).
+_INTEGER_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("top_k", lambda v: _is_int(v) and (v >= 1 or v == -1), "must be -1 (disabled) or an integer >= 1"),
+    ("n", lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
+    ("seed", lambda v: v is None or _is_int(v), "must be an integer or None"),
+    (
+        "logprobs",
+        lambda v: v is None or (_is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS),
+        f"must be an integer in [0, {MAX_TOP_LOGPROBS}] or None",
+    ),
+)
 
 
-def _check_optional_integers(p: SamplingParams) -> None:
-    if p.seed is not None and not _is_int(p.seed):
-        raise _fail("seed", "must be an integer or None", p.seed)
-    if p.logprobs is not None and not (_is_int(p.logprobs) and 0 <= p.logprobs <= MAX_TOP_LOGPROBS):
-        raise _fail("logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}] or None", p.logprobs)
+def _check_integers(p: SamplingParams) -> None:
+    for name, accepted, rule in _INTEGER_RULES:
+        value = getattr(p, name)
+        if not accepted(value):
+            raise _fail(name, rule, value)
 
 
-def _check_stops(p: SamplingParams) -> None:
+def _check_stop_strings(p: SamplingParams) -> None:
     for text in p.stop or ():
-        if not isinstance(text, str) or not text:
+        if not _is_non_empty_string(text):
             raise _fail("stop", "must be a list of non-empty strings", text)
+
+
+def _check_stop_token_ids(p: SamplingParams) -> None:
     for token_id in p.stop_token_ids or ():
-        if not (_is_int(token_id) and token_id >= 0):
+        if not _is_token_id(token_id):
             raise _fail("stop_token_ids", "must be a list of non-negative integers", token_id)
 
 
 def _check_logit_bias(p: SamplingParams) -> None:
     for token_id, bias in (p.logit_bias or {}).items():
-        if not (_is_int(token_id) and token_id >= 0):
+        if not _is_token_id(token_id):
             raise _fail("logit_bias", "keys must be non-negative token ids", token_id)
-        number = isinstance(bias, (int, float)) and not isinstance(bias, bool)
-        if not (number and abs(bias) <= MAX_LOGIT_BIAS):
+        if not (_is_number(bias) and abs(bias) <= MAX_LOGIT_BIAS):  # NaN is out of range too
             rule = f"values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
             raise _fail("logit_bias", rule, bias, f" for token {token_id}")
 
 
+def _check_grammar(p: SamplingParams) -> None:
+    """At most one grammar field, and it (and grammar_after) a non-empty string."""
+    given = _grammar_given(p)
+    bad = next(
+        (name for name in (*given, "grammar_after") if _is_bad_optional_string(getattr(p, name))), None
+    )
+    if bad is not None:
+        raise InvalidRequestError(bad, f"{bad} must be a non-empty string, got {getattr(p, bad)!r}")
+
+
+def _grammar_given(p: SamplingParams) -> list[str]:
+    given = [name for name in GRAMMAR_FIELDS if getattr(p, name) is not None]
+    if len(given) > 1:
+        raise InvalidRequestError(
+            given[1], f"json_schema, regex and ebnf exclude each other, got {' and '.join(given)}"
+        )
+    return given
+
+
+def _is_bad_optional_string(value: Any) -> bool:
+    return value is not None and not _is_non_empty_string(value)
+
+
+_INIT_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.init)
+
+# Every check, in the order a request's first bad field is reported.
 _FIELD_CHECKS: tuple[Callable[[SamplingParams], None], ...] = (
-    _check_lengths,
-    _check_counts,
-    _check_optional_integers,
+    _check_max_tokens,
+    _check_min_tokens,
+    _check_integers,
     _check_floats,
-    _check_stops,
+    _check_stop_strings,
+    _check_stop_token_ids,
     _check_logit_bias,
+    _check_grammar,
 )

@@ -70,38 +70,58 @@ def _time_us(fn: Any, device: torch.device, iters: int) -> float:
 
 
 def _rank_main(rank: int, world: int, port: int, sizes_mib: list[float], iters: int, out: Queue) -> None:
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    dist.init_process_group(
-        "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    comms: dict[str, Communicator] = {"torch.distributed": TorchCommunicator()}
-    if cuda:
-        holder: list[Any] = [nccl_unique_id() if rank == 0 else None]
-        dist.broadcast_object_list(holder, src=0)
-        comms["minisgl NCCL"] = NcclCommunicator(holder[0], rank, world, device)
-    results: list[Result] = []
-    for size in sizes_mib:
-        numel = int(size * (1 << 20)) // torch.empty(0, dtype=dtype).element_size()
-        x = _inputs(rank, numel, device, dtype)
-        gathered = torch.empty(world * numel, device=device, dtype=dtype)
-        nbytes = x.numel() * x.element_size()
-        for name, comm in comms.items():
-            _check(comm, numel, device, dtype)
-            reduce_us = _time_us(lambda comm=comm, x=x: comm.all_reduce(x), device, iters)
-            gather_us = _time_us(lambda comm=comm, x=x, out=gathered: comm.all_gather(out, x), device, iters)
-            factor = (world - 1) / world
-            results.append(Result(name, "all_reduce", size, reduce_us, 2 * factor * nbytes / reduce_us / 1e3))
-            results.append(
-                Result(name, "all_gather", size, gather_us, factor * world * nbytes / gather_us / 1e3)
-            )
+    device, dtype, backend = _rank_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    comms = _communicators(rank, world, device)
+    results = [r for size in sizes_mib for r in _measure(comms, size, rank, world, device, dtype, iters)]
     if rank == 0:
         out.put(results)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _rank_device(rank: int) -> tuple[torch.device, torch.dtype, str]:
+    """Rank r on GPU r in bf16 over NCCL; on a machine without CUDA, the CPU in float32 over gloo."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), torch.float32, "gloo"
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    return device, torch.bfloat16, "nccl"
+
+
+def _communicators(rank: int, world: int, device: torch.device) -> dict[str, Communicator]:
+    """torch.distributed, and on CUDA minisgl's own NCCL communicator (rank 0's unique id broadcast)."""
+    comms: dict[str, Communicator] = {"torch.distributed": TorchCommunicator()}
+    if device.type == "cuda":
+        holder: list[Any] = [nccl_unique_id() if rank == 0 else None]
+        dist.broadcast_object_list(holder, src=0)
+        comms["minisgl NCCL"] = NcclCommunicator(holder[0], rank, world, device)
+    return comms
+
+
+def _measure(
+    comms: dict[str, Communicator],
+    size: float,
+    rank: int,
+    world: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    iters: int,
+) -> list[Result]:
+    """All-reduce and all-gather of `size` MiB per rank with every communicator (checked first)."""
+    numel = int(size * (1 << 20)) // torch.empty(0, dtype=dtype).element_size()
+    x = _inputs(rank, numel, device, dtype)
+    gathered = torch.empty(world * numel, device=device, dtype=dtype)
+    nbytes = x.numel() * x.element_size()
+    factor = (world - 1) / world
+    results: list[Result] = []
+    for name, comm in comms.items():
+        _check(comm, numel, device, dtype)
+        reduce_us = _time_us(lambda comm=comm, x=x: comm.all_reduce(x), device, iters)
+        gather_us = _time_us(lambda comm=comm, x=x, out=gathered: comm.all_gather(out, x), device, iters)
+        results.append(Result(name, "all_reduce", size, reduce_us, 2 * factor * nbytes / reduce_us / 1e3))
+        results.append(Result(name, "all_gather", size, gather_us, factor * world * nbytes / gather_us / 1e3))
+    return results
 
 
 def run(world_size: int, sizes_mib: list[float], iters: int) -> list[Result]:

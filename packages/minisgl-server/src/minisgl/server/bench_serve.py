@@ -99,6 +99,18 @@ def trace_workload(
     path: Path, time_scale: float, limit: int | None, seed: int, vocab_limit: int = 10000
 ) -> list[WorkItem]:
     rng = random.Random(seed)
+    rows = _trace_rows(path, limit)
+    start = min(float(r.get("timestamp", 0.0)) for r in rows)
+    items = []
+    for row in rows:
+        prompt = [rng.randint(0, vocab_limit - 1) for _ in range(int(row["input_length"]))]
+        send_at = (float(row.get("timestamp", 0.0)) - start) * time_scale
+        items.append(WorkItem(prompt, max(1, int(row["output_length"])), send_at))
+    return items
+
+
+def _trace_rows(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    """The trace's requests (one JSON object a line; blank lines skipped), the first `limit` of them."""
     rows = []
     with path.open() as lines:
         for line in lines:
@@ -108,13 +120,7 @@ def trace_workload(
                 break
     if not rows:
         raise ValueError(f"trace {path} holds no requests")
-    start = min(float(r.get("timestamp", 0.0)) for r in rows)
-    items = []
-    for row in rows:
-        prompt = [rng.randint(0, vocab_limit - 1) for _ in range(int(row["input_length"]))]
-        send_at = (float(row.get("timestamp", 0.0)) - start) * time_scale
-        items.append(WorkItem(prompt, max(1, int(row["output_length"])), send_at))
-    return items
+    return rows
 
 
 # ---- the client ---------------------------------------------------------------------------------------
@@ -350,6 +356,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("input_len", "output_len"):
         low, high = getattr(args, name)
         if not 1 <= low <= high:
@@ -360,17 +371,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"argument --max-concurrency: must be >= 1, got {args.max_concurrency}")
     if not args.request_rate > 0:
         parser.error(f"argument --request-rate: must be > 0, got {args.request_rate}")
-    return args
+
+
+def _workload(args: argparse.Namespace) -> list[WorkItem]:
+    """The trace's requests with --trace, else random ones."""
+    if args.trace is not None:
+        return trace_workload(args.trace, args.time_scale, args.trace_limit, args.seed)
+    return random_workload(
+        args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.request_rate, args.seed
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.trace is not None:
-        items = trace_workload(args.trace, args.time_scale, args.trace_limit, args.seed)
-    else:
-        items = random_workload(
-            args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.request_rate, args.seed
-        )
+    items = _workload(args)
     url = args.url.rstrip("/")
     try:
         results, start, end = asyncio.run(

@@ -97,38 +97,43 @@ class SoakCase:
 
 def make_cases(count: int, seed: int, max_prompt_words: int, max_tokens: int) -> list[SoakCase]:
     rng = random.Random(seed)
-    cases = []
-    for _ in range(count):
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_prompt_words)))
-        prompt = f"{SHARED_PREFIX} {words}" if rng.random() < 0.3 else words
-        stream = rng.random() < 0.5
-        roll = rng.random()
-        action = "finish" if roll < 0.8 else ("abort" if stream else "disconnect")
-        params: dict[str, Any] = {
-            "max_tokens": rng.randint(1, max_tokens),
-            "temperature": rng.choice((0.0, 0.0, 0.7, 1.0, 1.3)),
-            "top_p": rng.choice((1.0, 0.9, 0.5)),
-            "top_k": rng.choice((-1, -1, 1, 20)),
-        }
-        if rng.random() < 0.5:
-            params["seed"] = rng.randint(0, 2**31)
-        if rng.random() < 0.3:
-            params["stop"] = rng.sample(WORDS, rng.randint(1, 3))
-        if rng.random() < 0.1:
-            params["ignore_eos"] = True
-        cases.append(
-            SoakCase(
-                chat=rng.random() < 0.5,
-                prompt=prompt,
-                stream=stream,
-                n=rng.choice((1, 1, 1, 2, 3)),
-                action=action,
-                chunks=rng.randint(0, 4),
-                delay=rng.uniform(0.0, 0.5),
-                params=params,
-            )
-        )
-    return cases
+    return [_random_case(rng, max_prompt_words, max_tokens) for _ in range(count)]
+
+
+def _random_case(rng: random.Random, max_prompt_words: int, max_tokens: int) -> SoakCase:
+    # The order of the draws fixes the cases of a seed: keep it.
+    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_prompt_words)))
+    prompt = f"{SHARED_PREFIX} {words}" if rng.random() < 0.3 else words
+    stream = rng.random() < 0.5
+    roll = rng.random()
+    action = "finish" if roll < 0.8 else ("abort" if stream else "disconnect")
+    params = _random_params(rng, max_tokens)
+    return SoakCase(
+        chat=rng.random() < 0.5,
+        prompt=prompt,
+        stream=stream,
+        n=rng.choice((1, 1, 1, 2, 3)),
+        action=action,
+        chunks=rng.randint(0, 4),
+        delay=rng.uniform(0.0, 0.5),
+        params=params,
+    )
+
+
+def _random_params(rng: random.Random, max_tokens: int) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "max_tokens": rng.randint(1, max_tokens),
+        "temperature": rng.choice((0.0, 0.0, 0.7, 1.0, 1.3)),
+        "top_p": rng.choice((1.0, 0.9, 0.5)),
+        "top_k": rng.choice((-1, -1, 1, 20)),
+    }
+    if rng.random() < 0.5:
+        params["seed"] = rng.randint(0, 2**31)
+    if rng.random() < 0.3:
+        params["stop"] = rng.sample(WORDS, rng.randint(1, 3))
+    if rng.random() < 0.1:
+        params["ignore_eos"] = True
+    return params
 
 
 def request_body(case: SoakCase, model: str) -> tuple[str, dict[str, Any]]:
@@ -162,20 +167,29 @@ async def _complete(session: aiohttp.ClientSession, url: str, body: dict[str, An
             return f"error: HTTP {response.status}: {(await response.read())[:200]!r}"
         if not case.stream:
             return _check_choices((await response.json())["choices"], case.n)
-        finishes: list[Any] = []
-        seen = 0
-        async for data in sse_data(response.content):
-            if data == "[DONE]":
-                return _check_choices(finishes, case.n) if finishes else "error: no finish_reason"
-            chunk = json.loads(data)
-            if "error" in chunk:
-                return f"error: stream error event: {chunk['error'].get('message')}"
-            seen += 1
-            if case.action == "abort" and seen > case.chunks:
-                response.close()  # the client goes away mid-stream
-                return "aborted"
-            finishes += [c for c in chunk.get("choices", []) if c.get("finish_reason")]
-        return "error: the stream ended without [DONE]"
+        return await _read_stream(response, case)
+
+
+async def _read_stream(response: aiohttp.ClientResponse, case: SoakCase) -> str:
+    """A streamed answer's outcome; an "abort" case goes away after case.chunks chunks."""
+    finishes: list[Any] = []
+    seen = 0
+    async for data in sse_data(response.content):
+        if data == "[DONE]":
+            return _check_choices(finishes, case.n) if finishes else "error: no finish_reason"
+        chunk = json.loads(data)
+        if "error" in chunk:
+            return f"error: stream error event: {chunk['error'].get('message')}"
+        seen += 1
+        if case.action == "abort" and seen > case.chunks:
+            response.close()  # the client goes away mid-stream
+            return "aborted"
+        finishes += _finished_choices(chunk)
+    return "error: the stream ended without [DONE]"
+
+
+def _finished_choices(chunk: dict[str, Any]) -> list[Any]:
+    return [c for c in chunk.get("choices", []) if c.get("finish_reason")]
 
 
 def _check_choices(choices: list[Any], n: int) -> str:
@@ -224,14 +238,21 @@ def tree_rss_mb(pid: int) -> float:
         try:
             status = Path(f"/proc/{current}/status").read_text()
         except OSError:
-            continue
+            continue  # it exited meanwhile
         total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                pending += [int(child) for child in (task / "children").read_text().split()]
-            except OSError:
-                continue
+        pending += _child_pids(current)
     return total / 1024
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The child processes of every thread of pid (those that exited meanwhile are skipped)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
 
 
 # ---- the run ------------------------------------------------------------------------------------------

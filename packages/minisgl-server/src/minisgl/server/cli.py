@@ -16,7 +16,7 @@ import argparse
 import importlib
 import importlib.metadata
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from minisgl.core.engine_flags import add_engine_flags
@@ -91,40 +91,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "--version"):
+    if _mini_sglang_spelling(argv):
         return _mini_sglang_style(argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        if args.bench_kind == "soak":
-            from minisgl.server.bench_soak import main as bench_soak_main
-
-            return bench_soak_main(rest)
-        return _bench_offline(rest) if args.bench_kind == "offline" else _bench_serve(rest)
+    if args.command == "bench":  # each benchmark parses its own arguments
+        return _BENCHMARKS[args.bench_kind](rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "serve":
-        from minisgl.server.serve import serve
+        return _serve(parser, args)
+    return _generate(args)
 
-        return serve(server_args_from(parser, args))
-    if args.command == "generate":
-        return _generate(args)
-    parser.error(f"unknown command {args.command!r}")
-    return 2  # unreachable: parser.error exits
+
+def _mini_sglang_spelling(argv: list[str]) -> bool:
+    """`python -m minisgl --model M ...`: flags without a command."""
+    return bool(argv) and argv[0].startswith("--") and argv[0] not in ("--help", "--version")
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from minisgl.server.serve import serve
+
+    return serve(server_args_from(parser, args))
 
 
 def _mini_sglang_style(argv: list[str]) -> int:
     """`python -m minisgl --model M [--shell]`: serve, or open the shell on a local engine."""
     if any(flag in argv for flag in SHELL_FLAGS):
-        shell = _find_shell()
-        if shell is None:
-            print(
-                "minisgl: --shell needs the minisgl-shell package: pip install minisgl-shell", file=sys.stderr
-            )
-            return 2
-        status = shell([a for a in argv if a not in SHELL_FLAGS])
-        return status if isinstance(status, int) else 0
+        return _run_shell([a for a in argv if a not in SHELL_FLAGS])
     return main(["serve", *argv])
+
+
+def _run_shell(argv: list[str]) -> int:
+    shell = _find_shell()
+    if shell is None:
+        print("minisgl: --shell needs the minisgl-shell package: pip install minisgl-shell", file=sys.stderr)
+        return 2
+    status = shell(argv)
+    return status if isinstance(status, int) else 0
 
 
 def _find_shell() -> Any:
@@ -158,6 +162,12 @@ def _bench_serve(argv: list[str]) -> int:
     return bench_serve_main(argv)
 
 
+def _bench_soak(argv: list[str]) -> int:
+    from minisgl.server.bench_soak import main as bench_soak_main
+
+    return bench_soak_main(argv)
+
+
 def _bench_offline(argv: list[str]) -> int:
     try:
         bench = importlib.import_module("minisgl.core.bench")
@@ -168,6 +178,13 @@ def _bench_offline(argv: list[str]) -> int:
         return 2
     status = bench.main(argv)
     return status if isinstance(status, int) else 0
+
+
+_BENCHMARKS: dict[str, Callable[[list[str]], int]] = {
+    "offline": _bench_offline,
+    "serve": _bench_serve,
+    "soak": _bench_soak,
+}
 
 
 if __name__ == "__main__":

@@ -52,17 +52,22 @@ class Detokenizer:
         tokenizers decode a batch in Rust), instead of two Python calls per request."""
         pending: dict[bool, list[DecodeState]] = {True: [], False: []}
         for state, new_ids in updates:
-            if state.stopped or not new_ids:
-                continue
-            state.ids.extend(new_ids)
-            pending[state.skip_special_tokens].append(state)
+            if new_ids and not state.stopped:
+                state.ids.extend(new_ids)
+                pending[state.skip_special_tokens].append(state)
         for skip, states in pending.items():
-            if not states:
-                continue
-            befores = self._decode_batch([s.ids[s.window_start : s.text_end] for s in states], skip)
-            afters = self._decode_batch([s.ids[s.window_start :] for s in states], skip)
-            for state, before, after in zip(states, befores, afters, strict=True):
-                self._commit(state, before, after, final=False)
+            self._commit_batch(states, skip)
+
+    def _commit_batch(self, states: list[DecodeState], skip_special_tokens: bool) -> None:
+        """Decode the windows of requests that share skip_special_tokens, and commit their new text."""
+        if not states:
+            return
+        befores = self._decode_batch(
+            [s.ids[s.window_start : s.text_end] for s in states], skip_special_tokens
+        )
+        afters = self._decode_batch([s.ids[s.window_start :] for s in states], skip_special_tokens)
+        for state, before, after in zip(states, befores, afters, strict=True):
+            self._commit(state, before, after, final=False)
 
     def finish(self, state: DecodeState) -> None:
         """Commit the rest: no more tokens will come, so an incomplete character is dropped."""
@@ -94,11 +99,7 @@ class Detokenizer:
         search_from = max(0, len(state.text) - state.longest_stop + 1)
         state.text += new_text
         state.window_start, state.text_end = state.text_end, len(state.ids)
-        if state.stop:
-            cut = first_stop(state.text, state.stop, search_from)
-            if cut is not None:
-                state.text = state.text[:cut]
-                state.stopped = True
+        _cut_at_stop(state, search_from)
 
     def take_text(self, state: DecodeState, final: bool) -> str:
         """Text not handed out yet, less a tail that may still become a stop string (unless final)."""
@@ -118,6 +119,14 @@ class Detokenizer:
             if len(self._token_text) < 1 << 18:
                 self._token_text[token_id] = text
         return text
+
+
+def _cut_at_stop(state: DecodeState, search_from: int) -> None:
+    """End the text before its first stop string, if the new text completed one."""
+    cut = first_stop(state.text, state.stop, search_from) if state.stop else None
+    if cut is not None:
+        state.text = state.text[:cut]
+        state.stopped = True
 
 
 def stop_prefix_len(text: str, stops: list[str]) -> int:

@@ -81,14 +81,18 @@ class Generation:
         outputs of one request merged (see coalesce). A stream that keeps up gets one token at a time; one
         that falls behind catches up in a few large pieces instead of many small ones."""
         while self.unfinished:
-            batch = [await self.next_event()]
-            while self.unfinished and not self.queue.empty():
-                batch.append(self._taken(self.queue.get_nowait()))
+            batch = await self._events_waiting()
             outputs = [e for e in batch if isinstance(e, msg.RequestOutput)]
             if outputs:
                 yield coalesce(outputs)
-            for event in batch:
-                _output_or_raise(event)
+            _raise_any_error(batch)
+
+    async def _events_waiting(self) -> list[Event]:
+        """The next event, and every other one already queued while requests are unfinished."""
+        batch = [await self.next_event()]
+        while self.unfinished and not self.queue.empty():
+            batch.append(self._taken(self.queue.get_nowait()))
+        return batch
 
     def close(self) -> None:
         """Stop listening; abort the requests that have not finished (a client that went away)."""
@@ -96,6 +100,11 @@ class Generation:
         if self.unfinished:
             self.client.abort(sorted(self.unfinished), self.worker)
             self.unfinished.clear()
+
+
+def _raise_any_error(events: list[Event]) -> None:
+    for event in events:
+        _output_or_raise(event)
 
 
 def _output_or_raise(event: Event) -> msg.RequestOutput:
@@ -112,19 +121,20 @@ def coalesce(outputs: list[msg.RequestOutput]) -> list[msg.RequestOutput]:
     merged: dict[int, msg.RequestOutput] = {}
     for output in outputs:
         seen = merged.get(output.uid)
-        if seen is None:
-            merged[output.uid] = output
-            continue
-        logprobs = None
-        if seen.logprobs is not None or output.logprobs is not None:
-            logprobs = (seen.logprobs or []) + (output.logprobs or [])
-        merged[output.uid] = dataclasses.replace(
-            output,
-            text=seen.text + output.text,
-            num_new_tokens=seen.num_new_tokens + output.num_new_tokens,
-            logprobs=logprobs,
-        )
+        merged[output.uid] = output if seen is None else _joined(seen, output)
     return list(merged.values())
+
+
+def _joined(earlier: msg.RequestOutput, later: msg.RequestOutput) -> msg.RequestOutput:
+    logprobs = None
+    if earlier.logprobs is not None or later.logprobs is not None:
+        logprobs = (earlier.logprobs or []) + (later.logprobs or [])
+    return dataclasses.replace(
+        later,
+        text=earlier.text + later.text,
+        num_new_tokens=earlier.num_new_tokens + later.num_new_tokens,
+        logprobs=logprobs,
+    )
 
 
 class EngineClient:
@@ -250,23 +260,31 @@ class EngineClient:
 
     def _route(self, message: Any) -> None:
         if isinstance(message, msg.OutputBatch):
-            for output in message.outputs:
-                generation = self._routes.get(output.uid)
-                if generation is None:
-                    continue
-                generation.queue.put_nowait(output)
-                if output.finish_reason is not None:
-                    del self._routes[output.uid]
+            self._route_outputs(message.outputs)
         elif isinstance(message, msg.RequestError):
-            notified: set[int] = set()
-            for uid in message.uids:
-                generation = self._routes.pop(uid, None)
-                if generation is not None and id(generation) not in notified:
-                    notified.add(id(generation))
-                    generation.queue.put_nowait(message)
+            self._route_error(message)
         elif isinstance(message, (msg.StatsReply, msg.TokenizerReply)):
-            future = self._waiters.get(message.query_id)
-            if future is not None and not future.done():
-                future.set_result(message)
+            self._answer(message)
         else:
             logger.error("frontend got an unexpected %s; ignored", type(message).__name__)
+
+    def _route_outputs(self, outputs: list[msg.RequestOutput]) -> None:
+        """Each output to its Generation; a request's last output ends its route."""
+        for output in outputs:
+            generation = self._routes.get(output.uid)
+            if generation is None:
+                continue  # nobody waits for it any more
+            generation.queue.put_nowait(output)
+            if output.finish_reason is not None:
+                del self._routes[output.uid]
+
+    def _route_error(self, error: msg.RequestError) -> None:
+        """A refused group: its Generation gets the error once, and its routes end."""
+        generations = {id(g): g for g in (self._routes.pop(uid, None) for uid in error.uids) if g is not None}
+        for generation in generations.values():
+            generation.queue.put_nowait(error)
+
+    def _answer(self, reply: msg.StatsReply | msg.TokenizerReply) -> None:
+        future = self._waiters.get(reply.query_id)
+        if future is not None and not future.done():
+            future.set_result(reply)

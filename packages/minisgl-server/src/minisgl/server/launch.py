@@ -19,6 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -64,58 +65,42 @@ class EngineProcesses:
 
     def shutdown(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
-        leader = next((p for p in self.processes if p.name == "minisgl-scheduler-0"), None)
-        if leader is not None and leader.is_alive():
-            # Rank 0 finishes its step and tells the other ranks to stop before it exits.
-            leader.terminate()
-            leader.join(timeout)
+        self._stop_leader(timeout)
         for process in self.processes:
             if process.is_alive():
                 process.terminate()
         for process in self.processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                logger.warning("%s did not stop in %.0f s; killing it", process.name, timeout)
-                process.kill()
-                process.join(2.0)
+            _join_or_kill(process, deadline, timeout)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _stop_leader(self, timeout: float) -> None:
+        """Rank 0 first: it finishes its step and tells the other ranks to stop before it exits."""
+        leader = next((p for p in self.processes if p.name == "minisgl-scheduler-0"), None)
+        if leader is not None and leader.is_alive():
+            leader.terminate()
+            leader.join(timeout)
+
+
+def _join_or_kill(process: BaseProcess, deadline: float, timeout: float) -> None:
+    process.join(max(0.0, deadline - time.monotonic()))
+    if process.is_alive():
+        logger.warning("%s did not stop in %.0f s; killing it", process.name, timeout)
+        process.kill()
+        process.join(2.0)
 
 
 def launch_engine(args: ServerArgs) -> EngineProcesses:
     """Start this node's scheduler ranks (and on node 0 the tokenizer worker); return once all are ready."""
-    problem = args.combination_problem()
-    if problem is not None:
-        raise LaunchError(f"{problem[0]} {problem[1]}")
-    if args.engine.tp_size > 1 and args.dist_init_addr is None:
-        args = args.replace(dist_init_addr=f"127.0.0.1:{_free_port()}")
+    args = _with_dist_address(args)
     context = mp.get_context("spawn")
     directory = Path(tempfile.mkdtemp(prefix="minisgl-"))
     engine = EngineProcesses(IpcAddresses.in_directory(directory, args.tokenizer_workers), directory)
     pipes: dict[str, Connection] = {}
     try:
-        from minisgl.server.scheduler_worker import run_scheduler
-        from minisgl.server.tokenizer_worker import run_tokenizer
-
-        for rank in args.local_ranks:
-            name = f"minisgl-scheduler-{rank}"
+        for name, target, number in _children(args):
             receive, send = context.Pipe(duplex=False)
-            engine.processes.append(
-                context.Process(
-                    target=run_scheduler, args=(args, engine.addresses, rank, send), name=name, daemon=True
-                )
-            )
-            pipes[name] = receive
-        for worker in range(args.tokenizer_workers if args.node_rank == 0 else 0):
-            name = "minisgl-tokenizer" if args.tokenizer_workers == 1 else f"minisgl-tokenizer-{worker}"
-            receive, send = context.Pipe(duplex=False)
-            engine.processes.append(
-                context.Process(
-                    target=run_tokenizer,
-                    args=(args, engine.addresses, worker, send),
-                    name=name,
-                    daemon=True,
-                )
-            )
+            child_args = (args, engine.addresses, number, send)
+            engine.processes.append(context.Process(target=target, args=child_args, name=name, daemon=True))
             pipes[name] = receive
         logger.info(
             "loading %s: TP ranks %d..%d of %d on this node%s",
@@ -134,6 +119,31 @@ def launch_engine(args: ServerArgs) -> EngineProcesses:
     return engine
 
 
+def _with_dist_address(args: ServerArgs) -> ServerArgs:
+    """The args, checked; a single-node TP run gets a free local port for the ranks to meet on."""
+    problem = args.combination_problem()
+    if problem is not None:
+        raise LaunchError(f"{problem[0]} {problem[1]}")
+    if args.engine.tp_size > 1 and args.dist_init_addr is None:
+        return args.replace(dist_init_addr=f"127.0.0.1:{_free_port()}")
+    return args
+
+
+def _children(args: ServerArgs) -> list[tuple[str, Callable[..., None], int]]:
+    """This node's processes: (name, entry point, TP rank or tokenizer worker number)."""
+    from minisgl.server.scheduler_worker import run_scheduler
+    from minisgl.server.tokenizer_worker import run_tokenizer
+
+    children: list[tuple[str, Callable[..., None], int]] = [
+        (f"minisgl-scheduler-{rank}", run_scheduler, rank) for rank in args.local_ranks
+    ]
+    if args.node_rank == 0:
+        count = args.tokenizer_workers
+        names = ["minisgl-tokenizer"] if count == 1 else [f"minisgl-tokenizer-{w}" for w in range(count)]
+        children += [(name, run_tokenizer, worker) for worker, name in enumerate(names)]
+    return children
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -141,40 +151,66 @@ def _free_port() -> int:
 
 
 def _wait_until_ready(engine: EngineProcesses, pipes: dict[str, Connection], timeout: float) -> None:
-    started = time.monotonic()
-    by_name = {p.name: p for p in engine.processes}
-    waiting = dict(pipes)
-    next_progress = started + PROGRESS_INTERVAL_S
-    while waiting:
-        if time.monotonic() >= next_progress:
-            next_progress += PROGRESS_INTERVAL_S
-            logger.info(
-                "still loading (%.0f s): waiting for %s", time.monotonic() - started, ", ".join(waiting)
-            )
-        remaining = timeout - (time.monotonic() - started)
-        if remaining <= 0:
-            raise LaunchError(
-                f"the engine did not start within {timeout:g} s (waiting for {', '.join(waiting)})"
-            )
-        sentinels = {by_name[name].sentinel: name for name in waiting}
-        ready = wait([*waiting.values(), *sentinels], timeout=min(remaining, 1.0))
+    _StartupWait(engine, pipes, timeout).run()
+
+
+class _StartupWait:
+    """Waits for every process's ready message. A process that reports a failure, exits, or is not ready
+    within the timeout is a LaunchError; every PROGRESS_INTERVAL_S a line says who is still loading."""
+
+    def __init__(self, engine: EngineProcesses, pipes: dict[str, Connection], timeout: float) -> None:
+        self.engine = engine
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self.next_progress = self.started + PROGRESS_INTERVAL_S
+        self.by_name = {p.name: p for p in engine.processes}
+        self.waiting = dict(pipes)  # process name -> its pipe, until it is ready
+
+    def run(self) -> None:
+        while self.waiting:
+            self._log_progress()
+            remaining = self._remaining()
+            sentinels = {self.by_name[name].sentinel: name for name in self.waiting}
+            self._take(wait([*self.waiting.values(), *sentinels], timeout=min(remaining, 1.0)), sentinels)
+
+    def _take(self, ready: list[Any], sentinels: dict[int, str]) -> None:
+        """What wait() returned: pipes with a message, and sentinels of processes that ended."""
         for item in ready:
             if isinstance(item, int):
-                name = sentinels[item]
-                if name in waiting and not waiting[name].poll():
-                    code = by_name[name].exitcode
-                    raise LaunchError(f"{name} exited during start-up (exit code {code})")
-                continue
-            name = next(n for n, conn in waiting.items() if conn is item)
-            try:
-                status, payload = waiting[name].recv()
-            except EOFError:
-                raise LaunchError(f"{name} exited during start-up") from None
-            if status != "ready":
-                raise LaunchError(f"{name} failed to start: {payload}")
-            engine.loaded[name] = payload
-            del waiting[name]
-            logger.info("%s ready (%.1f s): %s", name, time.monotonic() - started, _describe(payload))
+                self._check_exit(sentinels[item])
+            else:
+                self._take_ready(next(n for n, conn in self.waiting.items() if conn is item))
+
+    def _log_progress(self) -> None:
+        if time.monotonic() >= self.next_progress:
+            self.next_progress += PROGRESS_INTERVAL_S
+            elapsed = time.monotonic() - self.started
+            logger.info("still loading (%.0f s): waiting for %s", elapsed, ", ".join(self.waiting))
+
+    def _remaining(self) -> float:
+        remaining = self.timeout - (time.monotonic() - self.started)
+        if remaining <= 0:
+            raise LaunchError(
+                f"the engine did not start within {self.timeout:g} s (waiting for {', '.join(self.waiting)})"
+            )
+        return remaining
+
+    def _check_exit(self, name: str) -> None:
+        """A process ended: fatal unless it was ready, or its ready message is still in its pipe."""
+        if name in self.waiting and not self.waiting[name].poll():
+            code = self.by_name[name].exitcode
+            raise LaunchError(f"{name} exited during start-up (exit code {code})")
+
+    def _take_ready(self, name: str) -> None:
+        try:
+            status, payload = self.waiting[name].recv()
+        except EOFError:
+            raise LaunchError(f"{name} exited during start-up") from None
+        if status != "ready":
+            raise LaunchError(f"{name} failed to start: {payload}")
+        self.engine.loaded[name] = payload
+        del self.waiting[name]
+        logger.info("%s ready (%.1f s): %s", name, time.monotonic() - self.started, _describe(payload))
 
 
 def _describe(payload: Any) -> str:

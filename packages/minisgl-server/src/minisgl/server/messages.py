@@ -6,12 +6,14 @@
 Every message is a dataclass listed in MESSAGE_TYPES, the one registry: a message travels as msgpack
 [type id, field values...], with the type id its position in that tuple. Token arrays are numpy arrays
 and travel as raw little-endian bytes. Nothing else can be sent (no pickle): an unregistered object is a
-TypeError at the sender, an unknown type id a ValueError at the receiver.
+TypeError at the sender, an unknown type id a ValueError at the receiver. Only the server's own processes
+are on these sockets, so received SamplingParams are not validated again: the API checked them once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,10 +218,14 @@ MESSAGE_TYPES: tuple[type, ...] = (
 )
 _TYPE_IDS = {cls: index for index, cls in enumerate(MESSAGE_TYPES)}
 _INIT_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls) if f.init) for cls in MESSAGE_TYPES}
+# How a received message is built: SamplingParams were validated where the API or the offline entry
+# point built them, and only our own processes are on these sockets, so they are not checked again.
+_BUILDERS: dict[type, Callable[..., Any]] = {SamplingParams: SamplingParams.trusted}
 
 _EXT_MESSAGE = 1
-_EXT_INT32 = 2
-_EXT_INT64 = 3
+# Token arrays: extension code -> little-endian dtype, and numpy dtype -> extension code.
+_EXT_DTYPES = {2: "<i4", 3: "<i8"}
+_ARRAY_CODES = {np.dtype(np.int32): 2, np.dtype(np.int64): 3}
 
 
 def int32_array(values: Any) -> np.ndarray:
@@ -237,35 +243,39 @@ def _pack_default(obj: Any) -> Any:
         values = [getattr(obj, name) for name in _INIT_FIELDS[type(obj)]]
         return msgpack.ExtType(_EXT_MESSAGE, _pack([type_id, *values]))
     if isinstance(obj, np.ndarray):
-        if obj.ndim != 1:
-            raise TypeError(f"only 1-D token arrays can be sent, got shape {obj.shape}")
-        if obj.dtype == np.int32:
-            return msgpack.ExtType(_EXT_INT32, obj.astype("<i4", copy=False).tobytes())
-        if obj.dtype == np.int64:
-            return msgpack.ExtType(_EXT_INT64, obj.astype("<i8", copy=False).tobytes())
-        raise TypeError(f"arrays must be int32 or int64, got {obj.dtype}")
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
+        return _array_ext(obj)
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
     raise TypeError(f"{type(obj).__name__} is not a registered message type and cannot be sent")
+
+
+def _array_ext(array: np.ndarray) -> msgpack.ExtType:
+    if array.ndim != 1:
+        raise TypeError(f"only 1-D token arrays can be sent, got shape {array.shape}")
+    code = _ARRAY_CODES.get(array.dtype)
+    if code is None:
+        raise TypeError(f"arrays must be int32 or int64, got {array.dtype}")
+    return msgpack.ExtType(code, array.astype(_EXT_DTYPES[code], copy=False).tobytes())
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _EXT_MESSAGE:
-        type_id, *values = _unpack(data)
-        if not isinstance(type_id, int) or not 0 <= type_id < len(MESSAGE_TYPES):
-            raise ValueError(f"unknown message type id {type_id!r}")
-        cls = MESSAGE_TYPES[type_id]
-        names = _INIT_FIELDS[cls]
-        if len(values) != len(names):
-            raise ValueError(f"{cls.__name__} has {len(names)} fields, got {len(values)}")
-        return cls(**dict(zip(names, values, strict=True)))
-    if code == _EXT_INT32:
-        return np.frombuffer(data, dtype="<i4")
-    if code == _EXT_INT64:
-        return np.frombuffer(data, dtype="<i8")
-    raise ValueError(f"unknown msgpack extension {code}")
+        return _message(_unpack(data))
+    dtype = _EXT_DTYPES.get(code)
+    if dtype is None:
+        raise ValueError(f"unknown msgpack extension {code}")
+    return np.frombuffer(data, dtype=dtype)
+
+
+def _message(packed: list[Any]) -> Any:
+    type_id, *values = packed
+    if not isinstance(type_id, int) or not 0 <= type_id < len(MESSAGE_TYPES):
+        raise ValueError(f"unknown message type id {type_id!r}")
+    cls = MESSAGE_TYPES[type_id]
+    names = _INIT_FIELDS[cls]
+    if len(values) != len(names):
+        raise ValueError(f"{cls.__name__} has {len(names)} fields, got {len(values)}")
+    return _BUILDERS.get(cls, cls)(**dict(zip(names, values, strict=True)))
 
 
 def _pack(obj: Any) -> bytes:

@@ -90,97 +90,111 @@ class Metrics:
             self.rejected[status, reason] += 1
 
     def render(self, stats: dict[str, Any] | None) -> str:
-        labels = self.labels
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help: str, value: float, extra: str = "") -> None:
-            full = PREFIX + name
-            if not any(line.startswith(f"# TYPE {full} ") for line in lines):
-                lines.extend([f"# HELP {full} {help}", f"# TYPE {full} {kind}"])
-            lines.append(f"{full}{{{labels}{extra}}} {value}")
-
+        out = _Exposition(self.labels)
         with self.lock:
             # 0 when the scheduler did not answer in time: its gauges below are missing, not zero.
-            metric(
+            out.metric(
                 "scheduler_up", "gauge", "1 if the scheduler answered this scrape in time, else 0.",
                 int(stats is not None),
             )  # fmt: skip
             if stats is not None:
-                metric(
-                    "num_requests_running",
-                    "gauge",
-                    "Requests in the running batch.",
-                    stats.get("num_running", 0),
-                )
-                metric(
-                    "num_requests_waiting", "gauge", "Requests waiting to run.", stats.get("num_waiting", 0)
-                )
-                total = stats.get("pages_total", 0)
-                free = stats.get("pages_free", 0)
-                used = stats.get("pages_used", total - free)
-                cached = stats.get("pages_cached", 0)
-                metric("kv_pages_total", "gauge", "KV cache pages in the pool.", total)
-                metric(
-                    "kv_pages_used",
-                    "gauge",
-                    "KV cache pages not free (held by requests or by the prefix cache).",
-                    used,
-                )
-                metric("kv_pages_free", "gauge", "KV cache pages on the free list.", free)
-                metric(
-                    "kv_pages_cached",
-                    "gauge",
-                    "KV cache pages held by the prefix cache (reusable: evicted when requests need room).",
-                    cached,
-                )
-                metric(
-                    "kv_pages_in_use",
-                    "gauge",
-                    "KV cache pages held only by running requests (used minus cached).",
-                    used - cached,
-                )
-                metric(
-                    "kv_cache_usage_ratio",
-                    "gauge",
-                    "Fraction of KV pages held by running requests (the prefix cache's are not counted).",
-                    (used - cached) / total if total else 0.0,
-                )
-                metric(
-                    "num_retractions_total",
-                    "counter",
-                    "Requests retracted when KV ran out.",
-                    stats.get("num_retractions", 0),
-                )
+                _scheduler_metrics(out, stats)
+            self._request_metrics(out)
+        return "\n".join(out.lines) + "\n"
+
+    def _request_metrics(self, out: _Exposition) -> None:
+        metric = out.metric
+        metric("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", self.prompt_tokens)
+        metric(
+            "generation_tokens_total",
+            "counter",
+            "Generated tokens of finished requests.",
+            self.generation_tokens,
+        )
+        metric(
+            "cached_tokens_total",
+            "counter",
+            "Prompt tokens served from the prefix cache.",
+            self.cached_tokens,
+        )
+        hit_rate = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        metric("cache_hit_rate", "gauge", "Cached share of prompt tokens of finished requests.", hit_rate)
+        for reason in ("stop", "length", "abort"):
             metric(
-                "prompt_tokens_total", "counter", "Prompt tokens of finished requests.", self.prompt_tokens
-            )
+                "request_success_total", "counter", "Finished requests by finish reason.",
+                self.finished[reason], f',finished_reason="{reason}"',
+            )  # fmt: skip
+        for status, reason in sorted(self.rejected):
             metric(
-                "generation_tokens_total",
-                "counter",
-                "Generated tokens of finished requests.",
-                self.generation_tokens,
-            )
-            metric(
-                "cached_tokens_total",
-                "counter",
-                "Prompt tokens served from the prefix cache.",
-                self.cached_tokens,
-            )
-            hit_rate = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-            metric("cache_hit_rate", "gauge", "Cached share of prompt tokens of finished requests.", hit_rate)
-            for reason in ("stop", "length", "abort"):
-                metric(
-                    "request_success_total", "counter", "Finished requests by finish reason.",
-                    self.finished[reason], f',finished_reason="{reason}"',
-                )  # fmt: skip
-            for status, reason in sorted(self.rejected):
-                metric(
-                    "request_rejected_total", "counter", "Requests answered with an error, by status and reason.",
-                    self.rejected[status, reason], f',status="{status}",reason="{_escape(reason)}"',
-                )  # fmt: skip
-            for histogram in (self.ttft, self.tpot, self.e2e):
-                lines.extend(histogram.render(labels))
-        return "\n".join(lines) + "\n"
+                "request_rejected_total", "counter", "Requests answered with an error, by status and reason.",
+                self.rejected[status, reason], f',status="{status}",reason="{_escape(reason)}"',
+            )  # fmt: skip
+        for histogram in (self.ttft, self.tpot, self.e2e):
+            out.lines.extend(histogram.render(out.labels))
+
+
+class _Exposition:
+    """Prometheus text lines: a metric's HELP and TYPE before its first sample, then its samples."""
+
+    def __init__(self, labels: str) -> None:
+        self.labels = labels
+        self.lines: list[str] = []
+        self._described: set[str] = set()
+
+    def metric(self, name: str, kind: str, help: str, value: float, extra: str = "") -> None:
+        full = PREFIX + name
+        if full not in self._described:
+            self._described.add(full)
+            self.lines.extend([f"# HELP {full} {help}", f"# TYPE {full} {kind}"])
+        self.lines.append(f"{full}{{{self.labels}{extra}}} {value}")
+
+
+def _scheduler_metrics(out: _Exposition, stats: dict[str, Any]) -> None:
+    """The scheduler's gauges: its queues and the KV pool's pages."""
+    metric = out.metric
+    metric(
+        "num_requests_running",
+        "gauge",
+        "Requests in the running batch.",
+        stats.get("num_running", 0),
+    )
+    metric("num_requests_waiting", "gauge", "Requests waiting to run.", stats.get("num_waiting", 0))
+    total = stats.get("pages_total", 0)
+    free = stats.get("pages_free", 0)
+    used = stats.get("pages_used", total - free)
+    cached = stats.get("pages_cached", 0)
+    metric("kv_pages_total", "gauge", "KV cache pages in the pool.", total)
+    metric(
+        "kv_pages_used",
+        "gauge",
+        "KV cache pages not free (held by requests or by the prefix cache).",
+        used,
+    )
+    metric("kv_pages_free", "gauge", "KV cache pages on the free list.", free)
+    metric(
+        "kv_pages_cached",
+        "gauge",
+        "KV cache pages held by the prefix cache (reusable: evicted when requests need room).",
+        cached,
+    )
+    metric(
+        "kv_pages_in_use",
+        "gauge",
+        "KV cache pages held only by running requests (used minus cached).",
+        used - cached,
+    )
+    metric(
+        "kv_cache_usage_ratio",
+        "gauge",
+        "Fraction of KV pages held by running requests (the prefix cache's are not counted).",
+        (used - cached) / total if total else 0.0,
+    )
+    metric(
+        "num_retractions_total",
+        "counter",
+        "Requests retracted when KV ran out.",
+        stats.get("num_retractions", 0),
+    )
 
 
 def _escape(value: str) -> str:

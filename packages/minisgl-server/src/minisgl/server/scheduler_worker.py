@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
+from minisgl.core.request_checks import CheckedRequest
 from minisgl.core.request_error import InvalidRequestError
+from minisgl.core.sampling_params import SamplingParams
 from minisgl.server import messages as msg
 from minisgl.server.activity import ActivityLog
 from minisgl.server.args import ServerArgs
@@ -31,6 +33,7 @@ from minisgl.server.ipc import IpcAddresses, parent_is_gone, prepare_child, pull
 if TYPE_CHECKING:  # the scheduler process imports torch and the runtime only once it starts
     from minisgl.core.request import Request
     from minisgl.core.runtime import Runtime
+    from minisgl.core.scheduler.batch import Batch
 
 logger = logging.getLogger("minisgl.server.scheduler")
 
@@ -134,19 +137,25 @@ class SchedulerWorker:
                 self._handle(message)
             if self.runtime.has_work():
                 self._step()
-                if self.activity.due():
-                    self._log_activity()
-                continue
-            self.activity.rest()
-            if self.activity.due():  # the last busy spell's figures, once its interval is over
-                self._log_activity()
-            if self.pending_finished:
-                self._send_outputs([], [], [], [])
-            elif not busy and parent_is_gone(parent_pid):
-                logger.error("the launching process is gone; exiting")
+                self._log_activity_when_due()
+            elif not self._rest(busy, parent_pid):
                 return
 
-    def _log_activity(self) -> None:
+    def _rest(self, was_busy: bool, parent_pid: int) -> bool:
+        """A pass with nothing to run: the last busy spell's activity line once its interval is over, the
+        outputs of aborts still waiting. False when the launching process is gone (time to exit)."""
+        self.activity.rest()
+        self._log_activity_when_due()
+        if self.pending_finished:
+            self._send_outputs()
+        elif not was_busy and parent_is_gone(parent_pid):
+            logger.error("the launching process is gone; exiting")
+            return False
+        return True
+
+    def _log_activity_when_due(self) -> None:
+        if not self.activity.due():
+            return
         line = self.activity.take_line(self._runtime_stats)
         if line is not None:
             logger.info("%s", line)
@@ -164,37 +173,14 @@ class SchedulerWorker:
     def _send(self, message: Any, worker: int = 0) -> None:
         self.senders[worker].send(msg.encode(message))
 
-    def _send_outputs(
-        self,
-        uids: list[int],
-        tokens: list[int],
-        logprobs: list[msg.TokenLogprobs],
-        finished: list[msg.FinishedRequest],
-        prompt_logprobs: list[msg.PromptLogprobs] | None = None,
-    ) -> None:
-        """One StepOutputs per tokenizer worker that has something in this step (aborts included)."""
-        finished = self.pending_finished + finished
-        self.pending_finished = []
-        parts: dict[int, _WorkerOutputs] = defaultdict(_WorkerOutputs)
-        for uid, token in zip(uids, tokens, strict=True):
-            part = parts[self.worker_of.get(uid, 0)]
-            part.uids.append(uid)
-            part.tokens.append(token)
-        for entry in logprobs:
-            parts[self.worker_of.get(entry.uid, 0)].logprobs.append(entry)
-        for prompt in prompt_logprobs or ():
-            parts[self.worker_of.get(prompt.uid, 0)].prompt_logprobs.append(prompt)
-        for end in finished:
+    def _send_outputs(self, parts: defaultdict[int, _WorkerOutputs] | None = None) -> None:
+        """One StepOutputs per tokenizer worker that has something (tokens, finishes, aborts)."""
+        parts = parts if parts is not None else defaultdict(_WorkerOutputs)
+        for end in self.pending_finished:
             parts[self.worker_of.pop(end.uid, 0)].finished.append(end)
+        self.pending_finished = []
         for worker, part in parts.items():
-            message = msg.StepOutputs(
-                msg.int64_array(part.uids),
-                msg.int32_array(part.tokens),
-                part.logprobs,
-                part.finished,
-                part.prompt_logprobs,
-            )
-            self._send(message, worker)
+            self._send(part.message(), worker)
 
     # ---- messages ---------------------------------------------------------------------------------
 
@@ -211,35 +197,43 @@ class SchedulerWorker:
 
     def _add_group(self, group: msg.TokenizedGroup) -> None:
         """Add every request of the group, or none of them."""
+        checked = self._admit(group)
+        if isinstance(checked, msg.RequestError):
+            self._send(checked, group.worker)
+            return
+        for request, accepted in zip(group.requests, checked, strict=True):
+            self.requests[request.uid] = self.runtime.add_checked(accepted, request.uid)
+            self.worker_of[request.uid] = group.worker
+            self.num_requests += 1
+
+    def _admit(self, group: msg.TokenizedGroup) -> list[CheckedRequest] | msg.RequestError:
+        """The group's checked requests, or why it is refused: a full queue (503) or a bad request (400)."""
         uids = [r.uid for r in group.requests]
         limit = self.args.max_queued_requests
-        if limit is not None and self._num_queued() + len(group.requests) > limit:
+        if limit is not None and self._num_queued() + len(uids) > limit:
             self.num_rejected += len(uids)
-            self._send(
-                msg.RequestError(
-                    uids,
-                    503,
-                    f"the server is overloaded: {limit} requests are already queued",
-                    None,
-                    "queue_full",
-                ),
-                group.worker,
-            )
-            return
+            message = f"the server is overloaded: {limit} requests are already queued"
+            return msg.RequestError(uids, 503, message, None, "queue_full")
         try:
-            # The API refuses an explicit max_tokens beyond the context, as vLLM's does.
-            checked = [
-                self.runtime.check_request(r.prompt_ids.tolist(), r.params, refuse_overflow=True)
-                for r in group.requests
-            ]
+            return self._check_group(group.requests)
         except ValueError as exc:  # an InvalidRequestError names its field
             param = exc.param if isinstance(exc, InvalidRequestError) else None
-            self._send(msg.RequestError(uids, 400, str(exc), param, None), group.worker)
-            return
-        for uid, request in zip(uids, checked, strict=True):
-            self.requests[uid] = self.runtime.add_checked(request, uid)
-            self.worker_of[uid] = group.worker
-            self.num_requests += 1
+            return msg.RequestError(uids, 400, str(exc), param, None)
+
+    def _check_group(self, requests: list[msg.TokenizedRequest]) -> list[CheckedRequest]:
+        """Check each distinct request once: the n samples of a prompt differ only in their seed, which
+        no check reads, so they share their first sample's check (context length, KV fit, token ids)."""
+        checks_of_prompt: dict[bytes, list[CheckedRequest]] = defaultdict(list)
+        checked: list[CheckedRequest] = []
+        for request in requests:
+            earlier = checks_of_prompt[request.prompt_ids.tobytes()]
+            twin = next((c for c in earlier if _same_but_seed(c.params, request.params)), None)
+            if twin is None:  # the API refuses an explicit max_tokens beyond the context, as vLLM's does
+                ids = request.prompt_ids.tolist()
+                twin = self.runtime.check_request(ids, request.params, refuse_overflow=True)
+                earlier.append(twin)
+            checked.append(dataclasses.replace(twin, params=request.params))
+        return checked
 
     def _num_queued(self) -> int:
         """Requests that wait beyond the free running slots (those start at the next step)."""
@@ -257,37 +251,27 @@ class SchedulerWorker:
     # ---- stepping ---------------------------------------------------------------------------------
 
     def _step(self) -> None:
+        """Run one engine step and send its new tokens and finished requests to their tokenizer workers."""
         result = self.runtime.step()
-        uids: list[int] = []
-        tokens: list[int] = []
-        logprobs: list[msg.TokenLogprobs] = []
-        prompt_logprobs: list[msg.PromptLogprobs] = []
-        for req, token in result.new_tokens:
-            uid = req.uid
-            if uid not in self.requests:
-                continue
-            uids.append(uid)
-            tokens.append(token)
-            # A request's first token comes once its whole prompt is computed: its prompt logprobs go with it.
-            if req.params.prompt_logprobs and len(req.output_ids) - req.num_pending == 1:
-                prompt_logprobs.append(_prompt_logprobs(uid, req))
-            if req.params.logprobs is not None and req.output_logprobs:
-                top = req.output_top_logprobs[-1] if req.output_top_logprobs else {}
-                logprobs.append(
-                    msg.TokenLogprobs(
-                        uid, float(req.output_logprobs[-1]), msg.int32_array(list(top)), list(top.values())
-                    )
-                )
-        finished = []
-        for req in result.finished:
-            uid = req.uid
-            if self.requests.pop(uid, None) is None:
-                continue
-            finished.append(self._finished(uid, req, req.finish_reason or "stop"))
-        if uids or finished or self.pending_finished:
-            self._send_outputs(uids, tokens, logprobs, finished, prompt_logprobs)
-        computed = result.batch.chunks if result.batch is not None else []
-        self.activity.record(sum(c.end - c.start for c in computed if c.is_prefill), len(uids), len(finished))
+        parts: defaultdict[int, _WorkerOutputs] = defaultdict(_WorkerOutputs)
+        num_tokens = self._take_tokens(result.new_tokens, parts)
+        num_finished = self._take_finished(result.finished)
+        self._send_outputs(parts)
+        self.activity.record(_prefilled_tokens(result.batch), num_tokens, num_finished)
+
+    def _take_tokens(self, new_tokens: list[tuple[Request, int]], parts: dict[int, _WorkerOutputs]) -> int:
+        """Route each new token of a request still ours to its tokenizer worker; returns how many."""
+        ours = [(req, token) for req, token in new_tokens if req.uid in self.requests]
+        for req, token in ours:
+            parts[self.worker_of.get(req.uid, 0)].add_token(req, token)
+        return len(ours)
+
+    def _take_finished(self, finished: list[Request]) -> int:
+        """Forget the requests that finished (those aborted before are gone already); returns how many."""
+        ours = [req for req in finished if self.requests.pop(req.uid, None) is not None]
+        for req in ours:
+            self.pending_finished.append(self._finished(req.uid, req, req.finish_reason or "stop"))
+        return len(ours)
 
     def _finished(self, uid: int, req: Request, reason: str) -> msg.FinishedRequest:
         last = req.output_ids[-1] if req.output_ids else None
@@ -320,6 +304,13 @@ class SchedulerWorker:
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in stats.items()}
 
 
+_SEEDLESS_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.init and f.name != "seed")
+
+
+def _same_but_seed(a: SamplingParams, b: SamplingParams) -> bool:
+    return all(getattr(a, name) == getattr(b, name) for name in _SEEDLESS_FIELDS)
+
+
 @dataclass
 class _WorkerOutputs:
     uids: list[int] = field(default_factory=list)
@@ -327,6 +318,31 @@ class _WorkerOutputs:
     logprobs: list[msg.TokenLogprobs] = field(default_factory=list)
     finished: list[msg.FinishedRequest] = field(default_factory=list)
     prompt_logprobs: list[msg.PromptLogprobs] = field(default_factory=list)
+
+    def add_token(self, req: Request, token: int) -> None:
+        """A new token of req, with its logprobs. A request's first token comes once its whole prompt is
+        computed: its prompt logprobs go with it."""
+        self.uids.append(req.uid)
+        self.tokens.append(token)
+        if req.params.prompt_logprobs and len(req.output_ids) - req.num_pending == 1:
+            self.prompt_logprobs.append(_prompt_logprobs(req.uid, req))
+        if req.params.logprobs is not None and req.output_logprobs:
+            self.logprobs.append(_token_logprobs(req))
+
+    def message(self) -> msg.StepOutputs:
+        uids, tokens = msg.int64_array(self.uids), msg.int32_array(self.tokens)
+        return msg.StepOutputs(uids, tokens, self.logprobs, self.finished, self.prompt_logprobs)
+
+
+def _prefilled_tokens(batch: Batch | None) -> int:
+    return sum(c.end - c.start for c in batch.chunks if c.is_prefill) if batch is not None else 0
+
+
+def _token_logprobs(req: Request) -> msg.TokenLogprobs:
+    """The logprob of req's newest token and its top alternatives."""
+    top = req.output_top_logprobs[-1] if req.output_top_logprobs else {}
+    logprob = float(req.output_logprobs[-1])
+    return msg.TokenLogprobs(req.uid, logprob, msg.int32_array(list(top)), list(top.values()))
 
 
 def _prompt_logprobs(uid: int, req: Request) -> msg.PromptLogprobs:

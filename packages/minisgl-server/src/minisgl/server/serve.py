@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ from minisgl.server.launch import EngineProcesses, LaunchError, launch_engine
 
 if TYPE_CHECKING:
     from minisgl.server.api.app import ServerState
+    from minisgl.server.engine_client import EngineClient
 
 logger = logging.getLogger("minisgl.server")
 
@@ -45,12 +47,30 @@ def serve(args: ServerArgs) -> int:
     try:
         listener = _listen(args.host, args.port)
     except OSError as exc:
-        problem = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
-        logger.error("cannot listen on %s:%d: %s (--host, --port)", args.host, args.port, problem)
+        logger.error("cannot listen on %s:%d: %s (--host, --port)", args.host, args.port, _why_not(exc))
         return 1
+    engine = _start_engine(args, listener)
+    if not isinstance(engine, EngineProcesses):
+        return engine
+    try:
+        return asyncio.run(_serve(args, engine, listener))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        engine.shutdown()
+        logger.info("stopped")
+
+
+def _why_not(exc: OSError) -> str:
+    return "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+
+
+def _start_engine(args: ServerArgs, listener: socket.socket) -> EngineProcesses | int:
+    """The engine, once every process is ready; or, when start-up fails or is interrupted, the exit
+    status (the listener is closed then)."""
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # stop cleanly during start-up too
     try:
-        engine = launch_engine(args)
+        return launch_engine(args)
     except LaunchError as exc:
         logger.error("%s", exc)
         listener.close()
@@ -61,13 +81,6 @@ def serve(args: ServerArgs) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
-    try:
-        return asyncio.run(_serve(args, engine, listener))
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        engine.shutdown()
-        logger.info("stopped")
 
 
 def _run_other_node(args: ServerArgs) -> int:
@@ -82,14 +95,7 @@ def _run_other_node(args: ServerArgs) -> int:
             args.local_ranks[0],
             args.local_ranks[-1],
         )
-        running = list(engine.processes)
-        while running:
-            wait([p.sentinel for p in running])
-            running = [p for p in running if p.is_alive()]
-        failed = [p for p in engine.processes if p.exitcode != 0]
-        for process in failed:
-            logger.error("%s exited with code %s", process.name, process.exitcode)
-        return 1 if failed else 0
+        return _wait_for_ranks(engine)
     except LaunchError as exc:
         logger.error("%s", exc)
         return 1
@@ -100,6 +106,22 @@ def _run_other_node(args: ServerArgs) -> int:
         if engine is not None:
             engine.shutdown()
         logger.info("node %d stopped", args.node_rank)
+
+
+def _wait_for_ranks(engine: EngineProcesses) -> int:
+    """Wait until every process of this node ended: 0 when all exited cleanly, else 1."""
+    running = list(engine.processes)
+    while running:
+        wait([p.sentinel for p in running])
+        running = [p for p in running if p.is_alive()]
+    return _exit_status(engine.processes)
+
+
+def _exit_status(processes: list[BaseProcess]) -> int:
+    failed = [p for p in processes if p.exitcode != 0]
+    for process in failed:
+        logger.error("%s exited with code %s", process.name, process.exitcode)
+    return 1 if failed else 0
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -224,12 +246,17 @@ async def _end_requests(state: ServerState, hurry: asyncio.Event, timeout: float
             client.num_open,
             timeout,
         )
-        deadline = time.monotonic() + timeout
-        while client.num_open and time.monotonic() < deadline and not hurry.is_set():
-            await asyncio.sleep(SHUTDOWN_POLL_S)
+        await _wait_for_requests(client, hurry, timeout)
         if client.num_open:
             logger.warning("stopping: ending %d unfinished request(s)", client.num_open)
             client.fail_all(SHUTTING_DOWN)
+
+
+async def _wait_for_requests(client: EngineClient, hurry: asyncio.Event, timeout: float) -> None:
+    """Until the open requests finish, the timeout passes, or a second signal hurries the stop."""
+    deadline = time.monotonic() + timeout
+    while client.num_open and time.monotonic() < deadline and not hurry.is_set():
+        await asyncio.sleep(SHUTDOWN_POLL_S)
 
 
 def _bind_address(host: str, port: int) -> str:

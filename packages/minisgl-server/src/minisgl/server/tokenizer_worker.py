@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -76,6 +77,11 @@ class RequestState:
     # max_tokens 0: the engine's one token is dropped.
     score_only: bool = False
 
+    @property
+    def outputs_tokens(self) -> bool:
+        """New tokens are output: not once a stop string was found here, never when only scoring."""
+        return self.tokens_at_stop is None and not self.score_only
+
 
 class TokenizerWorker:
     def __init__(self, tokenizer: Any, addresses: IpcAddresses, worker: int = 0) -> None:
@@ -87,41 +93,55 @@ class TokenizerWorker:
         self.to_scheduler = push_socket(self.context, addresses.scheduler)
         self.to_frontend = push_socket(self.context, addresses.frontend)
         self.states: dict[int, RequestState] = {}
+        # Each inbound message type and what is done with it (with the outputs gathered so far).
+        self._handlers: dict[type, Callable[[Any, list[msg.RequestOutput]], None]] = {
+            msg.StepOutputs: self._detokenize,
+            msg.GenerateGroup: lambda group, _: self._tokenize(group),
+            msg.TokenizeQuery: self._answer_query,
+            msg.DetokenizeQuery: self._answer_query,
+            msg.AbortRequests: self._pass_to_scheduler,
+            msg.StatsQuery: self._pass_to_scheduler,
+            msg.RequestError: self._refused,
+            msg.StatsReply: self._flush_then_forward,
+        }
 
     def run(self, parent_pid: int) -> None:
         while True:
-            if not self.receiver.poll(IDLE_POLL_MS):
-                if parent_is_gone(parent_pid):
-                    logger.error("the launching process is gone; exiting")
-                    return
-                continue
-            outputs: list[msg.RequestOutput] = []
-            for _ in range(MAX_DRAIN):
-                try:
-                    message = msg.decode(self.receiver.recv(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
-                self._handle(message, outputs)
-            if outputs:
-                self.to_frontend.send(msg.encode(msg.OutputBatch(outputs)))
+            if self.receiver.poll(IDLE_POLL_MS):
+                self._drain()
+            elif parent_is_gone(parent_pid):
+                logger.error("the launching process is gone; exiting")
+                return
+
+    def _drain(self) -> None:
+        """Handle the messages waiting (at most MAX_DRAIN); the outputs they make go out in one batch."""
+        outputs: list[msg.RequestOutput] = []
+        for _ in range(MAX_DRAIN):
+            try:
+                message = msg.decode(self.receiver.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            self._handle(message, outputs)
+        if outputs:
+            self.to_frontend.send(msg.encode(msg.OutputBatch(outputs)))
 
     def _handle(self, message: Any, outputs: list[msg.RequestOutput]) -> None:
-        if isinstance(message, msg.StepOutputs):
-            self._detokenize(message, outputs)
-        elif isinstance(message, msg.GenerateGroup):
-            self._tokenize(message)
-        elif isinstance(message, (msg.TokenizeQuery, msg.DetokenizeQuery)):
-            self.to_frontend.send(msg.encode(self._answer(message)))
-        elif isinstance(message, (msg.AbortRequests, msg.StatsQuery)):
-            self.to_scheduler.send(msg.encode(message))
-        elif isinstance(message, msg.RequestError):
-            for uid in message.uids:
-                self.states.pop(uid, None)
-            self._flush_then_forward(message, outputs)
-        elif isinstance(message, msg.StatsReply):
-            self._flush_then_forward(message, outputs)
-        else:
+        handler = self._handlers.get(type(message))
+        if handler is None:
             logger.error("tokenizer got an unexpected %s; ignored", type(message).__name__)
+            return
+        handler(message, outputs)
+
+    def _answer_query(self, query: msg.TokenizeQuery | msg.DetokenizeQuery, _: Any) -> None:
+        self.to_frontend.send(msg.encode(self._answer(query)))
+
+    def _pass_to_scheduler(self, message: msg.AbortRequests | msg.StatsQuery, _: Any) -> None:
+        self.to_scheduler.send(msg.encode(message))
+
+    def _refused(self, error: msg.RequestError, outputs: list[msg.RequestOutput]) -> None:
+        for uid in error.uids:
+            self.states.pop(uid, None)
+        self._flush_then_forward(error, outputs)
 
     def _flush_then_forward(self, message: Any, outputs: list[msg.RequestOutput]) -> None:
         """Keep the order the scheduler sent things in: outputs gathered so far go first."""
@@ -133,29 +153,29 @@ class TokenizerWorker:
     # ---- inbound: text to token ids ---------------------------------------------------------------
 
     def _tokenize(self, group: msg.GenerateGroup) -> None:
-        uids = [r.uid for r in group.requests]
-        tokenized: list[msg.TokenizedRequest] = []
+        """Tokenize every request of the group and pass them on together, or refuse them together."""
         memo: dict[str, Any] = {}
         try:
-            for request in group.requests:
-                ids = self._prompt_ids(request, memo)
-                tokenized.append(msg.TokenizedRequest(request.uid, ids, request.params))
+            tokenized = [
+                msg.TokenizedRequest(r.uid, self._prompt_ids(r, memo), r.params) for r in group.requests
+            ]
         except ValueError as exc:
-            self.to_frontend.send(
-                msg.encode(msg.RequestError(uids, 400, str(exc), _prompt_param(group), None))
-            )
+            uids = [r.uid for r in group.requests]
+            error = msg.RequestError(uids, 400, str(exc), _prompt_param(group), None)
+            self.to_frontend.send(msg.encode(error))
             return
         for request, sent in zip(group.requests, tokenized, strict=True):
-            state = RequestState(
-                DecodeState(stop=request.params.stop or [], skip_special_tokens=request.skip_special_tokens),
-                request.params.logprobs,
-                score_only=request.score_only,
-            )
-            if request.echo:
-                state.echo_text = self._echo_text(request, sent.prompt_ids)
-                state.echo_ids = sent.prompt_ids.tolist()
-            self.states[request.uid] = state
+            self.states[request.uid] = self._new_state(request, sent.prompt_ids)
         self.to_scheduler.send(msg.encode(msg.TokenizedGroup(tokenized, self.worker)))
+
+    def _new_state(self, request: msg.GenerateRequest, prompt_ids: Any) -> RequestState:
+        params = request.params
+        decode = DecodeState(stop=params.stop or [], skip_special_tokens=request.skip_special_tokens)
+        state = RequestState(decode, params.logprobs, score_only=request.score_only)
+        if request.echo:
+            state.echo_text = self._echo_text(request, prompt_ids)
+            state.echo_ids = prompt_ids.tolist()
+        return state
 
     def _echo_text(self, request: msg.GenerateRequest, ids: Any) -> str:
         if request.prompt is not None:
@@ -194,18 +214,7 @@ class TokenizerWorker:
         if messages is None:
             ids: list[int] = self.tokenizer.encode(prompt or "", add_special_tokens=add_special_tokens)
             return ids
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template: use /v1/completions with a plain prompt")
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages,
-                tools=tools,
-                tokenize=False,
-                add_generation_prompt=True,
-                **(template_kwargs or {}),
-            )
-        except Exception as exc:  # template errors (jinja raise_exception) are the client's fault
-            raise ValueError(f"the chat template rejected these messages: {exc}") from None
+        text = _render_chat(self.tokenizer, messages, tools, template_kwargs)
         # The template already holds any BOS token: adding special tokens again would double it.
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return ids
@@ -254,12 +263,11 @@ class TokenizerWorker:
         for uid, token in zip(step.uids.tolist(), step.tokens.tolist(), strict=True):
             token_of[uid] = token
             state = self.states.get(uid)
-            if state is None or state.tokens_at_stop is not None or state.score_only:
+            if state is None or not state.outputs_tokens:
                 continue
             state.num_tokens += 1
             new_counts[uid] = new_counts.get(uid, 0) + 1
-            end = finished.get(uid)
-            if not (end is not None and end.last_token_is_stop):
+            if _is_text(finished.get(uid)):
                 updates.append((state.decode, [token]))
         if self.detokenizer is not None:
             self.detokenizer.add_tokens_batch(updates)
@@ -297,32 +305,27 @@ class TokenizerWorker:
     def _output(
         self, uid: int, state: RequestState, num_new: int, end: msg.FinishedRequest | None
     ) -> msg.RequestOutput | None:
-        decode = state.decode
-        if end is not None and self.detokenizer is not None:
-            self.detokenizer.finish(decode)
-        final = end is not None or decode.stopped
-        text = self.detokenizer.take_text(decode, final) if self.detokenizer is not None else ""
-        if not state.sent_first:
-            text = state.echo_text + text
+        """The request's news since its last output, or None when it has none (its first output and its
+        end are always sent)."""
+        text = self._new_text(state, end)
         logprobs = state.pending_logprobs if state.top_logprobs is not None else None
-        if not (text or logprobs or end is not None or not state.sent_first):
+        if not any((text, logprobs, end is not None, not state.sent_first)):
             return None
         state.sent_first = True
         state.pending_logprobs = []
-        output = msg.RequestOutput(uid, text, 0 if state.score_only else num_new, logprobs or None)
+        output = msg.RequestOutput(uid, text, num_new, logprobs or None)  # score-only: num_new is 0
         if end is not None:
-            output.finish_reason = "stop" if decode.stopped else end.reason
-            output.num_prompt_tokens = end.num_prompt_tokens
-            output.num_cached_tokens = end.num_cached_tokens
-            output.num_output_tokens = (
-                state.tokens_at_stop if state.tokens_at_stop is not None else end.num_output_tokens
-            )
-            if state.score_only:
-                output.finish_reason, output.num_output_tokens = (
-                    ("length" if end.reason != "abort" else "abort"),
-                    0,
-                )
+            _set_finish(output, state, end)
         return output
+
+    def _new_text(self, state: RequestState, end: msg.FinishedRequest | None) -> str:
+        """The text decoded since the last output; the first output starts with the echoed prompt."""
+        text = ""
+        if self.detokenizer is not None:
+            if end is not None:
+                self.detokenizer.finish(state.decode)
+            text = self.detokenizer.take_text(state.decode, end is not None or state.decode.stopped)
+        return text if state.sent_first else state.echo_text + text
 
     def _prompt_entries(self, prompt_ids: list[int], prompt: msg.PromptLogprobs) -> list[list[Any]]:
         """Logprob entries of the echoed prompt; its first token has no logprob (nothing comes before it)."""
@@ -344,6 +347,43 @@ class TokenizerWorker:
             for top_id, lp in zip(entry.top_ids.tolist(), entry.top_logprobs, strict=True)
         ]
         return [self.detokenizer.token_text(token), float(entry.logprob), top]
+
+
+def _is_text(end: msg.FinishedRequest | None) -> bool:
+    """Whether a request's new token is text: not when it is the EOS or stop token that ended it."""
+    return end is None or not end.last_token_is_stop
+
+
+def _set_finish(output: msg.RequestOutput, state: RequestState, end: msg.FinishedRequest) -> None:
+    """A finished request's reason and usage. A stop string found here ends it with "stop" and counts
+    the tokens up to the match; a score-only request (max_tokens 0) reports no output token."""
+    output.num_prompt_tokens = end.num_prompt_tokens
+    output.num_cached_tokens = end.num_cached_tokens
+    if state.score_only:
+        output.finish_reason = "abort" if end.reason == "abort" else "length"
+        output.num_output_tokens = 0
+        return
+    output.finish_reason = "stop" if state.decode.stopped else end.reason
+    stopped_here = state.tokens_at_stop
+    output.num_output_tokens = end.num_output_tokens if stopped_here is None else stopped_here
+
+
+def _render_chat(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None,
+) -> str:
+    """The chat as the model's chat template writes it, with the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model has no chat template: use /v1/completions with a plain prompt")
+    try:
+        text: str = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+        )
+    except Exception as exc:  # template errors (jinja raise_exception) are the client's fault
+        raise ValueError(f"the chat template rejected these messages: {exc}") from None
+    return text
 
 
 def _prompt_param(group: msg.GenerateGroup) -> str:

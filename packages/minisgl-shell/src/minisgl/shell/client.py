@@ -88,11 +88,16 @@ class LocalBackend:
                 if output.text:
                     yield output.text
         except EngineError as exc:
-            if self.client.gone is not None:
-                raise EngineLost(self.client.gone) from None
-            raise ShellError(exc.message) from None
+            raise self._failure(exc) from None
         finally:
             generation.close()
+
+    def _failure(self, exc: EngineError) -> ShellError:
+        """EngineLost when the engine is gone (the shell ends), else this reply's own error."""
+        assert self.client is not None
+        if self.client.gone is not None:
+            return EngineLost(self.client.gone)
+        return ShellError(exc.message)
 
     async def close(self) -> None:
         if self.client is not None:
@@ -143,15 +148,8 @@ class RemoteBackend:
                 if response.status_code != 200:
                     raise ShellError(_error_message(await response.aread(), response.status_code))
                 async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[len("data: ") :])
-                    if "error" in chunk:
-                        raise ShellError(str(chunk["error"].get("message")))
-                    for choice in chunk.get("choices", []):
-                        text = choice.get("delta", {}).get("content")
-                        if text:
-                            yield text
+                    for text in _chunk_texts(line):
+                        yield text
         except httpx.HTTPError as exc:
             # The server may be restarting: keep the shell and its conversation; the next message
             # connects afresh.
@@ -162,6 +160,17 @@ class RemoteBackend:
 
     async def close(self) -> None:
         await self.http.aclose()
+
+
+def _chunk_texts(line: str) -> list[str]:
+    """The reply text one server-sent-events line of a chat stream carries (an error event raises)."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return []
+    chunk = json.loads(line[len("data: ") :])
+    if "error" in chunk:
+        raise ShellError(str(chunk["error"].get("message")))
+    texts = (choice.get("delta", {}).get("content") for choice in chunk.get("choices", []))
+    return [text for text in texts if text]
 
 
 def _error_message(body: bytes, status: int) -> str:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -90,23 +91,33 @@ class Repl:
             except EOFError:
                 self.say()
                 return 0
-            kind, argument = parse_command(line)
-            if kind == "exit":
-                return 0
-            if kind == "help":
-                self.say(help_text())
-            elif kind == "reset":
-                self.history.clear()
-                self.say("(conversation reset)")
-            elif kind == "unknown":
-                self.say(f"unknown command {argument}")
-                self.say(help_text())
-            elif kind == "text":
-                try:
-                    await self.turn(argument)
-                except EngineLost as exc:
-                    self.say(f"error: {exc}")
-                    return 1
+            status = await self._do(*parse_command(line))
+            if status is not None:
+                return status
+
+    async def _do(self, kind: str, argument: str) -> int | None:
+        """Carry out one input line; an exit status ends the shell."""
+        if kind == "exit":
+            return 0
+        if kind == "text":
+            return await self._turn_or_exit(argument)
+        if kind == "reset":
+            self.history.clear()
+            self.say("(conversation reset)")
+        elif kind == "unknown":
+            self.say(f"unknown command {argument}")
+        if kind in ("help", "unknown"):
+            self.say(help_text())
+        return None  # "empty": nothing to do
+
+    async def _turn_or_exit(self, text: str) -> int | None:
+        """One exchange; 1 (exit) when the engine is gone."""
+        try:
+            await self.turn(text)
+        except EngineLost as exc:
+            self.say(f"error: {exc}")
+            return 1
+        return None
 
     async def turn(self, text: str) -> None:
         """One exchange: stream the reply; Ctrl-C stops it and forgets this turn."""
@@ -114,25 +125,17 @@ class Repl:
         messages += [*self.history, {"role": "user", "content": text}]
         reply: list[str] = []
         task = asyncio.ensure_future(self._stream(messages, reply))
-        loop = asyncio.get_running_loop()
         try:
-            loop.add_signal_handler(signal.SIGINT, task.cancel)
-            handles_sigint = True
-        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-            handles_sigint = False
-        try:
-            await task
+            with _sigint_cancels(task):
+                await task
         except asyncio.CancelledError:
             self.say("\n(interrupted)")
             return
+        except EngineLost:
+            raise
         except ShellError as exc:
-            if isinstance(exc, EngineLost):
-                raise
             self.say(f"\nerror: {exc}")
             return
-        finally:
-            if handles_sigint:
-                loop.remove_signal_handler(signal.SIGINT)
         self.say()
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(reply)}]
 
@@ -141,6 +144,21 @@ class Repl:
             reply.append(piece)
             self.out.write(piece)
             self.out.flush()
+
+
+@contextlib.contextmanager
+def _sigint_cancels(task: asyncio.Future[Any]) -> Iterator[None]:
+    """Ctrl-C cancels the task while the block runs (where this thread can handle signals)."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGINT, task.cancel)
+    except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def _line_reader(interactive: bool) -> Callable[[], Any]:
@@ -189,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from minisgl.server.args import server_args_from, setup_logging
+    from minisgl.server.args import setup_logging
 
     parser = build_parser()
     options = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -201,6 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if options.url is not None:
         return _chat(RemoteBackend(options.url, options.api_key), settings, options.system, sys.stderr)
+    return _local_chat(parser, options, settings)
+
+
+def _local_chat(parser: argparse.ArgumentParser, options: argparse.Namespace, settings: ChatSettings) -> int:
+    """Chat with an engine started here; its log goes to a file while the shell owns the terminal."""
+    from minisgl.server.args import server_args_from
     from minisgl.server.launch import LaunchError, launch_engine
 
     server_args = server_args_from(parser, options)
@@ -208,12 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             "argument --node-rank: the shell runs on node 0; start the other nodes with `minisgl serve`"
         )
-    log_path = Path(options.log_file) if options.log_file else default_log_path()
-    try:
-        terminal = redirect_stderr(log_path)
-    except OSError as exc:
-        parser.error(f"argument --log-file: cannot write {log_path}: {exc.strerror}")
-    print(f"minisgl-shell: the engine's log is {log_path}", file=terminal)
+    log_path, terminal = _log_to_file(parser, options.log_file)
     try:
         with progress_on(terminal):
             engine = launch_engine(server_args)
@@ -230,6 +249,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if status == 1:
         print(f"minisgl-shell: the engine's log is {log_path}", file=terminal)
     return status
+
+
+def _log_to_file(parser: argparse.ArgumentParser, log_file: str | None) -> tuple[Path, TextIO]:
+    """Send stderr (the engine's log) to the log file; returns it and the terminal's stderr."""
+    log_path = Path(log_file) if log_file else default_log_path()
+    try:
+        terminal = redirect_stderr(log_path)
+    except OSError as exc:
+        parser.error(f"argument --log-file: cannot write {log_path}: {exc.strerror}")
+    print(f"minisgl-shell: the engine's log is {log_path}", file=terminal)
+    return log_path, terminal
 
 
 def _chat(backend: ChatBackend, settings: ChatSettings, system: str | None, errors: TextIO) -> int:

@@ -22,13 +22,16 @@ def adjust_logits(
         return logits
     logits = logits.to(torch.float32, copy=True)
     for i in rows:
-        bias = requests[i].params.logit_bias
-        if bias:
-            ids = to_device(list(bias), torch.int64, logits.device)
-            logits[i, ids] += to_device(list(bias.values()), logits.dtype, logits.device)
-        if masks[i]:
-            logits[i, to_device(masks[i], torch.int64, logits.device)] = float("-inf")
+        _adjust_row(logits, i, requests[i].params.logit_bias, masks[i])
     return logits
+
+
+def _adjust_row(logits: torch.Tensor, row: int, bias: dict[int, float] | None, masked: list[int]) -> None:
+    if bias:
+        ids = to_device(list(bias), torch.int64, logits.device)
+        logits[row, ids] += to_device(list(bias.values()), logits.dtype, logits.device)
+    if masked:
+        logits[row, to_device(masked, torch.int64, logits.device)] = float("-inf")
 
 
 def _masked_ids(req: Request, eos_token_ids: frozenset[int], num_generated: int) -> list[int]:

@@ -74,6 +74,13 @@ def _sample_plain_batch(
         return logits.argmax(dim=-1)
     if not fused_ops.available(logits):
         return None
+    return _fused_draw(logits, requests, greedy, generator)
+
+
+def _fused_draw(
+    logits: torch.Tensor, requests: list[Request], greedy: list[bool], generator: torch.Generator
+) -> torch.Tensor:
+    """One fused Gumbel-max draw at each row's temperature; greedy rows take the argmax instead."""
     temperatures = to_device(
         [1.0 if g else r.params.temperature for g, r in zip(greedy, requests, strict=True)],
         torch.float32,
@@ -96,19 +103,25 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
     if not rows:
         return logits
     logits = logits.clone()
-    vocab = logits.shape[-1]
     for i in rows:
-        params, req = requests[i].params, requests[i]
-        outputs = req.resolved_output_ids()
-        if outputs and (params.presence_penalty or params.frequency_penalty):
-            counts = torch.bincount(torch.tensor(outputs, device=logits.device), minlength=vocab)[:vocab]
-            logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
-        if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(req.prompt_ids) | set(outputs)), device=logits.device)
-            values = logits[i, seen]
-            penalty = params.repetition_penalty
-            logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
+        _penalize_row(logits, i, requests[i])
     return logits
+
+
+def _penalize_row(logits: torch.Tensor, row: int, req: Request) -> None:
+    """OpenAI's presence and frequency penalties on the generated tokens, then the repetition penalty on
+    the prompt's and the output's tokens, in place."""
+    params = req.params
+    outputs = req.resolved_output_ids()
+    if outputs and (params.presence_penalty or params.frequency_penalty):
+        vocab = logits.shape[-1]
+        counts = torch.bincount(torch.tensor(outputs, device=logits.device), minlength=vocab)[:vocab]
+        logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(req.prompt_ids) | set(outputs)), device=logits.device)
+        values = logits[row, seen]
+        penalty = params.repetition_penalty
+        logits[row, seen] = torch.where(values > 0, values / penalty, values * penalty)
 
 
 def _sample_rows(logits: torch.Tensor, requests: list[Request], generator: torch.Generator) -> torch.Tensor:

@@ -91,11 +91,15 @@ def _length_pattern(node: dict[str, Any]) -> str | None:
     if node.get("type") != "string" or "pattern" in node or "format" in node:
         return None
     low, high = node.get("minLength"), node.get("maxLength")
-    if low is None and high is None:
-        return None
-    if not isinstance(low, (int, type(None))) or not isinstance(high, (int, type(None))):
-        return None  # not a valid bound: xgrammar reports it
+    if not _are_bounds(low, high):
+        return None  # no bound, or not a valid one (xgrammar reports that)
     return f"^[\\s\\S]{{{low or 0},{'' if high is None else high}}}$"
+
+
+def _are_bounds(low: Any, high: Any) -> bool:
+    """At least one of minLength / maxLength is given, and each given one is an integer."""
+    given = [bound for bound in (low, high) if bound is not None]
+    return bool(given) and all(isinstance(bound, int) for bound in given)
 
 
 def _parse(name: str, source: str) -> xgr.Grammar:

@@ -119,13 +119,20 @@ class Scheduler:
         if batch is not None:
             batch = self._fit(batch, allow_retract)
         if batch is None:
-            decoding = [r for r in self.running if not self._fully_scheduled(r)]
-            if decoding:
-                batch = self._fit(Batch([self._decode_chunk(r) for r in decoding], True), allow_retract)
-                ratio = self.new_token_ratio - self.new_token_ratio_decay
-                self.new_token_ratio = max(self.min_new_token_ratio, ratio)
+            batch = self._schedule_decode(allow_retract)
         if batch is not None:
             self.kv.grow_all([(chunk.req, chunk.end) for chunk in batch.chunks])
+        return batch
+
+    def _schedule_decode(self, allow_retract: bool) -> Batch | None:
+        """One token for every running request that may still take one; the expected share of the
+        remaining budgets decays with every decode batch."""
+        decoding = [r for r in self.running if not self._fully_scheduled(r)]
+        if not decoding:
+            return None
+        batch = self._fit(Batch([self._decode_chunk(r) for r in decoding], True), allow_retract)
+        ratio = self.new_token_ratio - self.new_token_ratio_decay
+        self.new_token_ratio = max(self.min_new_token_ratio, ratio)
         return batch
 
     @staticmethod
@@ -190,7 +197,7 @@ class Scheduler:
         while self.waiting and budget > 0:
             req = self.waiting[0]
             prefix = self._shared_prefix(req)
-            if prefix is not None and prefix in fresh_prefixes:
+            if prefix in fresh_prefixes:
                 break
             expected = self._try_admit(req, reserved)
             if expected is None:
@@ -240,13 +247,14 @@ class Scheduler:
             batch.chunks = [c for c in batch.chunks if c.req is not newest]
             retracted += 1
         if retracted:
-            self.num_retractions += retracted
-            # Admission was too optimistic: expect more of the remaining budgets to be used again.
-            self.new_token_ratio = self.init_new_token_ratio
-            logger.info(
-                "KV pool full: retracted %d request(s), %d still running", retracted, len(self.running)
-            )
+            self._note_retractions(retracted)
         return batch if batch.chunks else None
+
+    def _note_retractions(self, retracted: int) -> None:
+        self.num_retractions += retracted
+        # Admission was too optimistic: expect more of the remaining budgets to be used again.
+        self.new_token_ratio = self.init_new_token_ratio
+        logger.info("KV pool full: retracted %d request(s), %d still running", retracted, len(self.running))
 
     def _retract(self, req: Request) -> None:
         """Send a running request back to the front of the queue. Its computed KV stays in the prefix cache

@@ -36,7 +36,7 @@ from minisgl.server.api.protocol import (
 )
 from minisgl.server.api.responses import ResponseBuilder
 from minisgl.server.args import DEFAULT_MAX_REQUEST_BYTES
-from minisgl.server.engine_client import EngineClient, EngineError, EngineGone, Generation
+from minisgl.server.engine_client import EngineClient, EngineError, EngineGone, Event, Generation
 from minisgl.server.metrics import Metrics
 from minisgl.server.versions import package_versions, server_version
 
@@ -164,15 +164,20 @@ async def health(request: Request) -> Response:
     try:
         stats = await state.client.stats(HEALTH_TIMEOUT_S)
     except (EngineError, TimeoutError) as exc:
-        last = state.client.last_message_at
-        if isinstance(exc, TimeoutError) and last is not None and time.monotonic() - last < HEALTH_BUSY_S:
-            # A long step (a large prefill on a CPU) delays the answer, but outputs still flow: busy.
-            return JSONResponse({"status": "busy", "reason": "the scheduler is in a long step"})
-        reason = exc.message if isinstance(exc, EngineError) else "the scheduler did not answer in time"
-        return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
+        return _unanswered_health(state, exc)
     return JSONResponse(
         {"status": "ok", "running": stats.get("num_running"), "waiting": stats.get("num_waiting")}
     )
+
+
+def _unanswered_health(state: ServerState, exc: EngineError | TimeoutError) -> Response:
+    """The scheduler did not answer: busy while its outputs still flow (a long step, such as a large
+    prefill on a CPU), else unhealthy."""
+    last = state.client.last_message_at
+    if isinstance(exc, TimeoutError) and last is not None and time.monotonic() - last < HEALTH_BUSY_S:
+        return JSONResponse({"status": "busy", "reason": "the scheduler is in a long step"})
+    reason = exc.message if isinstance(exc, EngineError) else "the scheduler did not answer in time"
+    return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
 
 
 async def metrics(request: Request) -> Response:
@@ -275,12 +280,7 @@ async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec
     run = _Run(state, spec, generation, time.perf_counter())
     streaming = False
     try:
-        first = await _unless_disconnected(request, generation.next_event())
-        if isinstance(first, msg.RequestError):
-            raise ApiError(first.status, first.message, first.param, first.code)
-        if isinstance(first, EngineGone):
-            raise ApiError(503, first.reason, code="engine_unavailable")
-        run.accept(first)
+        run.accept(_first_output(await _unless_disconnected(request, generation.next_event())))
         if spec.stream:
             streaming = True  # from here on, the stream closes the generation
             return StreamingResponse(
@@ -293,6 +293,16 @@ async def _generate(request: Request, parse: Callable[[Any, str], GenerationSpec
     finally:
         if not streaming:
             generation.close()
+
+
+def _first_output(first: Event) -> msg.RequestOutput:
+    """A generation's first event: an output, or what the whole request is answered with (nothing has
+    been sent yet, so a refusal or a dead engine is an HTTP error)."""
+    if isinstance(first, msg.RequestError):
+        raise ApiError(first.status, first.message, first.param, first.code)
+    if isinstance(first, EngineGone):
+        raise ApiError(503, first.reason, code="engine_unavailable")
+    return first
 
 
 def _engine_requests(client: EngineClient, spec: GenerationSpec) -> list[msg.GenerateRequest]:
@@ -402,24 +412,29 @@ class _Run:
         try:
             for chunk in self.builder.opening_chunks():
                 yield chunk
-            try:
-                # Everything that arrived since the last write goes out in one write: under load this
-                # costs the event loop one pass per request per wake-up instead of one per token.
-                async for outputs in self._output_batches():
-                    chunks = []
-                    for output in outputs:
-                        chunks += self.builder.output_chunks(output, self._record(output))
-                    if chunks:
-                        yield "".join(chunks)
-            except EngineError as exc:
-                # Headers are sent: say why in an error frame, and end every open choice with "abort".
-                yield "data: " + json.dumps(ApiError(exc.status, exc.message, code=exc.code).body()) + "\n\n"
-                for chunk in self.builder.abort_chunks():
-                    yield chunk
+            async for chunk in self._output_chunks():
+                yield chunk
             for chunk in self.builder.closing_chunks():
                 yield chunk
         finally:
             self.close()
+
+    async def _output_chunks(self) -> AsyncIterator[str]:
+        try:
+            # Everything that arrived since the last write goes out in one write: under load this
+            # costs the event loop one pass per request per wake-up instead of one per token.
+            async for outputs in self._output_batches():
+                chunks = "".join(self._chunks(outputs))
+                if chunks:
+                    yield chunks
+        except EngineError as exc:
+            # Headers are sent: say why in an error frame, and end every open choice with "abort".
+            yield "data: " + json.dumps(ApiError(exc.status, exc.message, code=exc.code).body()) + "\n\n"
+            for chunk in self.builder.abort_chunks():
+                yield chunk
+
+    def _chunks(self, outputs: list[msg.RequestOutput]) -> list[str]:
+        return [c for output in outputs for c in self.builder.output_chunks(output, self._record(output))]
 
     def close(self) -> None:
         """Abort whatever has not finished (the client went away) and count it."""

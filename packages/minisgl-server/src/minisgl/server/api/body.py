@@ -23,6 +23,16 @@ THREAD_PARSE_BYTES = 256 * 1024  # bodies larger than this are parsed off the ev
 
 async def read_json(request: Request, max_bytes: int) -> Any:
     """The body as checked JSON, or an ApiError (413 too large, 400 not usable JSON)."""
+    data = await _read_at_most(request, max_bytes)
+    if not data.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    if len(data) > THREAD_PARSE_BYTES:
+        return await asyncio.to_thread(parse_json, data)
+    return parse_json(data)
+
+
+async def _read_at_most(request: Request, max_bytes: int) -> bytes:
+    """The body's bytes; a 413 as soon as it (or its declared length) is over max_bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
@@ -33,12 +43,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise _too_large(max_bytes)
         chunks.append(chunk)
-    data = b"".join(chunks)
-    if not data.strip():
-        raise ApiError(400, "the request body is empty; send a JSON object")
-    if len(data) > THREAD_PARSE_BYTES:
-        return await asyncio.to_thread(parse_json, data)
-    return parse_json(data)
+    return b"".join(chunks)
 
 
 def _too_large(max_bytes: int) -> ApiError:
@@ -70,20 +75,30 @@ def check_values(body: Any) -> None:
     while stack:
         value, path, depth = stack.pop()
         if isinstance(value, (dict, list)):
-            if depth >= MAX_DEPTH:
-                raise ApiError(400, f"'{path}' is nested too deeply (at most {MAX_DEPTH} levels)", path)
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for key, item in items:
-                if isinstance(key, str):
-                    _check_string(key, path or "body")
-                    where = f"{path}.{key}" if path else key
-                else:
-                    where = f"{path}[{key}]"
-                stack.append((item, where, depth + 1))
+            stack.extend(_children(value, path, depth))
         elif isinstance(value, str):
             _check_string(value, path)
-        elif isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
+        elif _outside_int64(value):
             raise ApiError(400, f"'{path}' holds an integer outside the 64-bit range", path)
+
+
+def _children(container: dict[str, Any] | list[Any], path: str, depth: int) -> list[tuple[Any, str, int]]:
+    """The items of an object or array, each with its path, one level deeper (object keys are checked)."""
+    if depth >= MAX_DEPTH:
+        raise ApiError(400, f"'{path}' is nested too deeply (at most {MAX_DEPTH} levels)", path)
+    if isinstance(container, list):
+        return [(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(container)]
+    for key in container:
+        _check_string(key, path or "body")
+    return [(item, _member_path(path, key), depth + 1) for key, item in container.items()]
+
+
+def _member_path(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _outside_int64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT
 
 
 def _check_string(text: str, path: str) -> None:

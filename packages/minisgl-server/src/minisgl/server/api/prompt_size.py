@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minisgl.server.api.protocol import ApiError, GenerationSpec
+from minisgl.server.api.protocol import ApiError, GenerationSpec, Prompt
 
 
 def longest_token_chars(tokenizer: Any) -> int | None:
@@ -24,16 +24,18 @@ def check_prompt_size(spec: GenerationSpec, context_length: int | None, longest_
     if context_length is None or longest_token is None:
         return
     for prompt in spec.prompts:
-        if prompt.messages is not None:
-            chars = sum(len(m["content"]) for m in prompt.messages)
-        else:
-            chars = len(prompt.text or "")
+        chars = _characters(prompt)
         fewest = chars // longest_token
         if fewest >= context_length:
-            param = "messages" if spec.chat else "prompt"
             raise ApiError(
                 400,
                 f"the prompt has at least {fewest:,} tokens ({chars:,} characters), but the context "
                 f"length is {context_length:,} tokens",
-                param,
+                "messages" if spec.chat else "prompt",
             )
+
+
+def _characters(prompt: Prompt) -> int:
+    if prompt.messages is not None:
+        return sum(len(m["content"]) for m in prompt.messages)
+    return len(prompt.text or "")

@@ -139,20 +139,36 @@ class GenerationSpec:
 _MISSING = object()
 
 
+# JSON's names of Python's types, for error messages (bool before int: a bool is an int).
+_JSON_TYPE_NAMES: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (type(None), "null"),
+    (bool, "boolean"),
+    ((int, float), "number"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "object"),
+)
+
+
 def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
+    return next((name for kinds, name in _JSON_TYPE_NAMES if isinstance(value, kinds)), type(value).__name__)
+
+
+def _absent(value: Any) -> bool:
+    """A field left out, or sent as null (which OpenAI's API treats the same)."""
+    return value is _MISSING or value is None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _every(values: list[Any], kind: type) -> bool:
+    return all(isinstance(value, kind) for value in values)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _number(body: dict[str, Any], name: str) -> float | None:
@@ -160,7 +176,7 @@ def _number(body: dict[str, Any], name: str) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _is_finite_number(value):
         raise ApiError(400, f"'{name}' must be a number, got {_type_name(value)}", name)
     return float(value)
 
@@ -169,22 +185,26 @@ def _integer(
     body: dict[str, Any], name: str, default: int | None, low: int | None = None, high: int | None = None
 ) -> int | None:
     value = body.get(name, _MISSING)
-    if value is _MISSING or value is None:
+    if _absent(value):
         return default
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise ApiError(400, f"'{name}' must be an integer, got {_type_name(value)}", name)
+    _check_bounds(name, value, low, high)
+    return value
+
+
+def _check_bounds(name: str, value: int, low: int | None, high: int | None) -> None:
     if low is not None and value < low:
         raise ApiError(400, f"'{name}' must be >= {low}, got {value}", name)
     if high is not None and value > high:
         raise ApiError(400, f"'{name}' must be <= {high}, got {value}", name)
-    return value
 
 
 def _boolean(body: dict[str, Any], name: str, default: bool) -> bool:
     value = body.get(name, _MISSING)
-    if value is _MISSING or value is None:
+    if _absent(value):
         return default
     if not isinstance(value, bool):
         raise ApiError(400, f"'{name}' must be a boolean, got {_type_name(value)}", name)
@@ -192,13 +212,18 @@ def _boolean(body: dict[str, Any], name: str, default: bool) -> bool:
 
 
 def _token_ids(value: Any, name: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+    if not isinstance(value, list) or not all(map(_is_int, value)):
         raise ApiError(400, f"'{name}' must be a list of integer token ids", name)
-    if any(t < 0 for t in value):
+    if min(value, default=0) < 0:
         raise ApiError(400, f"'{name}' holds a negative token id", name)
-    if any(t > MAX_TOKEN_ID for t in value):
+    if max(value, default=0) > MAX_TOKEN_ID:
         raise ApiError(400, f"'{name}' holds a token id above {MAX_TOKEN_ID}", name)
     return value
+
+
+def _optional_token_ids(body: dict[str, Any], name: str) -> list[int] | None:
+    value = body.get(name)
+    return None if value is None else _token_ids(value, name)
 
 
 def _sampling_params(fields: dict[str, Any], defaults: dict[str, Any]) -> SamplingParams:
@@ -225,33 +250,37 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
         raise ApiError(
             400, f"'logit_bias' must be an object of token id -> bias, got {_type_name(value)}", "logit_bias"
         )
-    bias = {}
-    for key, number in value.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise ApiError(400, f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias") from None
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
-            raise ApiError(
-                400, f"'logit_bias' values must be numbers, got {_type_name(number)}", "logit_bias"
-            )
-        bias[token] = float(number)
-    return bias or None
+    return dict(_bias_entry(key, number) for key, number in value.items()) or None
+
+
+def _bias_entry(key: str, number: Any) -> tuple[int, float]:
+    try:
+        token = int(key)
+    except ValueError:
+        raise ApiError(400, f"'logit_bias' keys must be token ids, got {key!r}", "logit_bias") from None
+    if not _is_finite_number(number):
+        raise ApiError(400, f"'logit_bias' values must be numbers, got {_type_name(number)}", "logit_bias")
+    return token, float(number)
 
 
 def _stop(body: dict[str, Any]) -> list[str]:
     value = body.get("stop")
     if value is None:
         return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise ApiError(400, "'stop' must be a string or a list of strings", "stop")
+    value = _string_list(value)
     if len(value) > MAX_STOP_STRINGS:
         raise ApiError(400, f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(value)}", "stop")
-    if any(not s for s in value):
+    if not all(value):
         raise ApiError(400, "'stop' strings must not be empty", "stop")
     return list(dict.fromkeys(value))
+
+
+def _string_list(value: Any) -> list[str]:
+    """'stop': a string stands for a list of one."""
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ApiError(400, "'stop' must be a string or a list of strings", "stop")
+    return value
 
 
 def _reject_unsupported(
@@ -279,7 +308,7 @@ def _as_api_error(check: Callable[..., T], *args: Any) -> T:
 
 def _model(body: dict[str, Any], served: str) -> str:
     model = body.get("model", _MISSING)
-    if model is _MISSING or model is None:
+    if _absent(model):
         return served
     if not isinstance(model, str):
         raise ApiError(400, f"'model' must be a string, got {_type_name(model)}", "model")
@@ -310,22 +339,24 @@ def parse_chat(
     max_tokens = _integer(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", None, 1)
-    logprobs = _boolean(body, "logprobs", False)
-    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
-    if top is not None and not logprobs:
-        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    logprobs = _chat_logprobs(body)
     # A chat without max_tokens may answer up to the end of the context.
-    fields = {
-        **_sampling_fields(body),
-        "max_tokens": max_tokens,
-        "logprobs": (top or 0) if logprobs else None,
-    }
+    fields = {**_sampling_fields(body), "max_tokens": max_tokens, "logprobs": logprobs}
     extras = _as_api_error(chat_extras, body, fields, tool_parser, reasoning_parser)
     spec = _spec(
         body, model, True, [Prompt(messages=messages)], _sampling_params(fields, sampling_defaults or {})
     )
     spec.extras = extras
     return spec
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """SamplingParams.logprobs of a chat: None without 'logprobs', else 'top_logprobs' (default 0)."""
+    logprobs = _boolean(body, "logprobs", False)
+    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if logprobs else None
 
 
 def parse_completion(
@@ -362,12 +393,11 @@ def _sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The SamplingParams fields both endpoints read, type-checked; those the body leaves out are left out
     (the model's defaults, then SamplingParams', fill them in)."""
     top_k = _integer(body, "top_k", None, -1)
-    stop_token_ids = body.get("stop_token_ids")
     fields: dict[str, Any] = {name: _number(body, name) for name in FLOAT_RANGES}
     fields.update(
         top_k=-1 if top_k == 0 else top_k,
         seed=_integer(body, "seed", None, -(2**63), 2**63 - MAX_N - 1),
-        stop_token_ids=_token_ids(stop_token_ids, "stop_token_ids") if stop_token_ids is not None else None,
+        stop_token_ids=_optional_token_ids(body, "stop_token_ids"),
         stop=_stop(body) or None,
         ignore_eos=_boolean(body, "ignore_eos", False),
         min_tokens=_integer(body, "min_tokens", None, 0),
@@ -385,14 +415,7 @@ def _spec(
     if n * len(prompts) > MAX_SEQUENCES:
         raise ApiError(400, f"n x prompts must be at most {MAX_SEQUENCES}, got {n * len(prompts)}", "n")
     stream = _boolean(body, "stream", False)
-    include_usage = False
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise ApiError(400, "'stream_options' must be an object", "stream_options")
-        if not stream:
-            raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
-        include_usage = _boolean(options, "include_usage", False)
+    include_usage = _include_usage(body.get("stream_options"), stream)
     _string(body, "user")
     if not isinstance(body.get("metadata", {}), (dict, type(None))):
         raise ApiError(400, "'metadata' must be an object", "metadata")
@@ -409,32 +432,50 @@ def _spec(
     )
 
 
+def _include_usage(options: Any, stream: bool) -> bool:
+    """stream_options.include_usage: a final chunk with the usage (only a stream has options)."""
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    if not stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return _boolean(options, "include_usage", False)
+
+
 def _messages(value: Any) -> list[dict[str, Any]]:
-    if value is _MISSING or value is None:
+    if _absent(value):
         raise ApiError(400, "'messages' is required", "messages")
     if not isinstance(value, list) or not value:
         raise ApiError(400, "'messages' must be a non-empty array", "messages")
-    messages = []
-    for i, message in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise ApiError(400, f"'{where}' must be an object, got {_type_name(message)}", where)
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise ApiError(
-                400, f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role"
-            )
-        content = _content(message.get("content"), f"{where}.content", allow_none=role == "assistant")
-        checked: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
-        if role == "assistant" and message.get("tool_calls"):
-            checked["tool_calls"] = _as_api_error(
-                history_tool_calls, message["tool_calls"], f"{where}.tool_calls"
-            )
-        for name in ("tool_call_id", "name"):
-            if isinstance(message.get(name), str):
-                checked[name] = message[name]
-        messages.append(checked)
-    return messages
+    return [_message(message, f"messages[{i}]") for i, message in enumerate(value)]
+
+
+def _message(message: Any, where: str) -> dict[str, Any]:
+    """One chat message, as the chat template gets it ("developer" is the template's "system")."""
+    if not isinstance(message, dict):
+        raise ApiError(400, f"'{where}' must be an object, got {_type_name(message)}", where)
+    role = _role(message.get("role"), where)
+    content = _content(message.get("content"), f"{where}.content", allow_none=role == "assistant")
+    checked: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+    return {**checked, **_message_extras(message, role, where)}
+
+
+def _message_extras(message: dict[str, Any], role: str, where: str) -> dict[str, Any]:
+    """An assistant's earlier tool calls, and the tool_call_id and name of a message that has them."""
+    extras: dict[str, Any] = {}
+    if role == "assistant" and message.get("tool_calls"):
+        extras["tool_calls"] = _as_api_error(history_tool_calls, message["tool_calls"], f"{where}.tool_calls")
+    names = [name for name in ("tool_call_id", "name") if isinstance(message.get(name), str)]
+    return {**extras, **{name: message[name] for name in names}}
+
+
+def _role(role: Any, where: str) -> str:
+    if role not in CHAT_ROLES:
+        raise ApiError(
+            400, f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}", f"{where}.role"
+        )
+    return str(role)
 
 
 def _content(value: Any, where: str, allow_none: bool) -> str:
@@ -443,43 +484,46 @@ def _content(value: Any, where: str, allow_none: bool) -> str:
     if value is None and allow_none:
         return ""
     if isinstance(value, list):
-        texts = []
-        for part in value:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise ApiError(
-                    400, f'\'{where}\' parts must be {{"type": "text", "text": ...}} objects', where
-                )
-            texts.append(part["text"])
-        return "".join(texts)
+        return "".join(_text_part(part, where) for part in value)
     raise ApiError(
         400, f"'{where}' must be a string or an array of text parts, got {_type_name(value)}", where
     )
 
 
+def _text_part(part: Any, where: str) -> str:
+    text = part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
+    if not isinstance(text, str):
+        raise ApiError(400, f'\'{where}\' parts must be {{"type": "text", "text": ...}} objects', where)
+    return text
+
+
+_PROMPT_SHAPES = (
+    "'prompt' must be a string, a non-empty array of strings, an array of token ids, "
+    "or an array of token-id arrays"
+)
+
+
 def _prompts(value: Any) -> list[Prompt]:
-    if value is _MISSING or value is None:
+    if _absent(value):
         raise ApiError(400, "'prompt' is required", "prompt")
     if isinstance(value, str):
         return [Prompt(text=value)]
-    if isinstance(value, list) and value:
-        if all(isinstance(p, str) for p in value):
-            return [Prompt(text=p) for p in value]
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-            return [Prompt(token_ids=_token_ids(value, "prompt"))]
-        if all(isinstance(p, list) for p in value):
-            if not all(value):
-                raise ApiError(400, "'prompt' token-id lists must not be empty", "prompt")
-            return [Prompt(token_ids=_token_ids(p, "prompt")) for p in value]
-    raise ApiError(
-        400,
-        "'prompt' must be a string, a non-empty array of strings, an array of token ids, "
-        "or an array of token-id arrays",
-        "prompt",
-    )
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, _PROMPT_SHAPES, "prompt")
+    return _prompt_list(value)
+
+
+def _prompt_list(value: list[Any]) -> list[Prompt]:
+    """A non-empty array: of texts, of token ids (one prompt), or of token-id arrays (one prompt each)."""
+    if _every(value, str):
+        return [Prompt(text=p) for p in value]
+    if all(map(_is_int, value)):
+        return [Prompt(token_ids=_token_ids(value, "prompt"))]
+    if not _every(value, list):
+        raise ApiError(400, _PROMPT_SHAPES, "prompt")
+    if not all(value):
+        raise ApiError(400, "'prompt' token-id lists must not be empty", "prompt")
+    return [Prompt(token_ids=_token_ids(p, "prompt")) for p in value]
 
 
 # ---- /tokenize and /detokenize --------------------------------------------------------------------------

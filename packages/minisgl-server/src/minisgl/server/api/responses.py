@@ -56,6 +56,13 @@ class Choice:
             return "tool_calls"
         return self.finish_reason
 
+    def finish(self, last: RequestOutput) -> None:
+        """The choice's finish reason and token counts, which its last output carries."""
+        self.finish_reason = last.finish_reason
+        self.prompt_tokens = last.num_prompt_tokens
+        self.cached_tokens = last.num_cached_tokens
+        self.output_tokens = last.num_output_tokens
+
 
 class ResponseBuilder:
     def __init__(self, spec: GenerationSpec, uids: list[int]) -> None:
@@ -66,8 +73,12 @@ class ResponseBuilder:
         self.choices = {uid: Choice(index) for index, uid in enumerate(uids)}
         extras = spec.extras
         if spec.chat and (extras.tool_parser or extras.reasoning_parser):
-            for choice in self.choices.values():
-                choice.parser = ChatOutputParser(extras.reasoning_parser, extras.tool_parser)
+            self._parse_outputs(extras.reasoning_parser, extras.tool_parser)
+
+    def _parse_outputs(self, reasoning_parser: str | None, tool_parser: str | None) -> None:
+        """Each choice's text goes through its own parser (reasoning block, tool calls)."""
+        for choice in self.choices.values():
+            choice.parser = ChatOutputParser(reasoning_parser, tool_parser)
 
     # ---- accumulating -----------------------------------------------------------------------------
 
@@ -81,10 +92,7 @@ class ResponseBuilder:
         if output.logprobs:
             choice.logprobs.extend(output.logprobs)
         if output.finish_reason is not None:
-            choice.finish_reason = output.finish_reason
-            choice.prompt_tokens = output.num_prompt_tokens
-            choice.cached_tokens = output.num_cached_tokens
-            choice.output_tokens = output.num_output_tokens
+            choice.finish(output)
         return choice
 
     def usage(self) -> dict[str, Any]:
@@ -133,24 +141,32 @@ class ResponseBuilder:
         ]
 
     def output_chunks(self, output: RequestOutput, choice: Choice) -> list[str]:
+        """The stream chunks of one output: its news (text, parsed delta, logprobs), then its finish."""
         chunks = []
         logprobs = self._logprobs(choice, output.logprobs) if output.logprobs else None
-        if choice.parser is not None:
-            delta = _delta(choice.last_delta)
-        else:
-            delta = {"content": output.text} if output.text else {}
+        delta = self._delta(output, choice)
         if delta or logprobs is not None:
-            if self.chat:
-                entry: dict[str, Any] = {"index": choice.index, "delta": delta}
-            else:
-                entry = {"index": choice.index, "text": output.text}
-            entry.update(logprobs=logprobs, finish_reason=None)
-            chunks.append(self._chunk([entry]))
+            news = {**self._piece(choice, delta, output.text), "logprobs": logprobs, "finish_reason": None}
+            chunks.append(self._chunk([news]))
         if output.finish_reason is not None:
-            entry = {"index": choice.index, "delta": {}} if self.chat else {"index": choice.index, "text": ""}
-            entry.update(logprobs=None, finish_reason=choice.reported_finish_reason)
-            chunks.append(self._chunk([entry]))
+            end = {
+                **self._piece(choice, {}, ""),
+                "logprobs": None,
+                "finish_reason": choice.reported_finish_reason,
+            }
+            chunks.append(self._chunk([end]))
         return chunks
+
+    def _delta(self, output: RequestOutput, choice: Choice) -> dict[str, Any]:
+        if choice.parser is not None:
+            return _delta(choice.last_delta)
+        return {"content": output.text} if output.text else {}
+
+    def _piece(self, choice: Choice, delta: dict[str, Any], text: str) -> dict[str, Any]:
+        """A chunk's choice: a chat delta, or a completion's text."""
+        if self.chat:
+            return {"index": choice.index, "delta": delta}
+        return {"index": choice.index, "text": text}
 
     def abort_chunks(self) -> list[str]:
         """Finish chunks for the choices still open when the engine went away."""
@@ -207,32 +223,37 @@ class ResponseBuilder:
     def _logprobs(self, choice: Choice, entries: list[list[Any]] | None) -> dict[str, Any] | None:
         if self.spec.top_logprobs is None:
             return None
-        entries = entries or []
         if self.chat:
-            return {
-                "content": [
-                    {
-                        "token": token,
-                        "logprob": logprob,
-                        "bytes": list(token.encode()),
-                        "top_logprobs": [
-                            {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top
-                        ],
-                    }
-                    for token, logprob, top in entries
-                ]
-            }
-        offsets = []
-        for token, _, _ in entries:
-            offsets.append(choice.text_offset)
-            choice.text_offset += len(token)
-        return {
-            "tokens": [e[0] for e in entries],
-            "token_logprobs": [e[1] for e in entries],
-            # None at an echoed prompt's first token, which has no logprob.
-            "top_logprobs": [None if e[2] is None else {t: lp for t, lp in e[2]} for e in entries],
-            "text_offset": offsets,
-        }
+            return _chat_logprobs(entries or [])
+        return _completion_logprobs(choice, entries or [])
+
+
+def _chat_logprobs(entries: list[list[Any]]) -> dict[str, Any]:
+    """The chat API's logprobs: one object per token, with its bytes and its top alternatives."""
+
+    def token_entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    content = [
+        {**token_entry(token, logprob), "top_logprobs": [token_entry(t, lp) for t, lp in top]}
+        for token, logprob, top in entries
+    ]
+    return {"content": content}
+
+
+def _completion_logprobs(choice: Choice, entries: list[list[Any]]) -> dict[str, Any]:
+    """The completions API's logprobs: parallel arrays, with each token's offset in the choice's text."""
+    offsets = []
+    for token, _, _ in entries:
+        offsets.append(choice.text_offset)
+        choice.text_offset += len(token)
+    return {
+        "tokens": [e[0] for e in entries],
+        "token_logprobs": [e[1] for e in entries],
+        # None at an echoed prompt's first token, which has no logprob.
+        "top_logprobs": [None if e[2] is None else dict(e[2]) for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def sse(body: dict[str, Any]) -> str:
