@@ -21,6 +21,9 @@ from minisgl.core.engine_flags import add_engine_flags, engine_config_from
 from minisgl.core.loading.model_source import BUNDLED_CONFIGS, DEFAULT_MODEL
 from minisgl.core.runtime import StepTiming
 
+# Prompt token ids are drawn from [0, PROMPT_ID_MAX], nano-vllm's range: every benchmarked vocabulary has them.
+PROMPT_ID_MAX = 10000
+
 
 @dataclass
 class Workload:
@@ -47,7 +50,7 @@ def make_workload(
     min_input_len = default_min if min_input_len is None else min_input_len
     min_output_len = default_min if min_output_len is None else min_output_len
     prompts = [
-        [random.randint(0, 10000) for _ in range(random.randint(min_input_len, max_input_len))]
+        [random.randint(0, PROMPT_ID_MAX) for _ in range(random.randint(min_input_len, max_input_len))]
         for _ in range(num_prompts)
     ]
     output_lens = [random.randint(min_output_len, max_output_len) for _ in range(num_prompts)]
@@ -186,9 +189,9 @@ def _print_grammar_cost(
 
 
 def fresh_prompts(prompts: list[list[int]], seed: int = 1) -> list[list[int]]:
-    """New random prompt ids with the lengths of `prompts` (make_workload's id range)."""
+    """New random prompt ids with the lengths of `prompts`, from the same id range."""
     rng = random.Random(seed)
-    return [[rng.randint(0, 10000) for _ in prompt] for prompt in prompts]
+    return [[rng.randint(0, PROMPT_ID_MAX) for _ in prompt] for prompt in prompts]
 
 
 def run_hf(args: argparse.Namespace, workload: Workload) -> tuple[float, int]:

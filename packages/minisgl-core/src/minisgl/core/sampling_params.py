@@ -104,10 +104,8 @@ class SamplingParams:
                 f"trusted SamplingParams take exactly the fields {_INIT_FIELDS}, got {sorted(fields)}"
             )
         params = cls.__new__(cls)
-        state = params.__dict__  # written directly: __setattr__ would mark the params unchecked
-        state.update(fields)
-        state["stop_token_id_set"] = frozenset(params.stop_token_ids or ())
-        state["_valid"] = True
+        params.__dict__.update(fields)  # written directly: __setattr__ would mark the params unchecked
+        params._mark_valid()
         return params
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -138,8 +136,14 @@ class SamplingParams:
             self.json_schema = json.dumps(self.json_schema)
         for check in _FIELD_CHECKS:
             check(self)
-        self.stop_token_id_set = frozenset(self.stop_token_ids or ())
-        self._valid = True
+        self._mark_valid()
+
+    def _mark_valid(self) -> None:
+        """What a check leaves behind, for validate() and trusted() alike: the set of stop ids the sampler
+        reads, and the mark that no field changed since."""
+        state = self.__dict__  # written directly: __setattr__ would clear the mark
+        state["stop_token_id_set"] = frozenset(self.stop_token_ids or ())
+        state["_valid"] = True
 
 
 # ---- the checks of single fields (and of min_tokens against max_tokens) ---------------------------------
