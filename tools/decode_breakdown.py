@@ -128,6 +128,8 @@ def trace_steps(runtime: Runtime, batch: int, path: str, rows: int) -> None:
             runtime.step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+    # The same steps by device time: everything the device ran, the graph's kernels and those outside it.
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
     prof.export_chrome_trace(path)
     with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
