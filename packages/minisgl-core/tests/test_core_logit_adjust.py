@@ -139,30 +139,34 @@ def test_token_ids_outside_the_vocabulary_are_refused(llm: Any) -> None:
 def test_biased_rows_keep_the_batch_on_the_fused_sampler(
     device: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch where some rows carry logit_bias or min_tokens takes the one-kernel path (FlashInfer's on
-    CUDA; on the CPU a torch stand-in for it): one draw for the whole batch, none of the general path's
-    per-row sampling, and each row's tokens follow its own adjusted distribution (total variation < 0.04
-    on 20,000 draws of 40 tokens per kind: sampling noise stays under 0.02, a lost bias shows as 0.07)."""
-    from minisgl.core.layers import fused_ops
+    """A batch where some rows carry logit_bias or min_tokens takes the one-pass path (minisgl-kernels'
+    Gumbel-max kernel on CUDA; on the CPU its torch reference): one draw for the whole batch, none of the
+    general path's per-row sampling, and each row's tokens follow its own adjusted distribution (total
+    variation < 0.04 on 20,000 draws of 40 tokens per kind: sampling noise stays under 0.02, a lost bias
+    shows as 0.07)."""
     from minisgl.core.request import Request
     from minisgl.core.sampling import sampler
+    from minisgl.kernels import reference
 
     fused_batches: list[int] = []
-    fused_draw = fused_ops.sample_from_logits
+    fused_draw = sampler.gumbel_sample
 
-    def counted_draw(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def counted_draw(
+        logits: torch.Tensor, inv_temperature: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         fused_batches.append(logits.shape[0])
         assert logits.dtype == torch.float32
         if device == "cuda":
-            return fused_draw(logits, generator)
-        return (logits - torch.empty_like(logits).exponential_(generator=generator).log()).argmax(dim=-1)
+            return fused_draw(logits, inv_temperature, generator)
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        return reference.gumbel_sample(logits, inv_temperature, seed)
 
     def general_path(*args: Any) -> torch.Tensor:
         raise AssertionError("a biased row sent the batch to the general sampler")
 
     if device == "cpu":
-        monkeypatch.setattr(fused_ops, "available", lambda logits: True)
-    monkeypatch.setattr(fused_ops, "sample_from_logits", counted_draw)
+        monkeypatch.setattr(sampler, "_one_pass_sampler_runs", lambda logits: True)
+    monkeypatch.setattr(sampler, "gumbel_sample", counted_draw)
     monkeypatch.setattr(sampler, "_sample_rows", general_path)
     eos, rows_each = 2, 20000
     torch.manual_seed(0)

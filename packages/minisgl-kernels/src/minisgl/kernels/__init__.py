@@ -1,6 +1,6 @@
 """minisgl's kernels: small JIT-built CUDA/C++ ops, each with a pure-torch reference.
 
-    from minisgl.kernels import store_kv, gather_rows, rope_store, first_mismatch
+    from minisgl.kernels import store_kv, gather_rows, rope_store, gumbel_sample, first_mismatch
 
 The wrappers take torch tensors and dispatch on the device: CUDA tensors run kernels compiled on first
 use for the GPU's architecture (through apache-tvm-ffi, cached on disk, see `minisgl.kernels.jit`),
@@ -22,6 +22,7 @@ from minisgl.kernels.nccl import (
 )
 from minisgl.kernels.prefix import first_mismatch
 from minisgl.kernels.rope_store import ROPE_STORE_HEAD_DIMS, rope_store
+from minisgl.kernels.sampling import gumbel_sample
 
 __all__ = [
     "ROPE_STORE_HEAD_DIMS",
@@ -35,6 +36,7 @@ __all__ = [
     "device_info",
     "first_mismatch",
     "gather_rows",
+    "gumbel_sample",
     "nccl_available",
     "nccl_unique_id",
     "rope_store",

@@ -12,7 +12,7 @@ from minisgl.kernels import arch, jit
 
 DISABLE_ENV = "MINISGL_DISABLE_KERNELS"  # "1": run the torch references on CUDA too (to rule kernels out)
 CUDA_MODULE = "minisgl_cuda_ops"
-CUDA_SOURCES = ("kv_store.cu", "gather.cu", "rope_store.cu")
+CUDA_SOURCES = ("kv_store.cu", "gather.cu", "rope_store.cu", "gumbel_sample.cu")
 CPU_MODULE = "minisgl_cpu_ops"
 CPU_SOURCES = ("prefix.cpp",)
 AUTO_LANES = 0  # the kernels' lanes_per_row argument: 0 lets them size it from the row length

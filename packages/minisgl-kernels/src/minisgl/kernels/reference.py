@@ -132,3 +132,52 @@ def rope_store(
     k_cache[slots.long()] = quantize_kv(rotate(k), k_cache.dtype, k_scale)
     v_cache[slots.long()] = quantize_kv(v.reshape(tokens, kv_heads, head_dim), v_cache.dtype, v_scale)
     return rotate(q).to(qkv.dtype)
+
+
+_U32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' 32-bit integer hash ("lowbias32" constants) on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """x * constant mod 2^32, in two halves so that no int64 product overflows."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _U32
+
+
+def gumbel_scores(logits: torch.Tensor, inv_temperature: torch.Tensor, seed: int) -> torch.Tensor:
+    """The float32 score of every (row, id) that `gumbel_sample` maximizes: logit * inv_temperature -
+    log(E) with E = -log(u) (an Exp(1) draw), u a hash of (seed, row, id) on a 2^-23 grid centred in
+    (0, 1); rows with inv_temperature <= 0 score their plain logits (greedy)."""
+    rows, vocab = logits.shape
+    device = logits.device
+    seed &= (1 << 64) - 1
+    row_ids = torch.arange(rows, dtype=torch.int64, device=device)
+    key_a = _mix32((seed & _U32) ^ _mix32(row_ids)).unsqueeze(1)
+    key_b = _mix32((seed >> 32) ^ key_a)
+    ids = torch.arange(vocab, dtype=torch.int64, device=device).unsqueeze(0)
+    hashed = _mix32((_mix32(ids ^ key_a) + key_b) & _U32)
+    u = ((hashed >> 9).float() + 0.5) * 2.0**-23
+    inv_t = inv_temperature.float().unsqueeze(1)
+    sampled = logits.float() * inv_t - torch.log(-torch.log(u))
+    return torch.where(inv_t > 0, sampled, logits.float())
+
+
+def gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, seed: int) -> torch.Tensor:
+    """One id per row of `logits` (rows, vocab), drawn from softmax(logits * inv_temperature) by the
+    exponential race over `gumbel_scores` (the argmax for rows with inv_temperature <= 0); ties go to the
+    lowest id. The same seed gives the same ids. int64 (rows,)."""
+    if logits.dim() != 2 or inv_temperature.shape != (logits.shape[0],):
+        raise ValueError(
+            f"expected logits (rows, vocab) and inv_temperature (rows,), got {tuple(logits.shape)} and "
+            f"{tuple(inv_temperature.shape)}"
+        )
+    return gumbel_scores(logits, inv_temperature, seed).argmax(dim=-1)

@@ -1,4 +1,4 @@
-"""Fused kernels for CUDA tensors (FlashInfer's RMSNorm, add+RMSNorm, SiLU-and-mul, RoPE and sampling),
+"""Fused kernels for CUDA tensors (FlashInfer's RMSNorm, add+RMSNorm, SiLU-and-mul and RoPE),
 with the plain torch code as the CPU path and reference. A decode step of a small model is otherwise
 dozens of tiny elementwise kernels per layer. MINISGL_DISABLE_FUSED_OPS=1 keeps the torch code on the GPU
 too."""
@@ -88,13 +88,3 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
-
-
-def sample_from_logits(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One draw per row from softmax(logits) (float32 logits) in one fused kernel (FlashInfer's Gumbel-max
-    sampling, its noise drawn from `generator`), as int64 ids. Only where `available(logits)`: the torch
-    sampler (sampling/sampler.py) is the other path."""
-    fi = _fused(logits)
-    if fi is None:
-        raise RuntimeError("sample_from_logits needs the fused kernels; check fused_ops.available first")
-    return fi.sampling.sampling_from_logits(logits, generator=generator).long()

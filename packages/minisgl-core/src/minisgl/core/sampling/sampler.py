@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from minisgl.core.layers import fused_ops
 from minisgl.core.model_runner.transfer import to_device
 from minisgl.core.request import Request
 from minisgl.core.sampling.logit_adjust import adjust_logits
+from minisgl.kernels import gumbel_sample
 
 
 @dataclass
@@ -64,33 +64,29 @@ def _sample_general(
 def _sample_plain_batch(
     logits: torch.Tensor, requests: list[Request], generator: torch.Generator
 ) -> torch.Tensor | None:
-    """The common batch (no penalties, no top-k/top-p/min-p, no per-request seed) in two or three kernels:
-    argmax for greedy rows, one fused Gumbel-max draw at each row's temperature for the others. None when
-    the batch is not that simple or there is no fused kernel (the general path handles it)."""
+    """The common batch (no penalties, no top-k/top-p/min-p, no per-request seed) in one pass over the
+    logits: argmax for greedy rows, a Gumbel-max draw at each row's temperature for the others. None when
+    the batch is not that simple or the logits are on the CPU (the general path handles it)."""
     if any(_needs_general_path(r) for r in requests):
         return None
-    greedy = [r.params.is_greedy for r in requests]
-    if all(greedy):
+    if all(r.params.is_greedy for r in requests):
         return logits.argmax(dim=-1)
-    if not fused_ops.available(logits):
+    if not _one_pass_sampler_runs(logits):
         return None
-    return _fused_draw(logits, requests, greedy, generator)
-
-
-def _fused_draw(
-    logits: torch.Tensor, requests: list[Request], greedy: list[bool], generator: torch.Generator
-) -> torch.Tensor:
-    """One fused Gumbel-max draw at each row's temperature; greedy rows take the argmax instead."""
-    temperatures = to_device(
-        [1.0 if g else r.params.temperature for g, r in zip(greedy, requests, strict=True)],
+    # minisgl-kernels' one-pass kernel: the temperature is applied as the logits are read (a row of 0
+    # takes the argmax), so no float32 copy of the batch is divided first.
+    inv_temperature = to_device(
+        [0.0 if r.params.is_greedy else 1.0 / r.params.temperature for r in requests],
         torch.float32,
         logits.device,
     )
-    # bf16 logits / float32 temperatures is one kernel with a float32 result.
-    drawn = fused_ops.sample_from_logits(logits / temperatures.unsqueeze(1), generator)
-    if not any(greedy):
-        return drawn
-    return torch.where(to_device(greedy, torch.bool, logits.device), logits.argmax(dim=-1), drawn)
+    return gumbel_sample(logits, inv_temperature, generator)
+
+
+def _one_pass_sampler_runs(logits: torch.Tensor) -> bool:
+    """The one-pass kernel runs on CUDA; on the CPU its torch reference would be slower than the general
+    path's exponential race, so the CPU keeps that."""
+    return logits.is_cuda
 
 
 def _needs_general_path(req: Request) -> bool:
