@@ -20,8 +20,9 @@ def gumbel_sample(
 
     The noise comes from a hash of a seed drawn from `generator` (on logits' device; the default one when
     None), so seeding the generator repeats the draws. CUDA tensors run one pass of a kernel that reads
-    each logit once and writes no noise (no host sync: the seed stays on the device); other devices run
-    `reference.gumbel_sample`, which hashes the same way (ids agree up to float rounding near ties).
+    each logit once and writes no noise (no host sync: the seed stays on the device); other devices, and
+    CUDA under MINISGL_DISABLE_KERNELS, run `reference.gumbel_sample`, which hashes the same way (ids agree
+    up to float rounding near ties) and reads the seed on the host.
     """
     seed = torch.randint(*_SEED_RANGE, (1,), dtype=torch.int64, device=logits.device, generator=generator)
     if not use_cuda_kernels(logits):
